@@ -1,0 +1,64 @@
+package bastion
+
+import (
+	"encoding/json"
+	"io"
+	"sync"
+	"time"
+)
+
+// EventType names what an audit event records.
+type EventType string
+
+// Audit event types.
+const (
+	EventLogin          EventType = "login"           // a person authenticated to the front door
+	EventLoginFailed    EventType = "login_failed"    // an unknown key or a rate-limited source
+	EventDenied         EventType = "denied"          // the policy or the front door refused a request
+	EventConnected      EventType = "connected"       // an upstream connection to a VM was established
+	EventUpstreamFailed EventType = "upstream_failed" // verification or the upstream connection failed
+	EventDisconnected   EventType = "disconnected"    // a link to a VM ended
+)
+
+// Event is one entry of the audit stream. Its JSON form, one object per
+// line, is the documented format: every field but time and type is omitted
+// when empty.
+type Event struct {
+	Time    time.Time `json:"time"`
+	Type    EventType `json:"type"`
+	Account string    `json:"account,omitempty"`
+	Source  string    `json:"source,omitempty"`
+	VM      string    `json:"vm,omitempty"`
+	Login   string    `json:"login,omitempty"`
+	Channel string    `json:"channel,omitempty"`
+	Detail  string    `json:"detail,omitempty"` // the command, forward target or subsystem
+	Rule    string    `json:"rule,omitempty"`
+	Reason  string    `json:"reason,omitempty"`
+}
+
+// with returns a copy of e with the given type and decision fields.
+func (e Event) with(t EventType, channel, rule, reason string) Event {
+	e.Type, e.Channel, e.Rule, e.Reason = t, channel, rule, reason
+	return e
+}
+
+// JSONAudit writes events as JSON lines to w. It is safe for concurrent use.
+func JSONAudit(w io.Writer) func(Event) {
+	var mu sync.Mutex
+	enc := json.NewEncoder(w)
+	return func(e Event) {
+		mu.Lock()
+		defer mu.Unlock()
+		enc.Encode(e)
+	}
+}
+
+func (s *Server) audit(e Event) {
+	if s.Audit == nil {
+		return
+	}
+	if e.Time.IsZero() {
+		e.Time = time.Now().UTC()
+	}
+	s.Audit(e)
+}

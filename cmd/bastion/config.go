@@ -1,0 +1,202 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/policy"
+)
+
+// Config is bastion.toml. bastion.toml.example documents every key.
+type Config struct {
+	Server   ServerConfig    `toml:"server"`
+	Accounts []AccountConfig `toml:"account"`
+	Allow    []policy.Rule   `toml:"allow"`
+}
+
+// ServerConfig is the [server] table.
+type ServerConfig struct {
+	Listen         string   `toml:"listen"`
+	StateDir       string   `toml:"state_dir"`
+	Hostnames      []string `toml:"hostnames"`
+	GracePeriod    Duration `toml:"grace_period"`
+	KeepAlive      Duration `toml:"keepalive"`
+	ConnectTimeout Duration `toml:"connect_timeout"`
+	EnvAllow       []string `toml:"env_allow"`
+	Audit          string   `toml:"audit"` // "stdout", "off", or a file path
+	LogLevel       string   `toml:"log_level"`
+}
+
+// AccountConfig is one [[account]].
+type AccountConfig struct {
+	Name   string   `toml:"name"`
+	Groups []string `toml:"groups"`
+	Keys   []string `toml:"keys"` // authorized_keys lines
+}
+
+// Duration is a time.Duration written as a string ("30s", "10m").
+type Duration struct{ time.Duration }
+
+func (d *Duration) UnmarshalText(text []byte) error {
+	v, err := time.ParseDuration(string(text))
+	if err != nil {
+		return fmt.Errorf("not a duration (like \"30s\" or \"10m\"): %q", text)
+	}
+	d.Duration = v
+	return nil
+}
+
+// defaults are the values of keys the file leaves out.
+func defaults() Config {
+	return Config{Server: ServerConfig{
+		Listen:      "127.0.0.1:2222",
+		StateDir:    "/var/lib/bastion",
+		GracePeriod: Duration{30 * time.Second},
+		KeepAlive:   Duration{30 * time.Second},
+		Audit:       "stdout",
+		LogLevel:    "info",
+	}}
+}
+
+// LoadConfig reads and strictly decodes path: an unknown key, a wrong type
+// or an invalid value is an error naming the file, and the line and key
+// where it can be known.
+func LoadConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return ParseConfig(path, data)
+}
+
+// ParseConfig decodes data, read from the file called name.
+func ParseConfig(name string, data []byte) (*Config, error) {
+	c := defaults()
+	md, err := toml.Decode(string(data), &c)
+	if err != nil {
+		return nil, tomlError(name, err)
+	}
+	if undecoded := md.Undecoded(); len(undecoded) > 0 {
+		var msgs []string
+		for _, k := range undecoded {
+			msgs = append(msgs, fmt.Sprintf("%s:%d: unknown key %s", name, keyLine(data, k), k))
+		}
+		return nil, errors.New(strings.Join(msgs, "\n"))
+	}
+	if err := c.validate(); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	return &c, nil
+}
+
+var tomlMessage = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]*)"\): (.*)$`)
+
+// tomlError rewrites the TOML library's errors as "file:line: key: problem".
+func tomlError(name string, err error) error {
+	var pe toml.ParseError
+	if errors.As(err, &pe) {
+		if pe.LastKey != "" {
+			return fmt.Errorf("%s:%d: %s: %s", name, pe.Position.Line, pe.LastKey, pe.Message)
+		}
+		return fmt.Errorf("%s:%d: %s", name, pe.Position.Line, pe.Message)
+	}
+	if m := tomlMessage.FindStringSubmatch(err.Error()); m != nil {
+		return fmt.Errorf("%s:%s: %s: %s", name, m[1], m[2], m[3])
+	}
+	return fmt.Errorf("%s: %w", name, err)
+}
+
+var (
+	tableHeader = regexp.MustCompile(`^\s*\[\[?\s*([^\]]+?)\s*\]\]?`)
+	keyAssign   = regexp.MustCompile(`^\s*([A-Za-z0-9_.\-"' ]+?)\s*=`)
+)
+
+// keyLine finds the line that sets key, for keys the TOML library reports
+// without a position. It returns 0 when the key cannot be placed.
+func keyLine(data []byte, key toml.Key) int {
+	want := key.String()
+	table := ""
+	for i, line := range strings.Split(string(data), "\n") {
+		if m := tableHeader.FindStringSubmatch(line); m != nil {
+			table = normalizeKey(m[1])
+			if table == want {
+				return i + 1
+			}
+			continue
+		}
+		if m := keyAssign.FindStringSubmatch(line); m != nil {
+			full := normalizeKey(m[1])
+			if table != "" {
+				full = table + "." + full
+			}
+			if full == want || strings.HasPrefix(want, full+".") {
+				return i + 1
+			}
+		}
+	}
+	return 0
+}
+
+func normalizeKey(k string) string {
+	parts := strings.Split(k, ".")
+	for i, p := range parts {
+		parts[i] = strings.Trim(strings.TrimSpace(p), `"'`)
+	}
+	return strings.Join(parts, ".")
+}
+
+func (c *Config) validate() error {
+	if c.Server.Listen == "" {
+		return errors.New("server.listen is empty")
+	}
+	if c.Server.StateDir == "" {
+		return errors.New("server.state_dir is empty")
+	}
+	switch c.Server.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("server.log_level: %q is not one of debug, info, warn, error", c.Server.LogLevel)
+	}
+	if _, err := c.accounts(); err != nil {
+		return err
+	}
+	p := c.policy()
+	return p.Validate()
+}
+
+// accounts parses the [[account]] tables.
+func (c *Config) accounts() (*bastion.AccountSet, error) {
+	var accounts []bastion.Account
+	for i, a := range c.Accounts {
+		acc := bastion.Account{Name: a.Name, Groups: a.Groups}
+		for j, line := range a.Keys {
+			key, _, _, _, err := gossh.ParseAuthorizedKey([]byte(line))
+			if err != nil {
+				return nil, fmt.Errorf("account %s: keys[%d]: %v", accountName(a.Name, i), j, err)
+			}
+			acc.Keys = append(acc.Keys, key)
+		}
+		accounts = append(accounts, acc)
+	}
+	return bastion.NewAccountSet(accounts)
+}
+
+func accountName(name string, i int) string {
+	if name == "" {
+		return "#" + strconv.Itoa(i+1)
+	}
+	return strconv.Quote(name)
+}
+
+func (c *Config) policy() *policy.Policy {
+	return &policy.Policy{Rules: c.Allow}
+}

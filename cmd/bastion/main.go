@@ -1,0 +1,156 @@
+// Command bastion is the SSH bastion for libvirt VMs.
+//
+//	bastion serve --config bastion.toml
+//	bastion keys known-hosts --config bastion.toml
+//	bastion config check --config bastion.toml
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/keys"
+)
+
+const usage = `usage:
+  bastion serve --config FILE              run the bastion
+  bastion keys known-hosts --config FILE   print the known_hosts line users add once
+  bastion config check --config FILE       validate the configuration
+`
+
+func main() {
+	if err := run(os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "bastion:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return errors.New("no command")
+	}
+	cmd, args := args[0], args[1:]
+	if (cmd == "keys" || cmd == "config") && len(args) > 0 {
+		cmd, args = cmd+" "+args[0], args[1:]
+	}
+	fs := flag.NewFlagSet("bastion "+cmd, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	configPath := fs.String("config", "bastion.toml", "configuration file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("%s: unexpected argument %q", cmd, fs.Arg(0))
+	}
+	switch cmd {
+	case "serve":
+		return serve(*configPath, stderr, stdout)
+	case "keys known-hosts":
+		c, err := LoadConfig(*configPath)
+		if err != nil {
+			return err
+		}
+		host, err := keys.LoadOrCreate(c.Server.StateDir)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, host.KnownHostsLine())
+		return nil
+	case "config check":
+		if _, err := LoadConfig(*configPath); err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "%s: ok\n", *configPath)
+		return nil
+	default:
+		fmt.Fprint(stderr, usage)
+		return fmt.Errorf("unknown command %q", cmd)
+	}
+}
+
+func serve(configPath string, stderr, stdout io.Writer) error {
+	c, err := LoadConfig(configPath)
+	if err != nil {
+		return err
+	}
+	var level slog.Level
+	level.UnmarshalText([]byte(c.Server.LogLevel))
+	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+
+	host, err := keys.LoadOrCreate(c.Server.StateDir)
+	if err != nil {
+		return err
+	}
+	accounts, err := c.accounts()
+	if err != nil {
+		return err
+	}
+	audit, closeAudit, err := openAudit(c.Server.Audit, stdout)
+	if err != nil {
+		return err
+	}
+	defer closeAudit()
+
+	srv := &bastion.Server{
+		HostKey:        host.Key,
+		Certifier:      host,
+		Hostnames:      c.Server.Hostnames,
+		Accounts:       accounts,
+		Policy:         c.policy(),
+		EnvAllow:       c.Server.EnvAllow,
+		KeepAlive:      c.Server.KeepAlive.Duration,
+		ConnectTimeout: c.Server.ConnectTimeout.Duration,
+		Logger:         logger,
+		Audit:          audit,
+	}
+	ln, err := net.Listen("tcp", c.Server.Listen)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stderr, "bastion: listening on %s\n", ln.Addr())
+	fmt.Fprintf(stderr, "bastion: users add this line to ~/.ssh/known_hosts:\n%s\n", host.KnownHostsLine())
+
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	select {
+	case err := <-served:
+		return err
+	case sig := <-sigs:
+		logger.Info("draining", "signal", sig.String(), "grace_period", c.Server.GracePeriod.Duration)
+		ctx, cancel := context.WithTimeout(context.Background(), c.Server.GracePeriod.Duration)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil && !errors.Is(err, bastion.ErrServerClosed) {
+			logger.Warn("grace period over; closed remaining connections", "err", err)
+		}
+		<-served
+		logger.Info("stopped")
+		return nil
+	}
+}
+
+func openAudit(dest string, stdout io.Writer) (func(bastion.Event), func(), error) {
+	switch dest {
+	case "off":
+		return nil, func() {}, nil
+	case "stdout", "":
+		return bastion.JSONAudit(stdout), func() {}, nil
+	default:
+		f, err := os.OpenFile(dest, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			return nil, nil, fmt.Errorf("audit: %w", err)
+		}
+		return bastion.JSONAudit(f), func() { f.Close() }, nil
+	}
+}

@@ -1,0 +1,230 @@
+package bastion_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/keys"
+	"github.com/bastionvm/bastion/policy"
+)
+
+// fixture is a bastion in this process, a real sshd on 127.0.0.1 standing
+// in for the VM "web1", and an OpenSSH client whose key belongs to alice.
+type fixture struct {
+	t        *testing.T
+	vm       *testenv.SSHD
+	srv      *bastion.Server
+	addr     string
+	host     *keys.Host
+	client   *testenv.Client
+	resolver *staticResolver
+	audit    *auditLog
+	login    string
+}
+
+func newFixture(t *testing.T, configure ...func(*bastion.Server)) *fixture {
+	t.Helper()
+	upstreamKey, _ := testenv.NewKey(t)
+	vm := testenv.StartSSHD(t, upstreamKey.PublicKey())
+	host, err := keys.LoadOrCreate(t.TempDir() + "/state")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{t: t, vm: vm, host: host, login: vm.Login, audit: &auditLog{}}
+	f.resolver = &staticResolver{vms: map[string]bastion.Upstream{
+		"web1": {Addr: vm.Addr, HostKeys: []gossh.PublicKey{vm.HostKey}, Signer: upstreamKey},
+	}}
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.addr = ln.Addr().String()
+	f.client = testenv.NewClient(t, f.addr, "alice", host.KnownHostsLine())
+	accounts, err := bastion.NewAccountSet([]bastion.Account{
+		{Name: "alice", Groups: []string{"dev"}, Keys: []gossh.PublicKey{f.client.PublicKey}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.srv = &bastion.Server{
+		HostKey:   host.Key,
+		Certifier: host,
+		Accounts:  accounts,
+		Resolver:  f.resolver,
+		Policy: &policy.Policy{Rules: []policy.Rule{{
+			Name: "dev", Groups: []string{"dev"}, VMs: []string{"web*"}, Logins: []string{vm.Login},
+			Channels: []policy.Channel{policy.Shell, policy.Exec, policy.SFTP, policy.LocalForward, policy.RemoteForward},
+		}}},
+		Logger: testLogger(t),
+		Audit:  f.audit.add,
+	}
+	for _, c := range configure {
+		c(f.srv)
+	}
+	served := make(chan error, 1)
+	go func() { served <- f.srv.Serve(ln) }()
+	t.Cleanup(func() {
+		f.srv.Close()
+		<-served
+	})
+	return f
+}
+
+// ssh runs the client's ssh with args.
+func (f *fixture) ssh(stdin []byte, args ...string) testenv.Result {
+	f.t.Helper()
+	return f.client.Run(stdin, "ssh", args...)
+}
+
+// jump runs `ssh -J bastion <login>@web1 args...`.
+func (f *fixture) jump(stdin []byte, args ...string) testenv.Result {
+	f.t.Helper()
+	return f.ssh(stdin, append([]string{"-J", "bastion", f.login + "@web1"}, args...)...)
+}
+
+// staticResolver knows a fixed set of VMs and their upstreams.
+type staticResolver struct {
+	mu  sync.Mutex
+	vms map[string]bastion.Upstream
+}
+
+func (r *staticResolver) Lookup(_ context.Context, name string) (bastion.VM, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.vms[name]; !ok {
+		return bastion.VM{}, fmt.Errorf("%w: %s", bastion.ErrUnknownVM, name)
+	}
+	return bastion.VM{Name: name}, nil
+}
+
+func (r *staticResolver) Resolve(_ context.Context, vm bastion.VM, _ string) (bastion.Upstream, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.vms[vm.Name], nil
+}
+
+func (r *staticResolver) set(name string, up bastion.Upstream) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.vms[name] = up
+}
+
+// auditLog collects audit events.
+type auditLog struct {
+	mu     sync.Mutex
+	events []bastion.Event
+}
+
+func (a *auditLog) add(e bastion.Event) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.events = append(a.events, e)
+}
+
+// find returns the first event of type t whose reason contains reason.
+func (a *auditLog) find(t bastion.EventType, reason string) (bastion.Event, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, e := range a.events {
+		if e.Type == t && strings.Contains(e.Reason, reason) {
+			return e, true
+		}
+	}
+	return bastion.Event{}, false
+}
+
+// testLogger logs through t, or discards with -short... it always logs
+// to the test's output so a failing test shows the bastion's side.
+func testLogger(t *testing.T) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}
+
+// echoServer accepts TCP connections on 127.0.0.1 and echoes what it reads
+// until EOF, then half-closes. It counts connections.
+type echoServer struct {
+	addr  string
+	mu    sync.Mutex
+	conns int
+}
+
+func startEcho(t *testing.T) *echoServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &echoServer{addr: ln.Addr().String()}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			e.mu.Lock()
+			e.conns++
+			e.mu.Unlock()
+			go func() {
+				defer c.Close()
+				io.Copy(c, c)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+		}
+	}()
+	return e
+}
+
+func (e *echoServer) count() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.conns
+}
+
+// waitListening waits until something accepts on addr.
+func waitListening(t *testing.T, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("nothing listens on %s", addr)
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func TestMain(m *testing.M) {
+	os.Exit(m.Run())
+}

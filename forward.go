@@ -1,0 +1,287 @@
+package bastion
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"path"
+	"sync"
+	"time"
+
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/policy"
+)
+
+// session forwards one session channel to the VM. The upstream channel is
+// opened before the downstream one is accepted, so a refusal carries the
+// VM's own reason.
+func (l *link) session(newCh gossh.NewChannel) {
+	up, upReqs, err := l.up.OpenChannel("session", newCh.ExtraData())
+	if err != nil {
+		reject(newCh, l.vm.Name, err)
+		return
+	}
+	down, downReqs, err := newCh.Accept()
+	if err != nil {
+		up.Close()
+		return
+	}
+	(&sessionForward{link: l, up: up, down: down}).run(upReqs, downReqs)
+}
+
+// reject refuses newCh with the reason another hop gave for refusing it.
+func reject(newCh gossh.NewChannel, vm string, err error) {
+	var refused *gossh.OpenChannelError
+	if errors.As(err, &refused) {
+		newCh.Reject(refused.Reason, refused.Message)
+		return
+	}
+	newCh.Reject(gossh.ConnectionFailed, fmt.Sprintf("bastion: %s: %v", vm, err))
+}
+
+// sessionForward is one session channel forwarded between a downstream and
+// an upstream channel.
+type sessionForward struct {
+	link *link
+	up   gossh.Channel
+	down gossh.Channel
+}
+
+// run copies data and requests both ways until both sides are done.
+//
+// Teardown order, downstream (RFC 4254 §6.10): exit-status or exit-signal,
+// the remaining output, EOF, close. Requests are forwarded as they arrive,
+// so the exit status may overtake output still being copied; EOF waits for
+// both output copiers and for the exit status (or the VM's close, when the
+// command ends without one); close waits for the VM's close, after which
+// no request can follow. The stdin copier is not awaited: the VM may
+// finish without reading its input.
+func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
+	exited := make(chan struct{})   // closed once the exit status is forwarded, or upReqs ends
+	upClosed := make(chan struct{}) // closed when upReqs ends: the VM closed the channel
+	go func() {
+		defer close(upClosed)
+		var once sync.Once
+		defer once.Do(func() { close(exited) })
+		for req := range upReqs {
+			switch req.Type {
+			case "exit-status", "exit-signal":
+				f.down.SendRequest(req.Type, false, req.Payload)
+				once.Do(func() { close(exited) })
+			case "eow@openssh.com":
+				f.down.SendRequest(req.Type, false, req.Payload)
+			default: // keepalive@openssh.com and the unknown stay on this hop
+				if req.WantReply {
+					req.Reply(false, nil)
+				}
+			}
+		}
+	}()
+	go func() {
+		for req := range downReqs {
+			ok := f.request(req)
+			if req.WantReply {
+				req.Reply(ok, nil)
+			}
+		}
+		// The client closed the channel; pass that on.
+		f.up.Close()
+	}()
+
+	output := make(chan error, 2)
+	go copier{dst: f.down, src: f.up}.run(output)
+	go copier{dst: f.down.Stderr(), src: f.up.Stderr()}.run(output)
+	go copier{dst: f.up, src: f.down, closeWrite: f.up.CloseWrite}.run(nil)
+	<-output
+	<-output
+	<-exited
+	f.down.CloseWrite()
+	<-upClosed
+	f.down.Close()
+}
+
+// request forwards one downstream session request upstream, if the policy
+// allows it, and reports the VM's answer.
+func (f *sessionForward) request(req *gossh.Request) bool {
+	l := f.link
+	switch req.Type {
+	case "pty-req", "window-change", "signal", "break", "eow@openssh.com":
+	case "env":
+		var env struct{ Name, Value string }
+		if gossh.Unmarshal(req.Payload, &env) != nil || !l.srv.envAllowed(env.Name) {
+			return false
+		}
+	case "shell":
+		if !f.allow(policy.Shell, "") {
+			return false
+		}
+	case "exec":
+		var cmd struct{ Command string }
+		if gossh.Unmarshal(req.Payload, &cmd) != nil || !f.allow(policy.Exec, cmd.Command) {
+			return false
+		}
+	case "subsystem":
+		var sub struct{ Name string }
+		if gossh.Unmarshal(req.Payload, &sub) != nil {
+			return false
+		}
+		kind := policy.Channel("subsystem " + sub.Name)
+		if sub.Name == "sftp" {
+			kind = policy.SFTP
+		}
+		if !f.allow(kind, sub.Name) {
+			return false
+		}
+	case "auth-agent-req@openssh.com":
+		if !f.allow(policy.Agent, "") {
+			return false
+		}
+		l.mu.Lock()
+		l.agent = true
+		l.mu.Unlock()
+	case "x11-req":
+		if !f.allow(policy.X11, "") {
+			return false
+		}
+		l.mu.Lock()
+		l.x11 = true
+		l.mu.Unlock()
+	default:
+		return false
+	}
+	ok, _, err := l.srv.within(func() (bool, []byte, error) {
+		ok, err := f.up.SendRequest(req.Type, req.WantReply, req.Payload)
+		return ok, nil, err
+	}, func() { f.up.Close() })
+	return err == nil && ok
+}
+
+// allow asks the policy about kind and, when it refuses, tells the user on
+// the channel's stderr before the request is answered with failure.
+func (f *sessionForward) allow(kind policy.Channel, detail string) bool {
+	if f.link.allow(kind, detail) {
+		return true
+	}
+	fmt.Fprintf(f.down.Stderr(), "%s\r\n", f.link.denial(kind))
+	return false
+}
+
+// envAllowed reports whether a client's environment variable may be passed
+// to the VM: names matching the server's allow-list globs.
+func (s *Server) envAllowed(name string) bool {
+	for _, glob := range s.envAllowList() {
+		if ok, _ := path.Match(glob, name); ok {
+			return true
+		}
+	}
+	return false
+}
+
+// bridge opens a channel like newCh on other and, once other accepts,
+// accepts newCh and copies both ways. It serves direct-tcpip,
+// forwarded-tcpip, agent and X11 channels, whose requests are hop-by-hop.
+func bridge(newCh gossh.NewChannel, other gossh.Conn) {
+	to, toReqs, err := other.OpenChannel(newCh.ChannelType(), newCh.ExtraData())
+	if err != nil {
+		reject(newCh, "", err)
+		return
+	}
+	from, fromReqs, err := newCh.Accept()
+	if err != nil {
+		to.Close()
+		return
+	}
+	go gossh.DiscardRequests(toReqs)
+	go gossh.DiscardRequests(fromReqs)
+	done := make(chan error, 2)
+	go copier{dst: to, src: from, closeWrite: to.CloseWrite}.run(done)
+	go copier{dst: from, src: to, closeWrite: from.CloseWrite}.run(done)
+	<-done
+	<-done
+	from.Close()
+	to.Close()
+}
+
+// copier copies one direction of a channel until EOF, then half-closes
+// the destination if it can, and reports on done (if not nil).
+type copier struct {
+	dst        io.Writer
+	src        io.Reader
+	closeWrite func() error
+}
+
+func (c copier) run(done chan<- error) {
+	_, err := io.Copy(c.dst, c.src)
+	if c.closeWrite != nil {
+		c.closeWrite()
+	}
+	if done != nil {
+		done <- err
+	}
+}
+
+// errTimeout is returned by within when a peer does not answer in time.
+var errTimeout = errors.New("no answer from the peer in time")
+
+// within runs a request that waits for the peer's answer, giving up after
+// the server's request timeout. On timeout it calls abandon, which must
+// make send return (by closing what it waits on).
+func (s *Server) within(send func() (bool, []byte, error), abandon func()) (bool, []byte, error) {
+	type answer struct {
+		ok      bool
+		payload []byte
+		err     error
+	}
+	c := make(chan answer, 1)
+	go func() {
+		ok, payload, err := send()
+		c <- answer{ok, payload, err}
+	}()
+	t := time.NewTimer(s.requestTimeout())
+	defer t.Stop()
+	select {
+	case a := <-c:
+		return a.ok, a.payload, a.err
+	case <-t.C:
+		abandon()
+		return false, nil, errTimeout
+	}
+}
+
+// sendRequest sends a global request on conn within the request timeout.
+func (s *Server) sendRequest(conn gossh.Conn, name string, wantReply bool, payload []byte) (bool, []byte, error) {
+	return s.within(func() (bool, []byte, error) {
+		return conn.SendRequest(name, wantReply, payload)
+	}, func() { conn.Close() })
+}
+
+// keepalive probes conn every keepalive interval and closes it after three
+// probes in a row go unanswered. It returns when conn is gone.
+func (s *Server) keepalive(conn gossh.Conn) {
+	interval := s.keepAliveInterval()
+	if interval <= 0 {
+		return
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	missed := 0
+	for range t.C {
+		_, _, err := s.within(func() (bool, []byte, error) {
+			return conn.SendRequest("keepalive@openssh.com", true, nil)
+		}, func() {})
+		switch {
+		case err == nil:
+			missed = 0
+		case errors.Is(err, errTimeout):
+			missed++
+			if missed >= 3 {
+				s.logger().Warn("peer stopped answering keepalives; closing", "remote", conn.RemoteAddr().String())
+				conn.Close()
+				return
+			}
+		default:
+			return // the connection is closed
+		}
+	}
+}

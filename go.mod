@@ -1,0 +1,16 @@
+module github.com/bastionvm/bastion
+
+go 1.26.8
+
+require (
+	github.com/gliderlabs/ssh v0.3.8
+	golang.org/x/crypto v0.58.0
+)
+
+require (
+	github.com/BurntSushi/toml v1.6.0 // indirect
+	github.com/anmitsu/go-shlex v0.0.0-20200514113438-38f4b401e2be // indirect
+	github.com/kr/fs v0.1.0 // indirect
+	github.com/pkg/sftp v1.13.12 // indirect
+	golang.org/x/sys v0.49.0 // indirect
+)

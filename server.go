@@ -1,0 +1,378 @@
+package bastion
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/gliderlabs/ssh"
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/policy"
+)
+
+// VM is what the bastion knows of a VM when deciding a request.
+type VM struct {
+	Name       string
+	UUID       string
+	Hypervisor string
+	Labels     map[string]string
+}
+
+// Resolver finds VMs and the verified trust needed to reach them. Its
+// production implementation is the trust package; errors wrap this
+// package's sentinels (ErrUnknownVM) or are a *VerifyError.
+type Resolver interface {
+	// Lookup returns the VM called name, or an error wrapping ErrUnknownVM.
+	Lookup(ctx context.Context, name string) (VM, error)
+	// Resolve returns a verified upstream for login on vm, establishing
+	// trust first if none is fresh.
+	Resolve(ctx context.Context, vm VM, login string) (Upstream, error)
+}
+
+// Identifier maps a public key to the account that holds it.
+type Identifier interface {
+	Identify(key gossh.PublicKey) (Account, bool)
+}
+
+// Decider is the policy.
+type Decider interface {
+	Decide(policy.Request) policy.Decision
+}
+
+// HostCertifier issues host certificates for the bastion's host key.
+type HostCertifier interface {
+	HostCertSigner(principals []string, validity time.Duration) (gossh.Signer, error)
+}
+
+// DefaultEnvAllow is the environment a client may pass to a VM when the
+// server sets no allow-list of its own.
+var DefaultEnvAllow = []string{"LANG", "LC_*", "LANGUAGE", "TZ", "COLORTERM", "TERM_PROGRAM", "TERM_PROGRAM_VERSION"}
+
+// Server is the bastion's SSH front door. Set its fields before Serve; the
+// zero value of each optional field is documented beside it.
+type Server struct {
+	HostKey   gossh.Signer  // required
+	Certifier HostCertifier // issues host certificates; if nil, plain host keys only
+	Hostnames []string      // principals of the front door's own certificate; if empty, valid for any name
+
+	Accounts Identifier // if nil, nobody can log in
+	Resolver Resolver   // if nil, no VM is known
+	Policy   Decider    // if nil, every request is denied
+
+	EnvAllow       []string      // globs of environment variable names passed to VMs; nil means DefaultEnvAllow
+	KeepAlive      time.Duration // keepalive interval on every hop; 0 means 30s, negative turns them off
+	RequestTimeout time.Duration // how long a peer may take to answer a request; 0 means 30s
+	ConnectTimeout time.Duration // verifying and logging in to a VM; 0 means 2 minutes
+	AuthFailures   int           // failed authentications a source address may make at once; 0 means 10
+	AuthRefill     time.Duration // how often a source regains one failure; 0 means 6s
+
+	Logger *slog.Logger // if nil, logs are discarded
+	Audit  func(Event)  // receives every audit event; if nil, they are dropped
+
+	initOnce sync.Once
+	front    *ssh.Server
+	limiter  *failureLimiter
+
+	certMu sync.Mutex // protects certs
+	certs  map[string]cachedCert
+}
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = ssh.ErrServerClosed
+
+// frontConn is the state of one front-door connection.
+type frontConn struct {
+	ctx     ssh.Context
+	source  net.Addr
+	local   net.Addr
+	account Account // set by state once authenticated; read-only after
+
+	linkMu  sync.Mutex // protects account, link and linkErr
+	link    *link      // for login@vm user names, established on first use
+	linkErr error
+}
+
+type ctxKey struct{}
+
+// Serve accepts connections on l until Shutdown or Close.
+func (s *Server) Serve(l net.Listener) error {
+	if s.HostKey == nil {
+		return errors.New("bastion: no host key")
+	}
+	s.initOnce.Do(s.init)
+	return s.front.Serve(l)
+}
+
+// Shutdown stops accepting connections and waits for open ones to end
+// until ctx is done; then it closes those that remain.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.initOnce.Do(s.init)
+	err := s.front.Shutdown(ctx)
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		s.front.Close()
+	}
+	return err
+}
+
+// Close closes the listeners and every connection at once.
+func (s *Server) Close() error {
+	s.initOnce.Do(s.init)
+	return s.front.Close()
+}
+
+func (s *Server) init() {
+	burst, refill := s.AuthFailures, s.AuthRefill
+	if burst <= 0 {
+		burst = 10
+	}
+	if refill <= 0 {
+		refill = 6 * time.Second
+	}
+	s.limiter = newFailureLimiter(burst, refill)
+	s.front = &ssh.Server{
+		Version:              strings.TrimPrefix(s.version(), "SSH-2.0-"),
+		ServerConfigCallback: s.frontConfig,
+		ConnCallback:         s.accept,
+		ChannelHandlers: map[string]ssh.ChannelHandler{
+			"session":      s.frontChannel,
+			"direct-tcpip": s.frontChannel,
+		},
+		RequestHandlers: map[string]ssh.RequestHandler{
+			"default": s.frontRequest,
+		},
+	}
+	if s.Certifier != nil {
+		// A certificate valid for ten years: the host CA is what users
+		// trust, and the key inside never changes.
+		if cert, err := s.Certifier.HostCertSigner(s.Hostnames, 10*365*24*time.Hour); err == nil {
+			s.front.AddHostKey(cert)
+		} else {
+			s.logger().Error("front door certificate", "err", err)
+		}
+	}
+	s.front.AddHostKey(s.HostKey)
+}
+
+// accept refuses connections from sources that used up their failed
+// authentications, and attaches the connection's state.
+func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
+	if s.limiter.Blocked(conn.RemoteAddr()) {
+		s.logger().Warn("refused: too many failed authentications", "source", conn.RemoteAddr().String())
+		s.audit(Event{Type: EventLoginFailed, Source: conn.RemoteAddr().String(), Reason: "rate limited"})
+		return nil
+	}
+	ctx.SetValue(ctxKey{}, &frontConn{ctx: ctx, source: conn.RemoteAddr(), local: conn.LocalAddr()})
+	return conn
+}
+
+// frontConfig is the front door's authentication: public keys only, each
+// mapped to one account. The user name is the account's name, or login@vm.
+func (s *Server) frontConfig(ctx ssh.Context) *gossh.ServerConfig {
+	fc := ctx.Value(ctxKey{}).(*frontConn)
+	return &gossh.ServerConfig{
+		// gliderlabs turns NoClientAuth on when it handles no method
+		// itself; "none" must still fail.
+		NoClientAuthCallback: func(gossh.ConnMetadata) (*gossh.Permissions, error) {
+			return nil, errors.New("authentication required")
+		},
+		PublicKeyCallback: func(meta gossh.ConnMetadata, key gossh.PublicKey) (*gossh.Permissions, error) {
+			return s.authenticate(fc, meta, key)
+		},
+		MaxAuthTries: 10,
+	}
+}
+
+func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.PublicKey) (*gossh.Permissions, error) {
+	fail := func(reason string) (*gossh.Permissions, error) {
+		s.limiter.Fail(fc.source)
+		s.logger().Info("authentication failed", "source", fc.source.String(), "user", meta.User(),
+			"key", gossh.FingerprintSHA256(key), "reason", reason)
+		s.audit(Event{Type: EventLoginFailed, Source: fc.source.String(), Reason: reason})
+		return nil, errors.New(reason)
+	}
+	if s.limiter.Blocked(fc.source) {
+		return fail("rate limited")
+	}
+	if s.Accounts == nil {
+		return fail("no accounts")
+	}
+	account, ok := s.Accounts.Identify(key)
+	if !ok {
+		return fail("unknown key")
+	}
+	user := meta.User()
+	if strings.Contains(user, "@") {
+		if _, err := ParseTarget(user); err != nil {
+			return nil, &gossh.BannerError{Err: err, Message: "bastion: " + err.Error() + "\r\n"}
+		}
+	} else if user != account.Name {
+		return fail(fmt.Sprintf("key of account %q offered for user %q", account.Name, user))
+	}
+	return &gossh.Permissions{ExtraData: map[any]any{ctxKey{}: account}}, nil
+}
+
+// state returns the front-door state of conn. The first call after
+// authentication fills in the account, audits the login and starts the
+// connection's keepalives.
+func (s *Server) state(ctx ssh.Context, conn *gossh.ServerConn) *frontConn {
+	fc := ctx.Value(ctxKey{}).(*frontConn)
+	fc.linkMu.Lock()
+	defer fc.linkMu.Unlock()
+	if fc.account.Name == "" {
+		fc.account = conn.Permissions.ExtraData[ctxKey{}].(Account)
+		s.logger().Info("login", "account", fc.account.Name, "source", fc.source.String(), "user", conn.User())
+		s.audit(Event{Type: EventLogin, Account: fc.account.Name, Source: fc.source.String()})
+		go s.keepalive(conn)
+	}
+	return fc
+}
+
+// frontChannel routes a channel opened on the front door. With a login@vm
+// user name every channel belongs to that VM; otherwise direct-tcpip is
+// the ProxyJump inner hop and a session gets the bastion's own answer.
+func (s *Server) frontChannel(_ *ssh.Server, conn *gossh.ServerConn, newCh gossh.NewChannel, ctx ssh.Context) {
+	fc := s.state(ctx, conn)
+	if strings.Contains(conn.User(), "@") {
+		l, err := s.frontLink(fc, conn)
+		if err != nil {
+			newCh.Reject(gossh.Prohibited, userMessage(targetVM(conn.User()), err))
+			return
+		}
+		l.channel(newCh)
+		return
+	}
+	switch newCh.ChannelType() {
+	case "direct-tcpip":
+		s.jump(fc, newCh)
+	default:
+		s.notice(fc, newCh)
+	}
+}
+
+// frontRequest answers global requests on the front door: forward requests
+// belong to a login@vm connection's VM; everything else is hop-by-hop.
+func (s *Server) frontRequest(ctx ssh.Context, _ *ssh.Server, req *gossh.Request) (bool, []byte) {
+	conn, _ := ctx.Value(ssh.ContextKeyConn).(*gossh.ServerConn)
+	if conn == nil || !strings.Contains(conn.User(), "@") {
+		return false, nil
+	}
+	if req.Type != "tcpip-forward" && req.Type != "cancel-tcpip-forward" {
+		return false, nil
+	}
+	l, err := s.frontLink(s.state(ctx, conn), conn)
+	if err != nil {
+		return false, nil
+	}
+	return l.global(req)
+}
+
+// frontLink returns the link of a login@vm connection, establishing it on
+// first use. A failure is remembered: every later channel gets it too.
+func (s *Server) frontLink(fc *frontConn, conn *gossh.ServerConn) (*link, error) {
+	fc.linkMu.Lock()
+	defer fc.linkMu.Unlock()
+	if fc.link != nil || fc.linkErr != nil {
+		return fc.link, fc.linkErr
+	}
+	t, err := ParseTarget(conn.User())
+	if err != nil {
+		fc.linkErr = err
+		return nil, err
+	}
+	vm, err := s.lookup(fc.ctx, t.VM)
+	if err != nil {
+		fc.linkErr = err
+		return nil, err
+	}
+	fc.link, fc.linkErr = s.establish(fc.ctx, fc.account, fc.source, vm, t.Login)
+	if fc.link != nil {
+		fc.link.start(conn)
+	}
+	return fc.link, fc.linkErr
+}
+
+func targetVM(user string) string {
+	_, vm, _ := strings.Cut(user, "@")
+	return vm
+}
+
+// notice answers a session on the bastion itself, which has no shell.
+func (s *Server) notice(fc *frontConn, newCh gossh.NewChannel) {
+	ch, reqs, err := newCh.Accept()
+	if err != nil {
+		return
+	}
+	defer ch.Close()
+	for req := range reqs {
+		switch req.Type {
+		case "shell", "exec":
+			req.Reply(true, nil)
+			fmt.Fprintf(ch.Stderr(), "Hello %s. This bastion has no shell of its own. Reach a VM with\r\n"+
+				"  ssh -J %s@<bastion> <login>@<vm>\r\nor\r\n  ssh <login>@<vm>@<bastion>\r\n", fc.account.Name, fc.account.Name)
+			ch.SendRequest("exit-status", false, gossh.Marshal(struct{ Status uint32 }{1}))
+			return
+		case "pty-req", "env", "window-change":
+			req.Reply(req.Type != "env", nil)
+		default:
+			req.Reply(false, nil)
+		}
+	}
+}
+
+func (s *Server) lookup(ctx context.Context, name string) (VM, error) {
+	if s.Resolver == nil {
+		return VM{}, fmt.Errorf("%w: %s", ErrUnknownVM, name)
+	}
+	return s.Resolver.Lookup(ctx, name)
+}
+
+func (s *Server) decide(account Account, source net.Addr, vm VM, login string, kind policy.Channel) policy.Decision {
+	if s.Policy == nil {
+		return policy.Decision{Reason: "no policy"}
+	}
+	return s.Policy.Decide(policy.Request{Account: account.Name, Groups: account.Groups, VM: vm.Name, Login: login, Channel: kind})
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger == nil {
+		return slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	return s.Logger
+}
+
+func (s *Server) version() string { return "SSH-2.0-bastion" }
+
+func (s *Server) envAllowList() []string {
+	if s.EnvAllow == nil {
+		return DefaultEnvAllow
+	}
+	return s.EnvAllow
+}
+
+func (s *Server) keepAliveInterval() time.Duration {
+	if s.KeepAlive == 0 {
+		return 30 * time.Second
+	}
+	return s.KeepAlive
+}
+
+func (s *Server) requestTimeout() time.Duration {
+	if s.RequestTimeout <= 0 {
+		return 30 * time.Second
+	}
+	return s.RequestTimeout
+}
+
+func (s *Server) connectTimeout() time.Duration {
+	if s.ConnectTimeout <= 0 {
+		return 2 * time.Minute
+	}
+	return s.ConnectTimeout
+}

@@ -1,0 +1,195 @@
+package bastion
+
+import (
+	"fmt"
+	"net"
+	"regexp"
+	"strings"
+	"time"
+
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/policy"
+)
+
+// Target names a login on a VM.
+type Target struct {
+	Login string
+	VM    string
+}
+
+var (
+	loginPattern = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$`)
+	vmPattern    = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+)
+
+// ParseTarget parses "login@vm", the user name of `ssh login@vm@bastion`.
+func ParseTarget(user string) (Target, error) {
+	login, vm, ok := strings.Cut(user, "@")
+	if !ok {
+		return Target{}, fmt.Errorf("%w: %q is not login@vm", ErrBadTarget, user)
+	}
+	if err := checkLogin(login); err != nil {
+		return Target{}, err
+	}
+	if err := checkVMName(vm); err != nil {
+		return Target{}, err
+	}
+	return Target{Login: login, VM: vm}, nil
+}
+
+func checkLogin(login string) error {
+	if !loginPattern.MatchString(login) {
+		return fmt.Errorf("%w: login %q is not a valid user name", ErrBadTarget, login)
+	}
+	return nil
+}
+
+func checkVMName(vm string) error {
+	if !vmPattern.MatchString(vm) {
+		return fmt.Errorf("%w: %q is not a valid VM name", ErrBadTarget, vm)
+	}
+	return nil
+}
+
+// directTCPIP is the payload of a direct-tcpip or forwarded-tcpip channel
+// open (RFC 4254 §7.2): the address to connect to and the originator.
+type directTCPIP struct {
+	Host       string
+	Port       uint32
+	OriginHost string
+	OriginPort uint32
+}
+
+// jumpPort is the only port of a VM that the front door answers itself.
+const jumpPort = 22
+
+// jump serves the ProxyJump inner hop: the client's direct-tcpip to
+// "<vm>:22" on the front door is answered by an SSH server running on that
+// very channel, presenting a host certificate for <vm>. The inner hop
+// inherits the outer identity and asks for nothing more; its user name is
+// the login on the VM. Anything other than a known VM's port 22 is refused:
+// the bastion is not a proxy.
+func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
+	var dest directTCPIP
+	if err := gossh.Unmarshal(newCh.ExtraData(), &dest); err != nil {
+		newCh.Reject(gossh.ConnectionFailed, "bastion: malformed direct-tcpip request")
+		return
+	}
+	log := s.logger().With("account", fc.account.Name, "source", fc.source.String(), "dest", net.JoinHostPort(dest.Host, fmt.Sprint(dest.Port)))
+	refuse := func(msg string, err error) {
+		log.Info("jump refused", "err", err)
+		s.audit(Event{Type: EventDenied, Account: fc.account.Name, Source: fc.source.String(),
+			VM: dest.Host, Channel: "jump", Reason: err.Error()})
+		newCh.Reject(gossh.Prohibited, msg)
+	}
+	if dest.Port != jumpPort || checkVMName(dest.Host) != nil {
+		refuse(fmt.Sprintf("bastion: %s:%d is not reachable: only <vm>:%d is, and the bastion is not a proxy", dest.Host, dest.Port, jumpPort),
+			fmt.Errorf("direct-tcpip to %s:%d is not a VM's ssh port", dest.Host, dest.Port))
+		return
+	}
+	vm, err := s.lookup(fc.ctx, dest.Host)
+	if err != nil {
+		refuse(userMessage(dest.Host, err), err)
+		return
+	}
+	if d := s.decide(fc.account, fc.source, vm, "", policy.Connect); !d.Allow {
+		refuse(userMessage(vm.Name, ErrDenied), fmt.Errorf("%w: %s", ErrDenied, d.Reason))
+		return
+	}
+	hostKey, err := s.vmHostKey(vm.Name)
+	if err != nil {
+		log.Error("host certificate", "err", err)
+		newCh.Reject(gossh.ConnectionFailed, "bastion: internal error")
+		return
+	}
+	ch, reqs, err := newCh.Accept()
+	if err != nil {
+		return
+	}
+	go gossh.DiscardRequests(reqs)
+
+	var lk *link
+	var lkErr error
+	var tried bool
+	// accept establishes the link on the first authentication attempt,
+	// whatever its method: the person is already authenticated by the
+	// outer hop. A failure is shown once, as a banner.
+	accept := func(meta gossh.ConnMetadata) (*gossh.Permissions, error) {
+		if tried {
+			if lkErr != nil {
+				return nil, lkErr
+			}
+			return nil, nil
+		}
+		tried = true
+		lk, lkErr = s.establish(fc.ctx, fc.account, fc.source, vm, meta.User())
+		if lkErr != nil {
+			return nil, &gossh.BannerError{Err: lkErr, Message: userMessage(vm.Name, lkErr) + "\r\n"}
+		}
+		return nil, nil
+	}
+	config := &gossh.ServerConfig{
+		NoClientAuth:         true,
+		NoClientAuthCallback: accept,
+		PublicKeyCallback: func(meta gossh.ConnMetadata, _ gossh.PublicKey) (*gossh.Permissions, error) {
+			return accept(meta)
+		},
+		ServerVersion: s.version(),
+	}
+	config.AddHostKey(hostKey)
+	down, chans, greqs, err := gossh.NewServerConn(&channelConn{Channel: ch, local: fc.local, remote: fc.source}, config)
+	if err != nil {
+		if lk != nil {
+			lk.up.Close()
+		}
+		ch.Close()
+		if lkErr == nil {
+			log.Info("inner handshake failed", "err", err)
+		}
+		return
+	}
+	lk.serve(down, chans, greqs)
+}
+
+// vmHostKey returns the signer the inner hop presents for vm: the bastion's
+// host key in a certificate for that one name, cached until shortly before
+// it expires.
+func (s *Server) vmHostKey(vm string) (gossh.Signer, error) {
+	if s.Certifier == nil {
+		return s.HostKey, nil
+	}
+	s.certMu.Lock()
+	defer s.certMu.Unlock()
+	if c, ok := s.certs[vm]; ok && time.Until(c.expires) > time.Hour {
+		return c.signer, nil
+	}
+	const validity = 24 * time.Hour
+	signer, err := s.Certifier.HostCertSigner([]string{vm}, validity)
+	if err != nil {
+		return nil, err
+	}
+	if s.certs == nil {
+		s.certs = make(map[string]cachedCert)
+	}
+	s.certs[vm] = cachedCert{signer: signer, expires: time.Now().Add(validity)}
+	return signer, nil
+}
+
+type cachedCert struct {
+	signer  gossh.Signer
+	expires time.Time
+}
+
+// channelConn presents an SSH channel as a net.Conn, so an SSH server can
+// run on it. Deadlines are not supported; the outer connection has its own.
+type channelConn struct {
+	gossh.Channel
+	local, remote net.Addr
+}
+
+func (c *channelConn) LocalAddr() net.Addr                { return c.local }
+func (c *channelConn) RemoteAddr() net.Addr               { return c.remote }
+func (c *channelConn) SetDeadline(t time.Time) error      { return nil }
+func (c *channelConn) SetReadDeadline(t time.Time) error  { return nil }
+func (c *channelConn) SetWriteDeadline(t time.Time) error { return nil }
