@@ -1,12 +1,14 @@
 package bastion_test
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -32,17 +34,23 @@ type fixture struct {
 	resolver *staticResolver
 	audit    *auditLog
 	login    string
+
+	upstreamKeyPath string // the bastion's key for the VM, for direct comparisons
 }
 
 func newFixture(t *testing.T, configure ...func(*bastion.Server)) *fixture {
 	t.Helper()
-	upstreamKey, _ := testenv.NewKey(t)
+	upstreamKey, upstreamPEM := testenv.NewKey(t)
 	vm := testenv.StartSSHD(t, upstreamKey.PublicKey())
 	host, err := keys.LoadOrCreate(t.TempDir() + "/state")
 	if err != nil {
 		t.Fatal(err)
 	}
 	f := &fixture{t: t, vm: vm, host: host, login: vm.Login, audit: &auditLog{}}
+	f.upstreamKeyPath = filepath.Join(t.TempDir(), "upstream_key")
+	if err := os.WriteFile(f.upstreamKeyPath, upstreamPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
 	f.resolver = &staticResolver{vms: map[string]bastion.Upstream{
 		"web1": {Addr: vm.Addr, HostKeys: []gossh.PublicKey{vm.HostKey}, Signer: upstreamKey},
 	}}
@@ -227,4 +235,38 @@ func freeAddr(t *testing.T) string {
 
 func TestMain(m *testing.M) {
 	os.Exit(m.Run())
+}
+
+func marshal(k gossh.PublicKey) string {
+	return strings.TrimSpace(string(gossh.MarshalAuthorizedKey(k)))
+}
+
+// goClient logs in to the bastion as user with the client's key, using
+// x/crypto's client, which exposes what OpenSSH's keeps to itself (the
+// name of an exit signal). It trusts the bastion's host CA only.
+func (f *fixture) goClient(user string) *gossh.Client {
+	f.t.Helper()
+	data, err := os.ReadFile(f.client.Key)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	signer, err := gossh.ParsePrivateKey(data)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	ca := f.host.CA.PublicKey()
+	checker := &gossh.CertChecker{IsHostAuthority: func(auth gossh.PublicKey, _ string) bool {
+		return bytes.Equal(auth.Marshal(), ca.Marshal())
+	}}
+	c, err := gossh.Dial("tcp", f.addr, &gossh.ClientConfig{
+		User:            user,
+		Auth:            []gossh.AuthMethod{gossh.PublicKeys(signer)},
+		HostKeyCallback: checker.CheckHostKey,
+		Timeout:         10 * time.Second,
+	})
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.t.Cleanup(func() { c.Close() })
+	return c
 }

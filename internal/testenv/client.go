@@ -58,7 +58,7 @@ Host *
   BatchMode yes
   ControlMaster no
   ControlPath none
-  LogLevel ERROR
+  LogLevel INFO
 `, host, port, account, c.Key, dir)
 	write(t, c.Config, []byte(config), 0o600)
 	return c

@@ -1,0 +1,165 @@
+package bastion_test
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/policy"
+)
+
+func TestHostKeyMismatchRefused(t *testing.T) {
+	f := newFixture(t)
+	impostor, _ := testenv.NewKey(t)
+	up, _ := f.resolver.Resolve(nil, bastion.VM{Name: "web1"}, "")
+	up.HostKeys = []gossh.PublicKey{impostor.PublicKey()}
+	f.resolver.set("web1", up)
+	res := f.jump(nil, "echo secret")
+	if res.Exit != 255 || !strings.Contains(res.Stderr, "bastion: web1: host key does not match the pinned key") {
+		t.Fatalf("want a refusal naming the host key, got %v", res)
+	}
+	if len(res.Stdout) != 0 {
+		t.Fatalf("command ran: %q", res.Stdout)
+	}
+	if _, ok := f.audit.find(bastion.EventUpstreamFailed, "host key does not match"); !ok {
+		t.Error("no audit event for the mismatch")
+	}
+	// The login@vm form says the same.
+	res = f.ssh(nil, "-l", f.login+"@web1", "bastion", "echo secret")
+	if res.Exit != 255 || !strings.Contains(res.Stderr, "host key does not match the pinned key") {
+		t.Fatalf("login@web1@bastion: got %v", res)
+	}
+}
+
+func TestUnknownKeyRefused(t *testing.T) {
+	f := newFixture(t)
+	stranger := testenv.NewClient(t, f.addr, "alice", f.host.KnownHostsLine())
+	for _, args := range [][]string{{"bastion", "true"}, {"-J", "bastion", f.login + "@web1", "true"}} {
+		res := stranger.Run(nil, "ssh", args...)
+		if res.Exit != 255 || !strings.Contains(res.Stderr, "Permission denied") {
+			t.Fatalf("ssh %v with a key of no account: got %v", args, res)
+		}
+	}
+	if _, ok := f.audit.find(bastion.EventLoginFailed, "unknown key"); !ok {
+		t.Error("no audit event for the unknown key")
+	}
+}
+
+func TestAccountNameMustMatchKey(t *testing.T) {
+	f := newFixture(t)
+	res := f.ssh(nil, "-l", "bob", "bastion", "true")
+	if res.Exit != 255 || !strings.Contains(res.Stderr, "Permission denied") {
+		t.Fatalf("alice's key as bob: got %v", res)
+	}
+}
+
+func TestNoneAuthenticationRefused(t *testing.T) {
+	f := newFixture(t)
+	_, err := gossh.Dial("tcp", f.addr, &gossh.ClientConfig{
+		User:            "alice",
+		HostKeyCallback: gossh.InsecureIgnoreHostKey(),
+		Timeout:         10 * time.Second,
+	})
+	if err == nil || !strings.Contains(err.Error(), "unable to authenticate") {
+		t.Fatalf("none authentication: got %v, want a refusal", err)
+	}
+}
+
+func TestNotAnOpenProxy(t *testing.T) {
+	f := newFixture(t)
+	echo := startEcho(t)
+	for _, dest := range []string{echo.addr, f.vm.Addr, "web1:2222", "localhost:22", "nosuchvm:22"} {
+		res := f.ssh(nil, "-W", dest, "bastion")
+		if res.Exit != 255 || !strings.Contains(res.Stderr, "open failed") {
+			t.Errorf("ssh -W %s bastion: got %v, want the channel refused", dest, res)
+		}
+	}
+	res := f.ssh(nil, "-W", echo.addr, "bastion")
+	if !strings.Contains(res.Stderr, "the bastion is not a proxy") {
+		t.Errorf("refusal does not say why: %q", res.Stderr)
+	}
+	res = f.ssh(nil, "-W", "nosuchvm:22", "bastion")
+	if !strings.Contains(res.Stderr, "bastion: nosuchvm: no such VM") {
+		t.Errorf("unknown VM refusal: %q", res.Stderr)
+	}
+	if echo.count() != 0 {
+		t.Fatalf("the bastion connected to %s", echo.addr)
+	}
+}
+
+func TestPolicyDeniesLogin(t *testing.T) {
+	f := newFixture(t)
+	f.login = "nobody"
+	res := f.jump(nil, "true")
+	if res.Exit != 255 || !strings.Contains(res.Stderr, "bastion: web1: denied by policy") {
+		t.Fatalf("login not allowed by any rule: got %v", res)
+	}
+	if _, ok := f.audit.find(bastion.EventDenied, "no rule allows"); !ok {
+		t.Error("no audit event for the denial")
+	}
+}
+
+func TestPolicyDeniesChannel(t *testing.T) {
+	f := newFixture(t, func(s *bastion.Server) {
+		p := s.Policy.(*policy.Policy)
+		p.Rules[0].Channels = []policy.Channel{policy.Shell}
+	})
+	res := f.jump(nil, "echo hi")
+	if res.Exit != 255 || !strings.Contains(res.Stderr, "bastion: web1: exec denied by policy") || len(res.Stdout) != 0 {
+		t.Fatalf("exec not allowed: got %v stdout %q", res, res.Stdout)
+	}
+	// A forward the policy refuses: the connection to the local end is
+	// closed without reaching anything, and ssh says why.
+	echo := startEcho(t)
+	local := freeAddr(t)
+	stderr := f.background("-N", "-J", "bastion", "-L", local+":"+echo.addr, f.login+"@web1")
+	waitListening(t, local)
+	c := dial(t, local)
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if n, _ := c.Read(make([]byte, 1)); n != 0 {
+		t.Fatal("read data through a refused forward")
+	}
+	c.Close()
+	waitFor(t, func() bool { return strings.Contains(stderr.String(), "local-forward denied by policy") },
+		func() string { return "ssh never said the forward was denied: " + stderr.String() })
+	if echo.count() != 0 {
+		t.Fatal("the refused forward reached its target")
+	}
+}
+
+func TestFailedAuthenticationsRateLimited(t *testing.T) {
+	f := newFixture(t, func(s *bastion.Server) {
+		s.AuthFailures = 3
+		s.AuthRefill = time.Hour
+	})
+	stranger := testenv.NewClient(t, f.addr, "alice", f.host.KnownHostsLine())
+	for i := 0; i < 3; i++ {
+		stranger.Run(nil, "ssh", "bastion", "true")
+	}
+	// The source is now refused before authentication, even with a good key.
+	res := f.ssh(nil, "bastion", "true")
+	if res.Exit != 255 || strings.Contains(res.Stderr, "Permission denied") {
+		t.Fatalf("after 3 failures: got %v, want the connection closed", res)
+	}
+	if _, ok := f.audit.find(bastion.EventLoginFailed, "rate limited"); !ok {
+		t.Error("no audit event for the rate limit")
+	}
+}
+
+func TestKnownHostsLineAvoidsPrompt(t *testing.T) {
+	f := newFixture(t)
+	res := f.ssh(nil, "-o", "LogLevel=INFO", "-J", "bastion", f.login+"@web1", "true")
+	if res.Exit != 0 || res.Stderr != "" {
+		t.Fatalf("with the @cert-authority line: got %v, want silence", res)
+	}
+	// Without it, StrictHostKeyChecking refuses: the check is live.
+	bare := testenv.NewClient(t, f.addr, "alice", "")
+	res = bare.Run(nil, "ssh", "-i", f.client.Key, "bastion", "true")
+	if res.Exit != 255 || !strings.Contains(res.Stderr, "Host key verification failed") {
+		t.Fatalf("without the line: got %v", res)
+	}
+}
