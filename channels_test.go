@@ -337,4 +337,3 @@ func TestFrameOrder(t *testing.T) {
 		}
 	}
 }
-

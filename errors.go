@@ -8,13 +8,13 @@ import (
 // Sentinel errors. Resolvers wrap these so the front door can tell the user
 // a short, accurate reason while the detail goes to the log.
 var (
-	ErrUnknownVM          = errors.New("no such VM")
-	ErrDenied             = errors.New("denied by policy")
-	ErrHostKeyMismatch    = errors.New("host key does not match the pinned key")
-	ErrUpstreamAuth       = errors.New("the VM refused the bastion's key")
+	ErrUnknownVM           = errors.New("no such VM")
+	ErrDenied              = errors.New("denied by policy")
+	ErrHostKeyMismatch     = errors.New("host key does not match the pinned key")
+	ErrUpstreamAuth        = errors.New("the VM refused the bastion's key")
 	ErrUpstreamUnreachable = errors.New("the VM's sshd cannot be reached")
-	ErrNotVerified        = errors.New("the VM could not be verified")
-	ErrBadTarget          = errors.New("bad target")
+	ErrNotVerified         = errors.New("the VM could not be verified")
+	ErrBadTarget           = errors.New("bad target")
 )
 
 // userMessage is what the person at the client is told about err: short,
