@@ -270,3 +270,8 @@ func (f *fixture) goClient(user string) *gossh.Client {
 	f.t.Cleanup(func() { c.Close() })
 	return c
 }
+
+func fileExists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}

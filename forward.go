@@ -78,11 +78,20 @@ func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
 			}
 		}
 	}()
+	// Input is held until the shell, command or subsystem has been
+	// requested upstream, so the VM never sees data or EOF before it.
+	started := make(chan struct{})
 	go func() {
+		var once sync.Once
+		defer once.Do(func() { close(started) })
 		for req := range downReqs {
 			ok := f.request(req)
 			if req.WantReply {
 				req.Reply(ok, nil)
+			}
+			switch req.Type {
+			case "shell", "exec", "subsystem":
+				once.Do(func() { close(started) })
 			}
 		}
 		// The client closed the channel; pass that on.
@@ -92,7 +101,10 @@ func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
 	output := make(chan error, 2)
 	go copier{dst: f.down, src: f.up}.run(output)
 	go copier{dst: f.down.Stderr(), src: f.up.Stderr()}.run(output)
-	go copier{dst: f.up, src: f.down, closeWrite: f.up.CloseWrite}.run(nil)
+	go func() {
+		<-started
+		copier{dst: f.up, src: f.down, closeWrite: f.up.CloseWrite}.run(nil)
+	}()
 	<-output
 	<-output
 	<-exited

@@ -1,0 +1,60 @@
+package main
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestExampleConfigIsValid(t *testing.T) {
+	c, err := LoadConfig("../../bastion.toml.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Server.Listen != "127.0.0.1:2222" || len(c.Accounts) != 2 || len(c.Allow) != 2 {
+		t.Fatalf("example decoded to %+v", c)
+	}
+}
+
+func TestConfigErrorsNameFileLineKey(t *testing.T) {
+	for _, tc := range []struct {
+		name, toml, want string
+	}{
+		{"unknown key", "[server]\nlisten = \"x:1\"\nlistn = \"y\"\n", "bastion.toml:3: unknown key server.listn"},
+		{"unknown key in array table", "[[account]]\nname = \"a\"\n\n[[account]]\nname = \"b\"\nkey = \"k\"\n", "bastion.toml:6: unknown key account.key"},
+		{"unknown table", "[servr]\nlisten = 1\n", "bastion.toml:1: unknown key servr"},
+		{"wrong type", "[server]\n\nlisten = 22\n", `bastion.toml:3: server.listen: incompatible types: TOML value has type int64; destination has type string`},
+		{"wrong type in list", "[[account]]\nname = \"a\"\nkeys = \"ssh-ed25519 AAAA\"\n", "bastion.toml:3: account.keys: incompatible types"},
+		{"bad duration", "[server]\ngrace_period = \"5 minutes\"\n", `bastion.toml:2: server.grace_period: not a duration`},
+		{"syntax", "[server\n", "bastion.toml:"},
+		{"bad key", "[[account]]\nname = \"a\"\nkeys = [\"ssh-ed25519 nonsense\"]\n", `bastion.toml: account "a": keys[0]`},
+		{"shared key", "[[account]]\nname = \"a\"\nkeys = [\"" + exampleKey + "\"]\n[[account]]\nname = \"b\"\nkeys = [\"" + exampleKey + "\"]\n",
+			`one key maps to one account`},
+		{"bad rule", "[[allow]]\nname = \"r\"\ngroups = [\"g\"]\nvms = [\"[\"]\nlogins = [\"root\"]\n", `rule r: vm glob "["`},
+		{"unknown channel", "[[allow]]\nname = \"r\"\ngroups = [\"g\"]\nvms = [\"*\"]\nlogins = [\"root\"]\nchannels = [\"teleport\"]\n", `unknown channel "teleport"`},
+		{"log level", "[server]\nlog_level = \"loud\"\n", `server.log_level: "loud"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := ParseConfig("bastion.toml", []byte(tc.toml))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+const exampleKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDYkFTUBOi1yUr7Kp/A1R7niLASGFb2LqPzEb3qnv+o6 alice@laptop"
+
+func FuzzParseConfig(f *testing.F) {
+	f.Add([]byte("[server]\nlisten = \"127.0.0.1:2222\"\n"))
+	f.Add([]byte("[[account]]\nname = \"a\"\nkeys = [\"" + exampleKey + "\"]\n"))
+	f.Add([]byte("[[allow]]\nname=\"r\"\ngroups=[\"g\"]\nvms=[\"web*\"]\nlogins=[\"root\"]\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		c, err := ParseConfig("fuzz.toml", data)
+		if err == nil && c.Server.Listen == "" {
+			t.Fatal("accepted a config with no listen address")
+		}
+		if err != nil && !strings.HasPrefix(err.Error(), "fuzz.toml") {
+			t.Fatalf("error does not name the file: %v", err)
+		}
+	})
+}
