@@ -18,6 +18,9 @@ const (
 	EventConnected      EventType = "connected"       // an upstream connection to a VM was established
 	EventUpstreamFailed EventType = "upstream_failed" // verification or the upstream connection failed
 	EventDisconnected   EventType = "disconnected"    // a link to a VM ended
+	EventTrustVerified  EventType = "trust_verified"  // a dual-band check succeeded
+	EventTrustFailed    EventType = "trust_failed"    // a dual-band check failed
+	EventTrustDropped   EventType = "trust_dropped"   // a lifecycle event ended a trust
 )
 
 // Event is one entry of the audit stream. Its JSON form, one object per

@@ -19,25 +19,16 @@ var (
 
 // userMessage is what the person at the client is told about err: short,
 // with no internal detail. The full error goes to the log and audit stream.
+// Errors from a Resolver may say it themselves with a UserMessage method.
 func userMessage(vm string, err error) string {
 	for _, known := range []error{ErrUnknownVM, ErrDenied, ErrHostKeyMismatch, ErrUpstreamAuth, ErrUpstreamUnreachable, ErrBadTarget} {
 		if errors.Is(err, known) {
 			return fmt.Sprintf("bastion: %s: %v", vm, known)
 		}
 	}
-	var v *VerifyError
-	if errors.As(err, &v) {
-		return fmt.Sprintf("bastion: %s: %s", vm, v.UserMessage)
+	var m interface{ UserMessage() string }
+	if errors.As(err, &m) {
+		return fmt.Sprintf("bastion: %s: %s", vm, m.UserMessage())
 	}
 	return fmt.Sprintf("bastion: %s: %v", vm, ErrNotVerified)
 }
-
-// VerifyError is returned by a Resolver whose verification of a VM failed;
-// UserMessage is safe to show the person at the client.
-type VerifyError struct {
-	UserMessage string
-	Err         error
-}
-
-func (e *VerifyError) Error() string { return e.UserMessage + ": " + e.Err.Error() }
-func (e *VerifyError) Unwrap() error { return e.Err }

@@ -85,7 +85,11 @@ func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
 		var once sync.Once
 		defer once.Do(func() { close(started) })
 		for req := range downReqs {
-			ok := f.request(req)
+			ok, denied := f.request(req)
+			if denied != "" {
+				f.refuse(req, denied)
+				continue
+			}
 			if req.WantReply {
 				req.Reply(ok, nil)
 			}
@@ -114,69 +118,77 @@ func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
 }
 
 // request forwards one downstream session request upstream, if the policy
-// allows it, and reports the VM's answer.
-func (f *sessionForward) request(req *gossh.Request) bool {
+// allows it, and reports the VM's answer. A shell, command or subsystem
+// the policy refuses is reported as denied, and not sent.
+func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Channel) {
 	l := f.link
 	switch req.Type {
 	case "pty-req", "window-change", "signal", "break", "eow@openssh.com":
 	case "env":
 		var env struct{ Name, Value string }
 		if gossh.Unmarshal(req.Payload, &env) != nil || !l.srv.envAllowed(env.Name) {
-			return false
+			return false, ""
 		}
 	case "shell":
-		if !f.allow(policy.Shell, "") {
-			return false
+		if !l.allow(policy.Shell, "") {
+			return false, policy.Shell
 		}
 	case "exec":
 		var cmd struct{ Command string }
-		if gossh.Unmarshal(req.Payload, &cmd) != nil || !f.allow(policy.Exec, cmd.Command) {
-			return false
+		if gossh.Unmarshal(req.Payload, &cmd) != nil {
+			return false, ""
+		}
+		if !l.allow(policy.Exec, cmd.Command) {
+			return false, policy.Exec
 		}
 	case "subsystem":
 		var sub struct{ Name string }
 		if gossh.Unmarshal(req.Payload, &sub) != nil {
-			return false
+			return false, ""
 		}
 		kind := policy.Channel("subsystem " + sub.Name)
 		if sub.Name == "sftp" {
 			kind = policy.SFTP
 		}
-		if !f.allow(kind, sub.Name) {
-			return false
+		if !l.allow(kind, sub.Name) {
+			return false, kind
 		}
 	case "auth-agent-req@openssh.com":
-		if !f.allow(policy.Agent, "") {
-			return false
+		if !l.allow(policy.Agent, "") {
+			return false, ""
 		}
 		l.mu.Lock()
 		l.agent = true
 		l.mu.Unlock()
 	case "x11-req":
-		if !f.allow(policy.X11, "") {
-			return false
+		if !l.allow(policy.X11, "") {
+			return false, ""
 		}
 		l.mu.Lock()
 		l.x11 = true
 		l.mu.Unlock()
 	default:
-		return false
+		return false, ""
 	}
 	ok, _, err := l.srv.within(func() (bool, []byte, error) {
 		ok, err := f.up.SendRequest(req.Type, req.WantReply, req.Payload)
 		return ok, nil, err
 	}, func() { f.up.Close() })
-	return err == nil && ok
+	return err == nil && ok, ""
 }
 
-// allow asks the policy about kind and, when it refuses, tells the user on
-// the channel's stderr before the request is answered with failure.
-func (f *sessionForward) allow(kind policy.Channel, detail string) bool {
-	if f.link.allow(kind, detail) {
-		return true
+// refuse ends a session whose shell, command or subsystem the policy
+// refused. The request is answered with success and the session ends with
+// the refusal on stderr and exit status 255: OpenSSH exits at once on a
+// failed exec, before showing what arrived on stderr, so a plain failure
+// would hide the reason.
+func (f *sessionForward) refuse(req *gossh.Request, kind policy.Channel) {
+	if req.WantReply {
+		req.Reply(true, nil)
 	}
 	fmt.Fprintf(f.down.Stderr(), "%s\r\n", f.link.denial(kind))
-	return false
+	f.down.SendRequest("exit-status", false, gossh.Marshal(struct{ Status uint32 }{255}))
+	f.up.Close()
 }
 
 // envAllowed reports whether a client's environment variable may be passed

@@ -13,4 +13,5 @@ require (
 	github.com/kr/fs v0.1.0 // indirect
 	github.com/pkg/sftp v1.13.12 // indirect
 	golang.org/x/sys v0.49.0 // indirect
+	libvirt.org/go/libvirt v1.12007.0 // indirect
 )

@@ -27,7 +27,8 @@ type VM struct {
 
 // Resolver finds VMs and the verified trust needed to reach them. Its
 // production implementation is the trust package; errors wrap this
-// package's sentinels (ErrUnknownVM) or are a *VerifyError.
+// package's sentinels (ErrUnknownVM) or have a UserMessage() string method
+// saying what the user may be told.
 type Resolver interface {
 	// Lookup returns the VM called name, or an error wrapping ErrUnknownVM.
 	Lookup(ctx context.Context, name string) (VM, error)

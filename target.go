@@ -97,7 +97,9 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 		refuse(userMessage(vm.Name, ErrDenied), fmt.Errorf("%w: %s", ErrDenied, d.Reason))
 		return
 	}
-	hostKey, err := s.vmHostKey(vm.Name)
+	// The certificate names what the client asked for, name or UUID: that
+	// is what OpenSSH checks it against.
+	hostKey, err := s.vmHostKey(dest.Host)
 	if err != nil {
 		log.Error("host certificate", "err", err)
 		newCh.Reject(gossh.ConnectionFailed, "bastion: internal error")

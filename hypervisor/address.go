@@ -1,0 +1,93 @@
+package hypervisor
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"libvirt.org/go/libvirt"
+)
+
+// Address is the address the bastion uses to reach a VM over the network.
+type Address struct {
+	IP netip.Addr
+	// ConfirmedBy names the hypervisor-side source that agrees with the
+	// guest agent ("lease" or "arp"); empty when neither knows the VM.
+	ConfirmedBy string
+}
+
+// Address learns d's IPv4 address from the guest agent and checks it
+// against the hypervisor's own view (DHCP lease, then ARP table) where it
+// has one. An interface the domain's XML does not declare is ignored.
+// When the hypervisor knows addresses for the VM's interfaces and none is
+// one the agent reports, the result is ErrAddressesDisagree.
+func (p *Pool) Address(ctx context.Context, d Domain) (Address, error) {
+	agent, err := p.interfaces(ctx, d, libvirt.DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
+	if err != nil {
+		return Address{}, err
+	}
+	candidates := addressesOn(agent, d.MACs)
+	if len(candidates) == 0 {
+		return Address{}, fmt.Errorf("%s: %w on its declared interfaces %v", d.Name, ErrNoAddress, d.MACs)
+	}
+	for _, source := range []struct {
+		name string
+		src  libvirt.DomainInterfaceAddressesSource
+	}{{"lease", libvirt.DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE}, {"arp", libvirt.DOMAIN_INTERFACE_ADDRESSES_SRC_ARP}} {
+		seen, err := p.interfaces(ctx, d, source.src)
+		if err != nil {
+			p.log.Debug("address source unavailable", "vm", d.Name, "source", source.name, "err", err)
+			continue
+		}
+		known := addressesOn(seen, d.MACs)
+		if len(known) == 0 {
+			continue
+		}
+		for _, ip := range candidates {
+			if slices.Contains(known, ip) {
+				return Address{IP: ip, ConfirmedBy: source.name}, nil
+			}
+		}
+		return Address{}, fmt.Errorf("%s: %w: the guest agent reports %v, the %s table %v", d.Name, ErrAddressesDisagree, candidates, source.name, known)
+	}
+	return Address{IP: candidates[0]}, nil
+}
+
+func (p *Pool) interfaces(ctx context.Context, d Domain, src libvirt.DomainInterfaceAddressesSource) ([]libvirt.DomainInterface, error) {
+	ifaces, err := call(ctx, func() ([]libvirt.DomainInterface, error) {
+		dom, err := p.domain(d)
+		if err != nil {
+			return nil, err
+		}
+		defer dom.Free()
+		ifaces, err := dom.ListAllInterfaceAddresses(src)
+		return ifaces, classify(err)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s: interface addresses: %w", d.Name, err)
+	}
+	return ifaces, nil
+}
+
+// addressesOn returns the IPv4 unicast addresses of the interfaces whose
+// hardware address is one of macs.
+func addressesOn(ifaces []libvirt.DomainInterface, macs []string) []netip.Addr {
+	var out []netip.Addr
+	for _, iface := range ifaces {
+		if !slices.Contains(macs, strings.ToLower(iface.Hwaddr)) {
+			continue
+		}
+		for _, a := range iface.Addrs {
+			ip, err := netip.ParseAddr(a.Addr)
+			if err != nil || !ip.Is4() || ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsMulticast() {
+				continue
+			}
+			if !slices.Contains(out, ip) {
+				out = append(out, ip)
+			}
+		}
+	}
+	return out
+}

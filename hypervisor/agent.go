@@ -1,0 +1,248 @@
+package hypervisor
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"libvirt.org/go/libvirt"
+)
+
+// agent sends one guest agent command to d and decodes its "return" into
+// out (if not nil). The agent is told the context's remaining time.
+func (p *Pool) agent(ctx context.Context, d Domain, command string, args any, out any) error {
+	req := map[string]any{"execute": command}
+	if args != nil {
+		req["arguments"] = args
+	}
+	body, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	timeout := agentTimeout(ctx)
+	reply, err := call(ctx, func() (string, error) {
+		dom, err := p.domain(d)
+		if err != nil {
+			return "", err
+		}
+		defer dom.Free()
+		reply, err := dom.QemuAgentCommand(string(body), timeout, 0)
+		if err != nil {
+			return "", classify(err)
+		}
+		return reply, nil
+	})
+	if err != nil {
+		return fmt.Errorf("%s: %s: %w", d.Name, command, err)
+	}
+	if out == nil {
+		return nil
+	}
+	var envelope struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal([]byte(reply), &envelope); err != nil {
+		return fmt.Errorf("%s: %s: %w: malformed reply: %v", d.Name, command, ErrAgentFailed, err)
+	}
+	if err := json.Unmarshal(envelope.Return, out); err != nil {
+		return fmt.Errorf("%s: %s: %w: unexpected reply: %v", d.Name, command, ErrAgentFailed, err)
+	}
+	return nil
+}
+
+// agentTimeout is the whole seconds left before ctx's deadline, at least
+// one; libvirt's default when ctx has none.
+func agentTimeout(ctx context.Context) libvirt.DomainQemuAgentCommandTimeout {
+	deadline, ok := ctx.Deadline()
+	if !ok {
+		return libvirt.DOMAIN_QEMU_AGENT_COMMAND_DEFAULT
+	}
+	return libvirt.DomainQemuAgentCommandTimeout(max(1, int(math.Ceil(time.Until(deadline).Seconds()))))
+}
+
+// Ping checks that d runs and its guest agent answers.
+func (p *Pool) Ping(ctx context.Context, d Domain) error {
+	if !d.Running {
+		return fmt.Errorf("%s: %w", d.Name, ErrNotRunning)
+	}
+	return p.agent(ctx, d, "guest-ping", nil, nil)
+}
+
+// chunk is how much one agent file call moves: far below libvirt's 10 MiB
+// cap on one agent reply, with base64's third on top.
+const chunk = 1 << 20
+
+// maxRead bounds ReadFile; the bastion reads keys and nonces, not data.
+const maxRead = 16 << 20
+
+// ReadFile reads path in the guest through the agent.
+func (p *Pool) ReadFile(ctx context.Context, d Domain, path string) ([]byte, error) {
+	var handle int64
+	if err := p.agent(ctx, d, "guest-file-open", map[string]any{"path": path, "mode": "r"}, &handle); err != nil {
+		return nil, err
+	}
+	defer p.closeFile(d, handle)
+	var data []byte
+	for {
+		var r struct {
+			Count int    `json:"count"`
+			Buf   string `json:"buf-b64"`
+			EOF   bool   `json:"eof"`
+		}
+		if err := p.agent(ctx, d, "guest-file-read", map[string]any{"handle": handle, "count": chunk}, &r); err != nil {
+			return nil, err
+		}
+		b, err := base64.StdEncoding.DecodeString(r.Buf)
+		if err != nil {
+			return nil, fmt.Errorf("%s: guest-file-read %s: %w: %v", d.Name, path, ErrAgentFailed, err)
+		}
+		data = append(data, b...)
+		if len(data) > maxRead {
+			return nil, fmt.Errorf("%s: %s is larger than %d bytes", d.Name, path, maxRead)
+		}
+		if r.EOF || r.Count == 0 {
+			return data, nil
+		}
+	}
+}
+
+// WriteFile creates or truncates path in the guest and writes data to it.
+// The agent creates new files with mode 0600, owned by root.
+func (p *Pool) WriteFile(ctx context.Context, d Domain, path string, data []byte) error {
+	var handle int64
+	if err := p.agent(ctx, d, "guest-file-open", map[string]any{"path": path, "mode": "w"}, &handle); err != nil {
+		return err
+	}
+	for len(data) > 0 {
+		n := min(len(data), chunk)
+		var w struct {
+			Count int `json:"count"`
+		}
+		err := p.agent(ctx, d, "guest-file-write", map[string]any{"handle": handle, "buf-b64": base64.StdEncoding.EncodeToString(data[:n])}, &w)
+		if err != nil {
+			p.closeFile(d, handle)
+			return err
+		}
+		if w.Count <= 0 {
+			p.closeFile(d, handle)
+			return fmt.Errorf("%s: guest-file-write %s: %w: wrote nothing", d.Name, path, ErrAgentFailed)
+		}
+		data = data[w.Count:]
+	}
+	// A failed close may mean the data never reached the disk.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	return p.agent(ctx, d, "guest-file-close", map[string]any{"handle": handle}, nil)
+}
+
+// closeFile closes an agent file handle, on its own short deadline so that
+// a caller's expired context does not leak the handle.
+func (p *Pool) closeFile(d Domain, handle int64) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.agent(ctx, d, "guest-file-close", map[string]any{"handle": handle}, nil); err != nil {
+		p.log.Warn("guest-file-close", "vm", d.Name, "err", err)
+	}
+}
+
+// ErrExitStatus is wrapped by Exec's error when the program fails.
+var ErrExitStatus = errors.New("program in the guest failed")
+
+// Exec runs a program in the guest through the agent and waits for it.
+// Output is not captured beyond a short error text: the agent's reply
+// cap makes it unfit for data.
+func (p *Pool) Exec(ctx context.Context, d Domain, path string, args ...string) error {
+	var started struct {
+		PID int64 `json:"pid"`
+	}
+	if err := p.agent(ctx, d, "guest-exec", map[string]any{"path": path, "arg": args, "capture-output": true}, &started); err != nil {
+		return err
+	}
+	for delay := 10 * time.Millisecond; ; delay = min(2*delay, 200*time.Millisecond) {
+		var st struct {
+			Exited   bool   `json:"exited"`
+			ExitCode int    `json:"exitcode"`
+			Signal   int    `json:"signal"`
+			ErrData  string `json:"err-data"`
+		}
+		if err := p.agent(ctx, d, "guest-exec-status", map[string]any{"pid": started.PID}, &st); err != nil {
+			return err
+		}
+		if st.Exited {
+			if st.ExitCode == 0 && st.Signal == 0 {
+				return nil
+			}
+			stderr, _ := base64.StdEncoding.DecodeString(st.ErrData)
+			if len(stderr) > 200 {
+				stderr = stderr[:200]
+			}
+			return fmt.Errorf("%s: %s: %w: exit %d, signal %d: %s", d.Name, path, ErrExitStatus, st.ExitCode, st.Signal, stderr)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %s: %w: %v", d.Name, path, ErrTimeout, ctx.Err())
+		case <-time.After(delay):
+		}
+	}
+}
+
+// RemoveFile removes path in the guest. A file already gone is no error.
+func (p *Pool) RemoveFile(ctx context.Context, d Domain, path string) error {
+	return p.Exec(ctx, d, "/bin/rm", "-f", "--", path)
+}
+
+// Chown gives path in the guest to user (and that user's group) with mode
+// 0600.
+func (p *Pool) Chown(ctx context.Context, d Domain, path, user string) error {
+	if err := p.Exec(ctx, d, "/bin/chown", "--", user+":", path); err != nil {
+		return err
+	}
+	return p.Exec(ctx, d, "/bin/chmod", "0600", "--", path)
+}
+
+// AddAuthorizedKey appends an authorized_keys line for user in the guest,
+// through libvirt's authorized-keys API.
+func (p *Pool) AddAuthorizedKey(ctx context.Context, d Domain, user, line string) error {
+	return p.setKeys(ctx, d, user, line, libvirt.DOMAIN_AUTHORIZED_SSH_KEYS_SET_APPEND)
+}
+
+// RemoveAuthorizedKey removes an authorized_keys line for user.
+func (p *Pool) RemoveAuthorizedKey(ctx context.Context, d Domain, user, line string) error {
+	return p.setKeys(ctx, d, user, line, libvirt.DOMAIN_AUTHORIZED_SSH_KEYS_SET_REMOVE)
+}
+
+func (p *Pool) setKeys(ctx context.Context, d Domain, user, line string, flags libvirt.DomainAuthorizedSSHKeysFlags) error {
+	_, err := call(ctx, func() (struct{}, error) {
+		dom, err := p.domain(d)
+		if err != nil {
+			return struct{}{}, err
+		}
+		defer dom.Free()
+		return struct{}{}, classify(dom.AuthorizedSSHKeysSet(user, []string{line}, flags))
+	})
+	if err != nil {
+		return fmt.Errorf("%s: authorized keys of %s: %w", d.Name, user, err)
+	}
+	return nil
+}
+
+// AuthorizedKeys lists user's authorized_keys lines in the guest.
+func (p *Pool) AuthorizedKeys(ctx context.Context, d Domain, user string) ([]string, error) {
+	keys, err := call(ctx, func() ([]string, error) {
+		dom, err := p.domain(d)
+		if err != nil {
+			return nil, err
+		}
+		defer dom.Free()
+		keys, err := dom.AuthorizedSSHKeysGet(user, 0)
+		return keys, classify(err)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s: authorized keys of %s: %w", d.Name, user, err)
+	}
+	return keys, nil
+}

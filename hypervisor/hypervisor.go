@@ -1,0 +1,343 @@
+// Package hypervisor is the bastion's out-of-band channel into VMs: libvirt
+// connections and the QEMU guest agent behind them. It is the only package
+// that imports libvirt (cgo).
+//
+// Every call takes a context and gives up at its deadline; the agent itself
+// is also told a timeout, so a hung guest costs a deadline, never more.
+package hypervisor
+
+import (
+	"context"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"log/slog"
+	"regexp"
+	"strings"
+	"sync"
+	"time"
+
+	"libvirt.org/go/libvirt"
+)
+
+// Errors. Their text is fit to show a user; detail is wrapped around them.
+var (
+	ErrNoSuchVM          = errors.New("no such VM")
+	ErrAmbiguous         = errors.New("VM name exists on more than one hypervisor")
+	ErrNotRunning        = errors.New("VM is not running")
+	ErrAgentNotConnected = errors.New("guest agent is not connected")
+	ErrAgentSilent       = errors.New("guest agent is not responding")
+	ErrCommandDisabled   = errors.New("guest agent command is disabled in the guest")
+	ErrAgentFailed       = errors.New("guest agent command failed")
+	ErrTimeout           = errors.New("hypervisor did not answer in time")
+	ErrNoAddress         = errors.New("VM reports no address")
+	ErrAddressesDisagree = errors.New("VM addresses disagree")
+	ErrUnavailable       = errors.New("hypervisor is unreachable")
+	ErrNoSuchUser        = errors.New("no such user in the guest")
+)
+
+// LabelsNamespace is the XML namespace of the bastion's labels in a
+// domain's <metadata>:
+//
+//	<bastion:labels xmlns:bastion="https://bastion.invalid/labels">
+//	  <label key="team">web</label>
+//	</bastion:labels>
+const LabelsNamespace = "https://bastion.invalid/labels"
+
+// Domain is a libvirt domain as found on one hypervisor.
+type Domain struct {
+	URI     string
+	Name    string
+	UUID    string
+	Running bool
+	Labels  map[string]string
+	MACs    []string // of its network interfaces, lower case
+}
+
+// Pool is a set of libvirt connections, one per configured URI.
+type Pool struct {
+	uris   []string
+	log    *slog.Logger
+	events func(Event)
+
+	mu    sync.Mutex // protects conns
+	conns map[string]*libvirt.Connect
+}
+
+// Options configure Open.
+type Options struct {
+	Logger *slog.Logger
+	// OnEvent receives lifecycle and agent events of every domain on every
+	// connection. It is called from libvirt's event loop and must not block.
+	// If nil, events are not subscribed to.
+	OnEvent func(Event)
+}
+
+var eventLoop sync.Once
+
+// Open connects to every URI. A hypervisor that cannot be reached now is
+// logged and tried again on next use, as is one whose connection drops:
+// one host down does not stop the bastion reaching the others.
+func Open(uris []string, opts Options) (*Pool, error) {
+	if len(uris) == 0 {
+		return nil, errors.New("no hypervisor URIs configured")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if opts.OnEvent != nil {
+		eventLoop.Do(startEventLoop)
+	}
+	p := &Pool{uris: uris, log: log, events: opts.OnEvent, conns: make(map[string]*libvirt.Connect)}
+	for _, uri := range uris {
+		if _, err := p.conn(uri); err != nil {
+			log.Error("hypervisor unreachable; will retry on use", "uri", uri, "err", err)
+		}
+	}
+	return p, nil
+}
+
+// startEventLoop runs libvirt's default event loop for the life of the
+// process; it must be registered before the first connection is opened.
+func startEventLoop() {
+	if err := libvirt.EventRegisterDefaultImpl(); err != nil {
+		panic(fmt.Sprintf("libvirt event loop: %v", err))
+	}
+	go func() {
+		for {
+			if err := libvirt.EventRunDefaultImpl(); err != nil {
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+	}()
+}
+
+// Close closes every connection.
+func (p *Pool) Close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for uri, c := range p.conns {
+		c.Close()
+		delete(p.conns, uri)
+	}
+}
+
+// conn returns the open connection to uri, reopening it if it died.
+func (p *Pool) conn(uri string) (*libvirt.Connect, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if c, ok := p.conns[uri]; ok {
+		if alive, err := c.IsAlive(); err == nil && alive {
+			return c, nil
+		}
+		c.Close()
+		delete(p.conns, uri)
+	}
+	c, err := libvirt.NewConnect(uri)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s: %s", ErrUnavailable, uri, libvirtMessage(err))
+	}
+	if p.events != nil {
+		c.SetKeepAlive(5, 3)
+		if err := p.subscribe(uri, c); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("%w: %s: events: %s", ErrUnavailable, uri, libvirtMessage(err))
+		}
+	}
+	p.conns[uri] = c
+	return c, nil
+}
+
+// call runs fn, which may block in libvirt, until ctx is done. fn keeps
+// running after a timeout; libvirt's own timeouts end it.
+func call[T any](ctx context.Context, fn func() (T, error)) (T, error) {
+	type result struct {
+		v   T
+		err error
+	}
+	c := make(chan result, 1)
+	go func() {
+		v, err := fn()
+		c <- result{v, err}
+	}()
+	select {
+	case r := <-c:
+		return r.v, r.err
+	case <-ctx.Done():
+		var zero T
+		return zero, fmt.Errorf("%w: %v", ErrTimeout, ctx.Err())
+	}
+}
+
+var uuidPattern = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
+
+// Find looks name up, as a UUID or a domain name, on every hypervisor. A
+// name found on two hypervisors is ambiguous: use the UUID.
+func (p *Pool) Find(ctx context.Context, name string) (Domain, error) {
+	var found []Domain
+	var unreachable []string
+	for _, uri := range p.uris {
+		d, err := call(ctx, func() (Domain, error) { return p.find(uri, name) })
+		switch {
+		case errors.Is(err, ErrNoSuchVM):
+			continue
+		case errors.Is(err, ErrUnavailable):
+			p.log.Warn("hypervisor unreachable", "uri", uri, "err", err)
+			unreachable = append(unreachable, uri)
+			continue
+		case err != nil:
+			return Domain{}, err
+		}
+		found = append(found, d)
+	}
+	switch len(found) {
+	case 0:
+		if len(unreachable) > 0 {
+			return Domain{}, fmt.Errorf("%w: %s not found; unreachable: %s", ErrUnavailable, name, strings.Join(unreachable, ", "))
+		}
+		return Domain{}, fmt.Errorf("%w: %s", ErrNoSuchVM, name)
+	case 1:
+		return found[0], nil
+	default:
+		return Domain{}, fmt.Errorf("%w: %s is on %s and %s", ErrAmbiguous, name, found[0].URI, found[1].URI)
+	}
+}
+
+func (p *Pool) find(uri, name string) (Domain, error) {
+	c, err := p.conn(uri)
+	if err != nil {
+		return Domain{}, err
+	}
+	var dom *libvirt.Domain
+	if uuidPattern.MatchString(name) {
+		dom, err = c.LookupDomainByUUIDString(name)
+	} else {
+		dom, err = c.LookupDomainByName(name)
+	}
+	if err != nil {
+		return Domain{}, classify(err)
+	}
+	defer dom.Free()
+	return describe(uri, dom)
+}
+
+func describe(uri string, dom *libvirt.Domain) (Domain, error) {
+	d := Domain{URI: uri}
+	var err error
+	if d.Name, err = dom.GetName(); err != nil {
+		return Domain{}, classify(err)
+	}
+	if d.UUID, err = dom.GetUUIDString(); err != nil {
+		return Domain{}, classify(err)
+	}
+	state, _, err := dom.GetState()
+	if err != nil {
+		return Domain{}, classify(err)
+	}
+	d.Running = state == libvirt.DOMAIN_RUNNING
+	desc, err := dom.GetXMLDesc(0)
+	if err != nil {
+		return Domain{}, classify(err)
+	}
+	var x domainXML
+	if err := xml.Unmarshal([]byte(desc), &x); err != nil {
+		return Domain{}, fmt.Errorf("domain %s: XML: %w", d.Name, err)
+	}
+	for _, iface := range x.Interfaces {
+		if iface.MAC.Address != "" {
+			d.MACs = append(d.MACs, strings.ToLower(iface.MAC.Address))
+		}
+	}
+	for _, l := range x.Metadata.Labels.Label {
+		if d.Labels == nil {
+			d.Labels = make(map[string]string)
+		}
+		d.Labels[l.Key] = l.Value
+	}
+	return d, nil
+}
+
+type domainXML struct {
+	Interfaces []struct {
+		MAC struct {
+			Address string `xml:"address,attr"`
+		} `xml:"mac"`
+	} `xml:"devices>interface"`
+	Metadata struct {
+		Labels struct {
+			Label []struct {
+				Key   string `xml:"key,attr"`
+				Value string `xml:",chardata"`
+			} `xml:"label"`
+		} `xml:"https://bastion.invalid/labels labels"`
+	} `xml:"metadata"`
+}
+
+// domain looks d up again by UUID on its own hypervisor, so that calls
+// survive reconnections and find the VM after it migrates between URIs of
+// the pool. The caller frees the result.
+func (p *Pool) domain(d Domain) (*libvirt.Domain, error) {
+	c, err := p.conn(d.URI)
+	if err == nil {
+		dom, err := c.LookupDomainByUUIDString(d.UUID)
+		if err == nil {
+			return dom, nil
+		}
+		if !errors.Is(classify(err), ErrNoSuchVM) {
+			return nil, classify(err)
+		}
+	}
+	for _, uri := range p.uris {
+		if uri == d.URI {
+			continue
+		}
+		if c, err := p.conn(uri); err == nil {
+			if dom, err := c.LookupDomainByUUIDString(d.UUID); err == nil {
+				return dom, nil
+			}
+		}
+	}
+	return nil, fmt.Errorf("%w: %s (%s)", ErrNoSuchVM, d.Name, d.UUID)
+}
+
+// classify maps a libvirt error onto this package's errors, keeping
+// libvirt's message as detail.
+func classify(err error) error {
+	var lerr libvirt.Error
+	if !errors.As(err, &lerr) {
+		return err
+	}
+	msg := lerr.Message
+	switch {
+	case lerr.Code == libvirt.ERR_NO_DOMAIN:
+		return fmt.Errorf("%w: %s", ErrNoSuchVM, msg)
+	case strings.Contains(msg, "failed to lookup user"):
+		return fmt.Errorf("%w: %s", ErrNoSuchUser, msg)
+	case strings.Contains(msg, "has been disabled"):
+		return fmt.Errorf("%w: %s", ErrCommandDisabled, msg)
+	case strings.Contains(msg, "is not running"):
+		return fmt.Errorf("%w: %s", ErrNotRunning, msg)
+	case strings.Contains(msg, "agent is not connected"):
+		return fmt.Errorf("%w: %s", ErrAgentNotConnected, msg)
+	case lerr.Code == libvirt.ERR_AGENT_UNRESPONSIVE:
+		return fmt.Errorf("%w: %s", ErrAgentSilent, msg)
+	case lerr.Code == libvirt.ERR_AGENT_COMMAND_TIMEOUT, lerr.Code == libvirt.ERR_OPERATION_TIMEOUT:
+		return fmt.Errorf("%w: %s", ErrTimeout, msg)
+	case lerr.Code == libvirt.ERR_OPERATION_INVALID && strings.Contains(msg, "not running"):
+		return fmt.Errorf("%w: %s", ErrNotRunning, msg)
+	case lerr.Code == libvirt.ERR_AGENT_COMMAND_FAILED, lerr.Code == libvirt.ERR_INTERNAL_ERROR && strings.Contains(msg, "agent"):
+		return fmt.Errorf("%w: %s", ErrAgentFailed, msg)
+	case lerr.Code == libvirt.ERR_SYSTEM_ERROR, lerr.Code == libvirt.ERR_RPC, lerr.Code == libvirt.ERR_INVALID_CONN:
+		return fmt.Errorf("%w: %s", ErrUnavailable, msg)
+	}
+	return errors.New(msg)
+}
+
+func libvirtMessage(err error) string {
+	var lerr libvirt.Error
+	if errors.As(err, &lerr) {
+		return lerr.Message
+	}
+	return err.Error()
+}
