@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install (only if missing) the host packages the VM test bed needs, then make
+# sure virtlogd and libvirtd run and answer on qemu:///system. Idempotent; the
+# common case (everything installed and running) costs two dpkg/virsh calls.
+set -euo pipefail
+BT_SCRIPT=install-host
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+PACKAGES=(
+  libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-utils qemu-guest-agent
+  debootstrap dnsmasq-base openssh-client openssh-server pkg-config rsync
+  e2fsprogs util-linux coreutils
+)
+
+bt_need_root
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+  [[ $status == installed ]] || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  bt_log "installing missing packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q || bt_die "apt-get update failed"
+  apt-get install -y -q --no-install-recommends "${missing[@]}" \
+    || bt_die "apt-get install failed for: ${missing[*]}"
+  for p in "${missing[@]}"; do
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+    [[ $status == installed ]] || bt_die "package $p is still not installed after apt-get install"
+  done
+else
+  bt_log "host packages already installed"
+fi
+
+# mkfs.ext4 -d (populate from a directory) needs e2fsprogs >= 1.43.
+mkfs.ext4 -V 2>&1 | awk 'NR == 1 { split($2, v, "."); exit !(v[1] > 1 || (v[1] == 1 && v[2] >= 43)) }' \
+  || bt_die "mkfs.ext4 from e2fsprogs >= 1.43 is required (for -d)"
+
+bt_ensure_libvirtd
+bt_log "libvirt ready: $(virsh -c "$BT_URI" version 2>/dev/null | awk -F': ' '/Running hypervisor/ { print $2 }')"
+
+if [[ -e /dev/kvm ]]; then
+  bt_log "note: /dev/kvm exists but the test bed always uses TCG (<domain type='qemu'>)"
+fi
