@@ -50,6 +50,9 @@ func JSONAudit(w io.Writer) func(Event) {
 	var mu sync.Mutex
 	enc := json.NewEncoder(w)
 	return func(e Event) {
+		if e.Time.IsZero() {
+			e.Time = time.Now().UTC()
+		}
 		mu.Lock()
 		defer mu.Unlock()
 		enc.Encode(e)

@@ -23,7 +23,7 @@ func (p *Pool) agent(ctx context.Context, d Domain, command string, args any, ou
 	if err != nil {
 		return err
 	}
-	timeout := agentTimeout(ctx)
+	timeout := p.agentTimeout(ctx)
 	reply, err := call(ctx, func() (string, error) {
 		dom, err := p.domain(d)
 		if err != nil {
@@ -54,14 +54,15 @@ func (p *Pool) agent(ctx context.Context, d Domain, command string, args any, ou
 	return nil
 }
 
-// agentTimeout is the whole seconds left before ctx's deadline, at least
-// one; libvirt's default when ctx has none.
-func agentTimeout(ctx context.Context) libvirt.DomainQemuAgentCommandTimeout {
-	deadline, ok := ctx.Deadline()
-	if !ok {
-		return libvirt.DOMAIN_QEMU_AGENT_COMMAND_DEFAULT
+// agentTimeout is the pool's agent timeout in whole seconds, shortened to
+// end a second before ctx's deadline (but at least one second), so that a
+// silent agent is reported as such rather than as the caller's timeout.
+func (p *Pool) agentTimeout(ctx context.Context) libvirt.DomainQemuAgentCommandTimeout {
+	limit := p.agentLimit
+	if deadline, ok := ctx.Deadline(); ok {
+		limit = min(limit, time.Until(deadline)-time.Second)
 	}
-	return libvirt.DomainQemuAgentCommandTimeout(max(1, int(math.Ceil(time.Until(deadline).Seconds()))))
+	return libvirt.DomainQemuAgentCommandTimeout(max(1, int(math.Ceil(limit.Seconds()))))
 }
 
 // Ping checks that d runs and its guest agent answers.

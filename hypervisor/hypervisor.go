@@ -56,9 +56,10 @@ type Domain struct {
 
 // Pool is a set of libvirt connections, one per configured URI.
 type Pool struct {
-	uris   []string
-	log    *slog.Logger
-	events func(Event)
+	uris       []string
+	log        *slog.Logger
+	events     func(Event)
+	agentLimit time.Duration
 
 	mu    sync.Mutex // protects conns
 	conns map[string]*libvirt.Connect
@@ -71,6 +72,8 @@ type Options struct {
 	// connection. It is called from libvirt's event loop and must not block.
 	// If nil, events are not subscribed to.
 	OnEvent func(Event)
+	// AgentTimeout bounds each guest agent command; 0 means 10 seconds.
+	AgentTimeout time.Duration
 }
 
 var eventLoop sync.Once
@@ -89,7 +92,10 @@ func Open(uris []string, opts Options) (*Pool, error) {
 	if opts.OnEvent != nil {
 		eventLoop.Do(startEventLoop)
 	}
-	p := &Pool{uris: uris, log: log, events: opts.OnEvent, conns: make(map[string]*libvirt.Connect)}
+	p := &Pool{uris: uris, log: log, events: opts.OnEvent, agentLimit: opts.AgentTimeout, conns: make(map[string]*libvirt.Connect)}
+	if p.agentLimit <= 0 {
+		p.agentLimit = 10 * time.Second
+	}
 	for _, uri := range uris {
 		if _, err := p.conn(uri); err != nil {
 			log.Error("hypervisor unreachable; will retry on use", "uri", uri, "err", err)
@@ -320,9 +326,9 @@ func classify(err error) error {
 		return fmt.Errorf("%w: %s", ErrNotRunning, msg)
 	case strings.Contains(msg, "agent is not connected"):
 		return fmt.Errorf("%w: %s", ErrAgentNotConnected, msg)
-	case lerr.Code == libvirt.ERR_AGENT_UNRESPONSIVE:
+	case lerr.Code == libvirt.ERR_AGENT_UNRESPONSIVE, lerr.Code == libvirt.ERR_AGENT_COMMAND_TIMEOUT:
 		return fmt.Errorf("%w: %s", ErrAgentSilent, msg)
-	case lerr.Code == libvirt.ERR_AGENT_COMMAND_TIMEOUT, lerr.Code == libvirt.ERR_OPERATION_TIMEOUT:
+	case lerr.Code == libvirt.ERR_OPERATION_TIMEOUT:
 		return fmt.Errorf("%w: %s", ErrTimeout, msg)
 	case lerr.Code == libvirt.ERR_OPERATION_INVALID && strings.Contains(msg, "not running"):
 		return fmt.Errorf("%w: %s", ErrNotRunning, msg)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/bastionvm/bastion"
 	"github.com/bastionvm/bastion/policy"
+	"github.com/bastionvm/bastion/trust"
 )
 
 // Config is bastion.toml. bastion.toml.example documents every key.
@@ -21,6 +22,23 @@ type Config struct {
 	Server   ServerConfig    `toml:"server"`
 	Accounts []AccountConfig `toml:"account"`
 	Allow    []policy.Rule   `toml:"allow"`
+
+	Hypervisors []HypervisorConfig `toml:"hypervisor"`
+	Trust       TrustConfig        `toml:"trust"`
+}
+
+// HypervisorConfig is one [[hypervisor]]: a libvirt connection URI.
+type HypervisorConfig struct {
+	URI string `toml:"uri"`
+}
+
+// TrustConfig is the [trust] table.
+type TrustConfig struct {
+	TTL          Duration `toml:"ttl"`
+	Modes        []string `toml:"modes"`
+	SSHPort      int      `toml:"ssh_port"`
+	CheckTimeout Duration `toml:"check_timeout"`
+	Instance     string   `toml:"instance"`
 }
 
 // ServerConfig is the [server] table.
@@ -57,7 +75,12 @@ func (d *Duration) UnmarshalText(text []byte) error {
 
 // defaults are the values of keys the file leaves out.
 func defaults() Config {
-	return Config{Server: ServerConfig{
+	return Config{Trust: TrustConfig{
+		TTL:          Duration{10 * time.Minute},
+		Modes:        []string{"ob-ib", "ib-ob"},
+		SSHPort:      22,
+		CheckTimeout: Duration{90 * time.Second},
+	}, Server: ServerConfig{
 		Listen:      "127.0.0.1:2222",
 		StateDir:    "/var/lib/bastion",
 		GracePeriod: Duration{30 * time.Second},
@@ -165,6 +188,25 @@ func (c *Config) validate() error {
 	case "debug", "info", "warn", "error":
 	default:
 		return fmt.Errorf("server.log_level: %q is not one of debug, info, warn, error", c.Server.LogLevel)
+	}
+	for i, h := range c.Hypervisors {
+		if h.URI == "" {
+			return fmt.Errorf("hypervisor #%d: uri is empty", i+1)
+		}
+	}
+	if c.Trust.TTL.Duration < time.Minute {
+		return fmt.Errorf("trust.ttl: %v is shorter than a minute", c.Trust.TTL.Duration)
+	}
+	if len(c.Trust.Modes) == 0 {
+		return errors.New("trust.modes: at least one of \"ob-ib\", \"ib-ob\" is required")
+	}
+	for _, m := range c.Trust.Modes {
+		if m != string(trust.OBIB) && m != string(trust.IBOB) {
+			return fmt.Errorf("trust.modes: %q is not \"ob-ib\" or \"ib-ob\"", m)
+		}
+	}
+	if c.Trust.SSHPort < 1 || c.Trust.SSHPort > 65535 {
+		return fmt.Errorf("trust.ssh_port: %d is not a port", c.Trust.SSHPort)
 	}
 	if _, err := c.accounts(); err != nil {
 		return err

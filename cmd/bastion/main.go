@@ -16,15 +16,19 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/hypervisor"
 	"github.com/bastionvm/bastion/keys"
+	"github.com/bastionvm/bastion/trust"
 )
 
 const usage = `usage:
   bastion serve --config FILE              run the bastion
   bastion keys known-hosts --config FILE   print the known_hosts line users add once
   bastion config check --config FILE       validate the configuration
+  bastion trust ls --config FILE           each VM's trust: state, expiry, pinned host key
 `
 
 func main() {
@@ -40,7 +44,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return errors.New("no command")
 	}
 	cmd, args := args[0], args[1:]
-	if (cmd == "keys" || cmd == "config") && len(args) > 0 {
+	if (cmd == "keys" || cmd == "config" || cmd == "trust") && len(args) > 0 {
 		cmd, args = cmd+" "+args[0], args[1:]
 	}
 	fs := flag.NewFlagSet("bastion "+cmd, flag.ContinueOnError)
@@ -66,6 +70,12 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintln(stdout, host.KnownHostsLine())
 		return nil
+	case "trust ls":
+		c, err := LoadConfig(*configPath)
+		if err != nil {
+			return err
+		}
+		return trustList(c.Server.StateDir, stdout, time.Now())
 	case "config check":
 		if _, err := LoadConfig(*configPath); err != nil {
 			return err
@@ -113,6 +123,16 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		Logger:         logger,
 		Audit:          audit,
 	}
+	if len(c.Hypervisors) == 0 {
+		logger.Warn("no [[hypervisor]] configured: no VM can be reached")
+	} else {
+		manager, stop, err := startTrust(c, logger, audit)
+		if err != nil {
+			return err
+		}
+		defer stop()
+		srv.Resolver = resolver{manager}
+	}
 	ln, err := net.Listen("tcp", c.Server.Listen)
 	if err != nil {
 		return err
@@ -138,6 +158,78 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		logger.Info("stopped")
 		return nil
 	}
+}
+
+// startTrust opens the hypervisors and the trust manager over them, and
+// keeps the trust state file current.
+func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*trust.Manager, func(), error) {
+	if audit == nil {
+		audit = func(bastion.Event) {}
+	}
+	instance := c.Trust.Instance
+	if instance == "" {
+		instance, _ = os.Hostname()
+	}
+	var modes []trust.Mode
+	for _, m := range c.Trust.Modes {
+		modes = append(modes, trust.Mode(m))
+	}
+	manager := &trust.Manager{
+		Instance: instance,
+		TTL:      c.Trust.TTL.Duration,
+		Modes:    modes,
+		SSHPort:  c.Trust.SSHPort,
+		Timeout:  c.Trust.CheckTimeout.Duration,
+		Logger:   logger,
+		OnChange: func(trusts []trust.Trust) {
+			if err := writeTrustState(c.Server.StateDir, trusts); err != nil {
+				logger.Error("trust state file", "err", err)
+			}
+		},
+		OnOutcome: func(vm, login string, t *trust.Trust, err error) {
+			if err != nil {
+				audit(bastion.Event{Type: bastion.EventTrustFailed, VM: vm, Login: login, Reason: err.Error()})
+				return
+			}
+			audit(bastion.Event{Type: bastion.EventTrustVerified, VM: vm, Login: login,
+				Detail: fmt.Sprintf("addr %s host key %s modes %v expires %s", t.Addr, t.Fingerprint(), t.Modes, t.Expires.UTC().Format(time.RFC3339))})
+		},
+	}
+	var uris []string
+	for _, h := range c.Hypervisors {
+		uris = append(uris, h.URI)
+	}
+	pool, err := hypervisor.Open(uris, hypervisor.Options{Logger: logger, OnEvent: func(e hypervisor.Event) {
+		switch e.Kind {
+		case hypervisor.EventStopped, hypervisor.EventRebooted, hypervisor.EventMigrated, hypervisor.EventUndefined, hypervisor.EventAgentGone:
+			go func() {
+				manager.Drop(e.UUID, string(e.Kind))
+				audit(bastion.Event{Type: bastion.EventTrustDropped, VM: e.Name, Reason: string(e.Kind)})
+			}()
+		}
+	}})
+	if err != nil {
+		return nil, nil, err
+	}
+	manager.OOB = outOfBand{pool}
+	if err := writeTrustState(c.Server.StateDir, nil); err != nil {
+		pool.Close()
+		return nil, nil, err
+	}
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(30 * time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				manager.Expire()
+			case <-done:
+				return
+			}
+		}
+	}()
+	return manager, func() { close(done); pool.Close() }, nil
 }
 
 func openAudit(dest string, stdout io.Writer) (func(bastion.Event), func(), error) {

@@ -64,6 +64,13 @@ func Need(t testing.TB, program string) string {
 // user with any of authorized. It is stopped when the test ends.
 func StartSSHD(t testing.TB, authorized ...gossh.PublicKey) *SSHD {
 	t.Helper()
+	return StartSSHDOn(t, "", authorized...)
+}
+
+// StartSSHDOn is StartSSHD listening on addr (host:port); an empty addr
+// means a free port of 127.0.0.1.
+func StartSSHDOn(t testing.TB, listen string, authorized ...gossh.PublicKey) *SSHD {
+	t.Helper()
 	sshdPath := "/usr/sbin/sshd"
 	if _, err := os.Stat(sshdPath); err != nil {
 		sshdPath = Need(t, "sshd")
@@ -88,8 +95,10 @@ func StartSSHD(t testing.TB, authorized ...gossh.PublicKey) *SSHD {
 	write(t, filepath.Join(dir, "authorized_keys"), auth.Bytes(), 0o600)
 
 	for attempt := 0; ; attempt++ {
-		port := freePort(t)
-		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		addr := listen
+		if addr == "" {
+			addr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		}
 		config := fmt.Sprintf(`ListenAddress %s
 HostKey %s/host_ed25519
 AuthorizedKeysFile %s/authorized_keys
@@ -120,7 +129,7 @@ LogLevel ERROR
 			<-exited
 		})
 		if err := waitBanner(addr, exited, 10*time.Second); err != nil {
-			if attempt < 3 && strings.Contains(stderr.String(), "Address already in use") {
+			if listen == "" && attempt < 3 && strings.Contains(stderr.String(), "Address already in use") {
 				continue
 			}
 			t.Fatalf("sshd did not start: %v\n%s", err, stderr.String())
