@@ -1,0 +1,45 @@
+# The two commands the README opens with are `make demo` and `make test`.
+export PATH := /usr/local/go/bin:$(PATH)
+GO ?= go
+
+.PHONY: all build deps test test-quick test-vm demo demo-stop fuzz clean
+
+all: build
+
+build:
+	$(GO) build -o bin/bastion ./cmd/bastion
+
+# Host packages (OpenSSH, rsync, libvirt, QEMU, ...) and a running libvirtd.
+deps:
+	testbed/install-host.sh
+
+# Everything: vet, unit tests, the in-process suite against real OpenSSH,
+# and the real-guest suite (boots two libvirt guests; builds the guest image
+# once and caches it).
+test: deps
+	$(GO) vet ./...
+	BASTION_VMTEST=1 $(GO) test -count=1 -timeout 40m ./...
+
+# The inner loop: everything but the real-guest suite.
+test-quick:
+	$(GO) vet ./...
+	$(GO) test -count=1 ./...
+
+# Only the real-guest suite; BASTION_VMTEST_KEEP=1 leaves the guests up
+# for the next run.
+test-vm: deps
+	BASTION_VMTEST=1 $(GO) test -count=1 -v -timeout 40m ./vmtest
+
+# Short fuzzing of every parser.
+fuzz:
+	$(GO) test -run XXX -fuzz FuzzParseConfig -fuzztime 30s ./cmd/bastion
+	$(GO) test -run XXX -fuzz FuzzParseTarget -fuzztime 30s .
+
+demo:
+	scripts/demo.sh
+
+demo-stop:
+	scripts/demo.sh stop
+
+clean:
+	rm -rf bin .demo
