@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -113,30 +112,16 @@ func TestPTYSizeAndWindowChange(t *testing.T) {
 // transferFile is the size of the large transfer tests.
 const transferFile = 256 << 20
 
-func sha(t *testing.T, path string) string {
-	t.Helper()
-	fh, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fh.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, fh); err != nil {
-		t.Fatal(err)
-	}
-	return fmt.Sprintf("%x", h.Sum(nil))
-}
-
 func TestLargeTransfers(t *testing.T) {
 	f := newFixture(t)
 	local := t.TempDir()
 	remote := t.TempDir() // the stand-in VM's file system is this one
 	src := testenv.RandomFile(t, local, transferFile)
-	want := sha(t, src)
+	want := testenv.SHA256File(t, src)
 	target := f.login + "@web1"
 	check := func(name, path string) {
 		t.Helper()
-		if got := sha(t, path); got != want {
+		if got := testenv.SHA256File(t, path); got != want {
 			t.Errorf("%s: %s differs from the source", name, path)
 		}
 		os.Remove(path)
@@ -188,7 +173,7 @@ func TestRsync(t *testing.T) {
 	}
 	for i := 0; i < 20; i++ {
 		name := fmt.Sprintf("f%02d", i)
-		if sha(t, filepath.Join(local, name)) != sha(t, filepath.Join(remote, name)) {
+		if testenv.SHA256File(t, filepath.Join(local, name)) != testenv.SHA256File(t, filepath.Join(remote, name)) {
 			t.Errorf("rsync: %s differs", name)
 		}
 	}
@@ -196,11 +181,11 @@ func TestRsync(t *testing.T) {
 
 // background starts ssh with args, returning its stderr, and stops it
 // when the test ends.
-func (f *fixture) background(args ...string) *syncBuffer {
+func (f *fixture) background(args ...string) *testenv.LockedBuffer {
 	f.t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := f.client.Command(ctx, "ssh", args...)
-	stderr := &syncBuffer{}
+	stderr := &testenv.LockedBuffer{}
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		f.t.Fatal(err)
@@ -213,24 +198,6 @@ func (f *fixture) background(args ...string) *syncBuffer {
 		}
 	})
 	return stderr
-}
-
-// syncBuffer is a strings.Builder safe for one writer and one reader.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // waitFor polls cond for up to 30 seconds.
@@ -280,18 +247,18 @@ func dial(t *testing.T, addr string) net.Conn {
 func TestLocalForward(t *testing.T) {
 	f := newFixture(t)
 	echo := startEcho(t)
-	local := freeAddr(t)
+	local := testenv.FreeAddr(t)
 	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-L", local+":"+echo.addr, f.login+"@web1")
-	waitListening(t, local)
+	testenv.WaitListening(t, local)
 	echoThrough(t, dial(t, local))
 }
 
 func TestDynamicForward(t *testing.T) {
 	f := newFixture(t)
 	echo := startEcho(t)
-	socks := freeAddr(t)
+	socks := testenv.FreeAddr(t)
 	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-D", socks, f.login+"@web1")
-	waitListening(t, socks)
+	testenv.WaitListening(t, socks)
 	c := dial(t, socks)
 	// SOCKS5: no authentication, CONNECT to the echo server by IPv4.
 	host, portStr, _ := net.SplitHostPort(echo.addr)
@@ -310,9 +277,9 @@ func TestDynamicForward(t *testing.T) {
 func TestRemoteForward(t *testing.T) {
 	f := newFixture(t)
 	echo := startEcho(t)
-	remote := freeAddr(t) // bound by the VM's sshd, which here shares the host's loopback
+	remote := testenv.FreeAddr(t) // bound by the VM's sshd, which here shares the host's loopback
 	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-R", remote+":"+echo.addr, f.login+"@web1")
-	waitListening(t, remote)
+	testenv.WaitListening(t, remote)
 	echoThrough(t, dial(t, remote))
 	if echo.count() < 1 {
 		t.Fatal("the echo server behind the client saw no connection")

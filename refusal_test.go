@@ -115,9 +115,9 @@ func TestPolicyDeniesChannel(t *testing.T) {
 	// A forward the policy refuses: the connection to the local end is
 	// closed without reaching anything, and ssh says why.
 	echo := startEcho(t)
-	local := freeAddr(t)
+	local := testenv.FreeAddr(t)
 	stderr := f.background("-N", "-J", "bastion", "-L", local+":"+echo.addr, f.login+"@web1")
-	waitListening(t, local)
+	testenv.WaitListening(t, local)
 	c := dial(t, local)
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	if n, _ := c.Read(make([]byte, 1)); n != 0 {

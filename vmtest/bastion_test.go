@@ -244,3 +244,5 @@ func readJSON(t *testing.T, raw json.RawMessage, v any) {
 		t.Fatalf("agent reply %s: %v", raw, err)
 	}
 }
+
+func marshalAuthorized(k gossh.PublicKey) []byte { return gossh.MarshalAuthorizedKey(k) }

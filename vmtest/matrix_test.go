@@ -78,7 +78,7 @@ func TestClientMatrix(t *testing.T) {
 
 	local := t.TempDir()
 	src := testenv.RandomFile(t, local, transferSize)
-	want := sha(t, src)
+	want := testenv.SHA256File(t, src)
 	remoteSum := func(path string) string {
 		res := b.ssh(nil, root, "sha256sum "+path+" && rm "+path)
 		sum, _, _ := strings.Cut(string(res.Stdout), " ")
@@ -94,7 +94,7 @@ func TestClientMatrix(t *testing.T) {
 		batch := filepath.Join(local, "batch")
 		write(t, batch, fmt.Sprintf("put %s /root/sftp\nget /root/sftp %s/sftp-get\n", src, local))
 		run(t, "sftp", "-J", "bastion", "-b", batch, root)
-		if sha(t, local+"/sftp-get") != want || remoteSum("/root/sftp") != want {
+		if testenv.SHA256File(t, local+"/sftp-get") != want || remoteSum("/root/sftp") != want {
 			t.Fatal("sftp: bytes differ")
 		}
 	})
@@ -102,7 +102,7 @@ func TestClientMatrix(t *testing.T) {
 		t.Run("scp "+mode, func(t *testing.T) {
 			run(t, "scp", mode, "-J", "bastion", src, root+":/root/scp")
 			run(t, "scp", mode, "-J", "bastion", root+":/root/scp", local+"/scp-get")
-			if sha(t, local+"/scp-get") != want || remoteSum("/root/scp") != want {
+			if testenv.SHA256File(t, local+"/scp-get") != want || remoteSum("/root/scp") != want {
 				t.Fatalf("scp %s: bytes differ", mode)
 			}
 		})
@@ -124,20 +124,20 @@ func TestClientMatrix(t *testing.T) {
 		}
 	})
 	t.Run("local forward to the VM's loopback", func(t *testing.T) {
-		port := freePort(t)
-		stop := background(t, b, "-N", "-o", "ExitOnForwardFailure=yes", "-L", fmt.Sprintf("127.0.0.1:%d:127.0.0.1:22", port), root)
+		local := testenv.FreeAddr(t)
+		stop := background(t, b, "-N", "-o", "ExitOnForwardFailure=yes", "-L", local+":127.0.0.1:22", root)
 		defer stop()
-		banner := readBanner(t, fmt.Sprintf("127.0.0.1:%d", port))
+		banner := readBanner(t, local)
 		if !strings.HasPrefix(banner, "SSH-2.0-OpenSSH") {
 			t.Fatalf("-L to the VM's sshd: banner %q", banner)
 		}
 	})
 	t.Run("dynamic forward", func(t *testing.T) {
-		port := freePort(t)
-		stop := background(t, b, "-N", "-o", "ExitOnForwardFailure=yes", "-D", fmt.Sprintf("127.0.0.1:%d", port), root)
+		socks := testenv.FreeAddr(t)
+		stop := background(t, b, "-N", "-o", "ExitOnForwardFailure=yes", "-D", socks, root)
 		defer stop()
-		waitListening(t, fmt.Sprintf("127.0.0.1:%d", port))
-		c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		testenv.WaitListening(t, socks)
+		c, err := net.Dial("tcp", socks)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -204,27 +204,6 @@ func TestClientMatrix(t *testing.T) {
 	})
 }
 
-func sha(t *testing.T, path string) string {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	h := sha256.New()
-	io.Copy(h, f)
-	return fmt.Sprintf("%x", h.Sum(nil))
-}
-
-func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // background starts ssh -J bastion args... and returns a stop function.
 func background(t *testing.T, b *bastionProc, args ...string) func() {
 	ctx, cancel := context.WithCancel(context.Background())
@@ -235,22 +214,9 @@ func background(t *testing.T, b *bastionProc, args ...string) func() {
 	return func() { cancel(); cmd.Wait() }
 }
 
-func waitListening(t *testing.T, addr string) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("nothing listens on %s", addr)
-}
-
 func readBanner(t *testing.T, addr string) string {
 	t.Helper()
-	waitListening(t, addr)
+	testenv.WaitListening(t, addr)
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)

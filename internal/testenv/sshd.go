@@ -117,7 +117,7 @@ LogLevel ERROR
 `, addr, dir, dir)
 		write(t, filepath.Join(dir, "sshd_config"), []byte(config), 0o600)
 		cmd := exec.Command(sshdPath, "-D", "-e", "-f", filepath.Join(dir, "sshd_config"))
-		var stderr lockedBuffer
+		var stderr LockedBuffer
 		cmd.Stderr = &stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatalf("start sshd: %v", err)

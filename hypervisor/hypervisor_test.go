@@ -1,0 +1,41 @@
+package hypervisor
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+
+	"libvirt.org/go/libvirt"
+)
+
+func TestClassify(t *testing.T) {
+	for _, tc := range []struct {
+		err  libvirt.Error
+		want error
+	}{
+		{libvirt.Error{Code: libvirt.ERR_NO_DOMAIN, Message: "Domain not found: no domain with matching name 'x'"}, ErrNoSuchVM},
+		{libvirt.Error{Code: libvirt.ERR_OPERATION_INVALID, Message: "Requested operation is not valid: domain is not running"}, ErrNotRunning},
+		{libvirt.Error{Code: libvirt.ERR_AGENT_UNRESPONSIVE, Message: "Guest agent is not responding: QEMU guest agent is not connected"}, ErrAgentNotConnected},
+		{libvirt.Error{Code: libvirt.ERR_AGENT_UNRESPONSIVE, Message: "Guest agent is not responding: Guest agent not available for now"}, ErrAgentSilent},
+		{libvirt.Error{Code: libvirt.ERR_AGENT_COMMAND_TIMEOUT, Message: "Guest agent command timed out"}, ErrAgentSilent},
+		{libvirt.Error{Code: libvirt.ERR_INTERNAL_ERROR, Message: "unable to execute QEMU agent command 'guest-file-open': Command guest-file-open has been disabled"}, ErrCommandDisabled},
+		{libvirt.Error{Code: libvirt.ERR_INTERNAL_ERROR, Message: "unable to execute QEMU agent command 'guest-ssh-add-authorized-keys': failed to lookup user 'nobody2': Success"}, ErrNoSuchUser},
+		{libvirt.Error{Code: libvirt.ERR_SYSTEM_ERROR, Message: "Failed to connect socket"}, ErrUnavailable},
+	} {
+		if got := classify(tc.err); !errors.Is(got, tc.want) {
+			t.Errorf("classify(%q) = %v, want %v", tc.err.Message, got, tc.want)
+		}
+	}
+}
+
+func TestAddressesOn(t *testing.T) {
+	ifaces := []libvirt.DomainInterface{
+		{Name: "lo", Hwaddr: "00:00:00:00:00:00", Addrs: []libvirt.DomainIPAddress{{Addr: "127.0.0.1"}}},
+		{Name: "eth0", Hwaddr: "52:54:00:B7:00:00", Addrs: []libvirt.DomainIPAddress{{Addr: "192.168.214.10"}, {Addr: "fe80::1"}}},
+		{Name: "docker0", Hwaddr: "02:42:ac:11:00:01", Addrs: []libvirt.DomainIPAddress{{Addr: "172.17.0.1"}}},
+	}
+	got := addressesOn(ifaces, []string{"52:54:00:b7:00:00"})
+	if len(got) != 1 || got[0] != netip.MustParseAddr("192.168.214.10") {
+		t.Fatalf("addressesOn = %v; want only the declared interface's IPv4", got)
+	}
+}
