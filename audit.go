@@ -21,6 +21,9 @@ const (
 	EventTrustVerified  EventType = "trust_verified"  // a dual-band check succeeded
 	EventTrustFailed    EventType = "trust_failed"    // a dual-band check failed
 	EventTrustDropped   EventType = "trust_dropped"   // a lifecycle event ended a trust
+	EventReloaded       EventType = "reloaded"        // accounts and policy were reloaded
+	EventReloadFailed   EventType = "reload_failed"   // a reload was refused; the running configuration stays
+	EventEnded          EventType = "ended"           // the bastion ended a session: policy change, time limit
 )
 
 // Event is one entry of the audit stream. Its JSON form, one object per

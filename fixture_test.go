@@ -74,7 +74,7 @@ func newFixture(t *testing.T, configure ...func(*bastion.Server)) *fixture {
 		Resolver:  f.resolver,
 		Policy: &policy.Policy{Rules: []policy.Rule{{
 			Name: "dev", Groups: []string{"dev"}, VMs: []string{"web*"}, Logins: []string{vm.Login},
-			Channels: []policy.Channel{policy.Shell, policy.Exec, policy.SFTP, policy.LocalForward, policy.RemoteForward},
+			Channels: []policy.Channel{policy.Shell, policy.Exec, policy.SCP, policy.SFTP, policy.LocalForward, policy.RemoteForward},
 		}}},
 		Logger: testLogger(t),
 		Audit:  f.audit.add,

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"path"
+	"strings"
 	"sync"
 	"time"
 
@@ -46,6 +47,10 @@ type sessionForward struct {
 	link *link
 	up   gossh.Channel
 	down gossh.Channel
+
+	// Owned by the goroutine handling downstream requests:
+	start   ask    // the shell, command or subsystem asked for
+	untrack func() // set once it has started
 }
 
 // run copies data and requests both ways until both sides are done.
@@ -82,6 +87,12 @@ func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
 	// requested upstream, so the VM never sees data or EOF before it.
 	started := make(chan struct{})
 	go func() {
+		// This goroutine alone touches f.start and f.untrack.
+		defer func() {
+			if f.untrack != nil {
+				f.untrack()
+			}
+		}()
 		var once sync.Once
 		defer once.Do(func() { close(started) })
 		for req := range downReqs {
@@ -130,7 +141,8 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 			return false, ""
 		}
 	case "shell":
-		if !l.allow(policy.Shell, "") {
+		f.start = ask{kind: policy.Shell}
+		if !l.allow(f.start).Allow {
 			return false, policy.Shell
 		}
 	case "exec":
@@ -138,8 +150,9 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		if gossh.Unmarshal(req.Payload, &cmd) != nil {
 			return false, ""
 		}
-		if !l.allow(policy.Exec, cmd.Command) {
-			return false, policy.Exec
+		f.start = ask{kind: execKind(cmd.Command), command: cmd.Command}
+		if !l.allow(f.start).Allow {
+			return false, f.start.kind
 		}
 	case "subsystem":
 		var sub struct{ Name string }
@@ -150,18 +163,19 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		if sub.Name == "sftp" {
 			kind = policy.SFTP
 		}
-		if !l.allow(kind, sub.Name) {
+		f.start = ask{kind: kind, command: sub.Name}
+		if !l.allow(f.start).Allow {
 			return false, kind
 		}
 	case "auth-agent-req@openssh.com":
-		if !l.allow(policy.Agent, "") {
+		if !l.allow(ask{kind: policy.Agent}).Allow {
 			return false, ""
 		}
 		l.mu.Lock()
 		l.agent = true
 		l.mu.Unlock()
 	case "x11-req":
-		if !l.allow(policy.X11, "") {
+		if !l.allow(ask{kind: policy.X11}).Allow {
 			return false, ""
 		}
 		l.mu.Lock()
@@ -174,7 +188,36 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		ok, err := f.up.SendRequest(req.Type, req.WantReply, req.Payload)
 		return ok, nil, err
 	}, func() { f.up.Close() })
-	return err == nil && ok, ""
+	ok = err == nil && ok
+	switch req.Type {
+	case "shell", "exec", "subsystem":
+		if ok && f.untrack == nil {
+			f.untrack = l.track(f.start, f.end)
+		}
+	}
+	return ok, ""
+}
+
+// end ends a running session, telling the user msg on its stderr.
+func (f *sessionForward) end(msg string) {
+	fmt.Fprintf(f.down.Stderr(), "\r\n%s\r\n", msg)
+	f.down.SendRequest("exit-status", false, gossh.Marshal(struct{ Status uint32 }{255}))
+	f.up.Close()
+}
+
+// execKind tells legacy scp (scp -O), which runs "scp -t" or "scp -f" on
+// the far side, from other commands.
+func execKind(command string) policy.Channel {
+	fields := strings.Fields(command)
+	if len(fields) < 2 || (fields[0] != "scp" && !strings.HasSuffix(fields[0], "/scp")) {
+		return policy.Exec
+	}
+	for _, f := range fields[1:] {
+		if f == "-t" || f == "-f" {
+			return policy.SCP
+		}
+	}
+	return policy.Exec
 }
 
 // refuse ends a session whose shell, command or subsystem the policy
@@ -205,7 +248,8 @@ func (s *Server) envAllowed(name string) bool {
 // bridge opens a channel like newCh on other and, once other accepts,
 // accepts newCh and copies both ways. It serves direct-tcpip,
 // forwarded-tcpip, agent and X11 channels, whose requests are hop-by-hop.
-func bridge(newCh gossh.NewChannel, other gossh.Conn) {
+// The channel is tracked as a, so a policy change can end it.
+func (l *link) bridge(a ask, newCh gossh.NewChannel, other gossh.Conn) {
 	to, toReqs, err := other.OpenChannel(newCh.ChannelType(), newCh.ExtraData())
 	if err != nil {
 		reject(newCh, "", err)
@@ -218,6 +262,7 @@ func bridge(newCh gossh.NewChannel, other gossh.Conn) {
 	}
 	go gossh.DiscardRequests(toReqs)
 	go gossh.DiscardRequests(fromReqs)
+	defer l.track(a, func(string) { from.Close(); to.Close() })()
 	done := make(chan error, 2)
 	go copier{dst: to, src: from, closeWrite: to.CloseWrite}.run(done)
 	go copier{dst: from, src: to, closeWrite: from.CloseWrite}.run(done)

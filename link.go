@@ -41,10 +41,77 @@ type link struct {
 
 	down gossh.Conn // set by start, before any channel is handled
 
-	mu       sync.Mutex      // protects the fields below
-	forwards map[string]bool // remote forwards granted to the downstream, "host:port"
-	agent    bool            // the downstream asked for, and was allowed, agent forwarding
-	x11      bool            // likewise for X11
+	maxTime time.Duration // from the deciding rule; 0 means no limit
+
+	mu       sync.Mutex            // protects the fields below
+	forwards map[string]bool       // remote forwards granted to the downstream, "host:port"
+	agent    bool                  // the downstream asked for, and was allowed, agent forwarding
+	x11      bool                  // likewise for X11
+	active   map[*activeChannel]bool // channels in use, for revalidation
+}
+
+// activeChannel is a channel in use on a link: what the policy allowed it
+// for, and how to end it.
+type activeChannel struct {
+	a   ask
+	end func(msg string) // ends the channel, telling the user msg where it can
+}
+
+// track records a channel in use until the returned function is called.
+func (l *link) track(a ask, end func(msg string)) (untrack func()) {
+	c := &activeChannel{a: a, end: end}
+	l.mu.Lock()
+	l.active[c] = true
+	l.mu.Unlock()
+	return func() {
+		l.mu.Lock()
+		delete(l.active, c)
+		l.mu.Unlock()
+	}
+}
+
+// end ends every channel of the link with msg, then the link itself.
+func (l *link) end(msg string) {
+	l.mu.Lock()
+	var active []*activeChannel
+	for c := range l.active {
+		active = append(active, c)
+	}
+	l.mu.Unlock()
+	for _, c := range active {
+		c.end(msg)
+	}
+	// Give the messages a moment on the wire before the connection goes.
+	time.AfterFunc(500*time.Millisecond, func() {
+		l.up.Close()
+		l.down.Close()
+	})
+}
+
+// revalidate asks the policy again about the link and each of its channels,
+// ending what it no longer allows.
+func (l *link) revalidate() {
+	if d := l.srv.decide(l.account, l.source, l.vm, l.login, ask{kind: policy.Connect}); !d.Allow {
+		l.log.Info("ended by a policy change", "reason", d.Reason)
+		l.srv.audit(Event{Type: EventEnded, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
+			Login: l.login, Channel: string(policy.Connect), Rule: d.Rule, Reason: "policy change: " + d.Reason})
+		l.end(fmt.Sprintf("bastion: %s: access ended by a policy change", l.vm.Name))
+		return
+	}
+	l.mu.Lock()
+	var active []*activeChannel
+	for c := range l.active {
+		active = append(active, c)
+	}
+	l.mu.Unlock()
+	for _, c := range active {
+		if d := l.srv.decide(l.account, l.source, l.vm, l.login, c.a); !d.Allow {
+			l.log.Info("channel ended by a policy change", "channel", c.a.kind, "detail", c.a.detail(), "reason", d.Reason)
+			l.srv.audit(Event{Type: EventEnded, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
+				Login: l.login, Channel: string(c.a.kind), Detail: c.a.detail(), Rule: d.Rule, Reason: "policy change: " + d.Reason})
+			c.end(fmt.Sprintf("bastion: %s: %s ended by a policy change", l.vm.Name, c.a.kind))
+		}
+	}
 }
 
 // establish decides whether account may reach vm as login, obtains a
@@ -56,8 +123,9 @@ func (s *Server) establish(ctx context.Context, account Account, source net.Addr
 	if err := checkLogin(login); err != nil {
 		return nil, err
 	}
-	if d := s.decide(account, source, vm, login, policy.Connect); !d.Allow {
-		log.Info("denied", "channel", policy.Connect, "reason", d.Reason)
+	d := s.decide(account, source, vm, login, ask{kind: policy.Connect})
+	if !d.Allow {
+		log.Info("denied", "channel", policy.Connect, "rule", d.Rule, "reason", d.Reason)
 		s.audit(ev.with(EventDenied, string(policy.Connect), d.Rule, d.Reason))
 		return nil, fmt.Errorf("%w: %s", ErrDenied, d.Reason)
 	}
@@ -69,7 +137,8 @@ func (s *Server) establish(ctx context.Context, account Account, source net.Addr
 		s.audit(ev.with(EventUpstreamFailed, "", "", err.Error()))
 		return nil, err
 	}
-	l := &link{srv: s, account: account, source: source, vm: vm, login: login, log: log, forwards: make(map[string]bool)}
+	l := &link{srv: s, account: account, source: source, vm: vm, login: login, log: log, maxTime: d.MaxTime,
+		forwards: make(map[string]bool), active: make(map[*activeChannel]bool)}
 	if err := l.dial(ctx, target); err != nil {
 		log.Warn("upstream failed", "addr", target.Addr, "err", err)
 		s.audit(ev.with(EventUpstreamFailed, "", "", err.Error()))
@@ -152,9 +221,31 @@ func (l *link) start(down gossh.Conn) {
 		l.up.Wait()
 		down.Close()
 	}()
+	s := l.srv
+	s.linksMu.Lock()
+	if s.links == nil {
+		s.links = make(map[*link]bool)
+	}
+	s.links[l] = true
+	s.linksMu.Unlock()
+	var limit *time.Timer
+	if l.maxTime > 0 {
+		limit = time.AfterFunc(l.maxTime, func() {
+			l.log.Info("session time limit reached", "limit", l.maxTime)
+			s.audit(Event{Type: EventEnded, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
+				Login: l.login, Reason: fmt.Sprintf("time limit %v", l.maxTime)})
+			l.end(fmt.Sprintf("bastion: %s: session time limit (%v) reached", l.vm.Name, l.maxTime))
+		})
+	}
 	go func() {
 		down.Wait()
 		l.up.Close()
+		if limit != nil {
+			limit.Stop()
+		}
+		s.linksMu.Lock()
+		delete(s.links, l)
+		s.linksMu.Unlock()
 	}()
 }
 
@@ -187,11 +278,12 @@ func (l *link) channel(newCh gossh.NewChannel) {
 			newCh.Reject(gossh.ConnectionFailed, "bastion: malformed direct-tcpip request")
 			return
 		}
-		if !l.allow(policy.LocalForward, fmt.Sprintf("%s:%d", dest.Host, dest.Port)) {
+		a := ask{kind: policy.LocalForward, host: dest.Host, port: dest.Port}
+		if !l.allow(a).Allow {
 			newCh.Reject(gossh.Prohibited, l.denial(policy.LocalForward))
 			return
 		}
-		bridge(newCh, l.up)
+		l.bridge(a, newCh, l.up)
 	default:
 		newCh.Reject(gossh.UnknownChannelType, "bastion: unsupported channel type "+newCh.ChannelType())
 	}
@@ -212,24 +304,36 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if gossh.Unmarshal(req.Payload, &f) != nil {
 			return false, nil
 		}
-		if !l.allow(policy.RemoteForward, fmt.Sprintf("%s:%d", f.Host, f.Port)) {
+		if !l.allow(ask{kind: policy.RemoteForward, host: f.Host, port: f.Port}).Allow {
 			return false, nil
 		}
+		// Granted before it is asked for upstream: the VM's sshd may open a
+		// forwarded-tcpip channel the moment it binds, before its answer
+		// arrives here. A port of 0 stands for the port the VM will choose.
+		requested := net.JoinHostPort(f.Host, fmt.Sprint(f.Port))
+		l.mu.Lock()
+		l.forwards[requested] = true
+		l.mu.Unlock()
 		ok, reply, err := l.srv.sendRequest(l.up, req.Type, true, req.Payload)
-		if err != nil || !ok {
-			return false, nil
-		}
 		port := f.Port
-		if port == 0 {
+		if err == nil && ok && port == 0 {
 			var bound struct{ Port uint32 }
 			if gossh.Unmarshal(reply, &bound) != nil {
-				return false, nil
+				ok = false
 			}
 			port = bound.Port
 		}
 		l.mu.Lock()
-		l.forwards[net.JoinHostPort(f.Host, fmt.Sprint(port))] = true
+		if f.Port == 0 || err != nil || !ok {
+			delete(l.forwards, requested)
+		}
+		if err == nil && ok {
+			l.forwards[net.JoinHostPort(f.Host, fmt.Sprint(port))] = true
+		}
 		l.mu.Unlock()
+		if err != nil || !ok {
+			return false, nil
+		}
 		return true, reply
 	case "cancel-tcpip-forward":
 		var f tcpipForward
@@ -264,7 +368,7 @@ func (l *link) upstreamChannels() {
 			var p directTCPIP
 			if gossh.Unmarshal(newCh.ExtraData(), &p) == nil {
 				l.mu.Lock()
-				wanted = l.forwards[net.JoinHostPort(p.Host, fmt.Sprint(p.Port))]
+				wanted = l.forwards[net.JoinHostPort(p.Host, fmt.Sprint(p.Port))] || l.forwards[net.JoinHostPort(p.Host, "0")]
 				l.mu.Unlock()
 			}
 		case "auth-agent@openssh.com":
@@ -281,8 +385,19 @@ func (l *link) upstreamChannels() {
 			newCh.Reject(gossh.Prohibited, "not requested")
 			continue
 		}
-		go bridge(newCh, l.down)
+		go l.bridge(ask{kind: channelKind(newCh)}, newCh, l.down)
 	}
+}
+
+// channelKind is the policy kind of a channel the VM opens.
+func channelKind(newCh gossh.NewChannel) policy.Channel {
+	switch newCh.ChannelType() {
+	case "forwarded-tcpip":
+		return policy.RemoteForward
+	case "x11":
+		return policy.X11
+	}
+	return policy.Agent
 }
 
 // upstreamRequests answers the VM's global requests (hostkeys-00,
@@ -296,14 +411,14 @@ func (l *link) upstreamRequests() {
 }
 
 // allow asks the policy about one channel of this link and audits a denial.
-func (l *link) allow(kind policy.Channel, detail string) bool {
-	d := l.srv.decide(l.account, l.source, l.vm, l.login, kind)
+func (l *link) allow(a ask) policy.Decision {
+	d := l.srv.decide(l.account, l.source, l.vm, l.login, a)
 	if !d.Allow {
-		l.log.Info("denied", "channel", kind, "detail", detail, "reason", d.Reason)
+		l.log.Info("denied", "channel", a.kind, "detail", a.detail(), "rule", d.Rule, "reason", d.Reason)
 		l.srv.audit(Event{Type: EventDenied, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
-			Login: l.login, Channel: string(kind), Detail: detail, Rule: d.Rule, Reason: d.Reason})
+			Login: l.login, Channel: string(a.kind), Detail: a.detail(), Rule: d.Rule, Reason: d.Reason})
 	}
-	return d.Allow
+	return d
 }
 
 // denial is what the user is told when the policy refuses kind.

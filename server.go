@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -83,6 +84,24 @@ type Server struct {
 
 	certMu sync.Mutex // protects certs
 	certs  map[string]cachedCert
+
+	linksMu sync.Mutex // protects links
+	links   map[*link]bool
+}
+
+// Revalidate asks the policy again about every open link and channel, as
+// after a reload, and ends what it no longer allows, telling the user why.
+// What it still allows is left alone.
+func (s *Server) Revalidate() {
+	s.linksMu.Lock()
+	links := make([]*link, 0, len(s.links))
+	for l := range s.links {
+		links = append(links, l)
+	}
+	s.linksMu.Unlock()
+	for _, l := range links {
+		l.revalidate()
+	}
 }
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
@@ -334,11 +353,34 @@ func (s *Server) lookup(ctx context.Context, name string) (VM, error) {
 	return s.Resolver.Lookup(ctx, name)
 }
 
-func (s *Server) decide(account Account, source net.Addr, vm VM, login string, kind policy.Channel) policy.Decision {
+// ask is one question to the policy about what a link may do.
+type ask struct {
+	kind    policy.Channel
+	command string // exec and scp
+	host    string // forwards
+	port    uint32
+}
+
+// detail is the ask's particulars, for logs and audit events.
+func (a ask) detail() string {
+	switch {
+	case a.command != "":
+		return a.command
+	case a.host != "" || a.port != 0:
+		return net.JoinHostPort(a.host, fmt.Sprint(a.port))
+	}
+	return ""
+}
+
+func (s *Server) decide(account Account, source net.Addr, vm VM, login string, a ask) policy.Decision {
 	if s.Policy == nil {
 		return policy.Decision{Reason: "no policy"}
 	}
-	return s.Policy.Decide(policy.Request{Account: account.Name, Groups: account.Groups, VM: vm.Name, Login: login, Channel: kind})
+	addr, _ := netip.ParseAddrPort(source.String())
+	return s.Policy.Decide(policy.Request{
+		Account: account.Name, Groups: account.Groups, Source: addr.Addr(), VM: policy.VM(vm), Login: login,
+		Channel: a.kind, Command: a.command, Host: a.host, Port: a.port, Time: time.Now(),
+	})
 }
 
 func (s *Server) logger() *slog.Logger {

@@ -93,7 +93,7 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 		refuse(userMessage(dest.Host, err), err)
 		return
 	}
-	if d := s.decide(fc.account, fc.source, vm, "", policy.Connect); !d.Allow {
+	if d := s.decide(fc.account, fc.source, vm, "", ask{kind: policy.Connect}); !d.Allow {
 		refuse(userMessage(vm.Name, ErrDenied), fmt.Errorf("%w: %s", ErrDenied, d.Reason))
 		return
 	}

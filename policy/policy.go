@@ -1,13 +1,16 @@
-// Package policy decides whether a request may reach a VM. Decisions are
-// pure functions of the request: no I/O, no clock other than the one passed
-// in. The default is deny.
+// Package policy decides who may do what on which VM. Decide is a pure
+// function of the request: no I/O, and the time is part of the request.
+// Deny rules win over allow rules; with no rule allowing a request, it is
+// denied.
 package policy
 
 import (
 	"errors"
 	"fmt"
-	"path"
+	"net/netip"
 	"slices"
+	"strings"
+	"time"
 )
 
 // Channel is the kind of access a request asks for.
@@ -15,125 +18,316 @@ type Channel string
 
 // Channel kinds. Connect is the connection-level question "may this account
 // reach this VM as this login at all", asked before trust is established;
-// with an empty login it asks whether any login on the VM is allowed.
+// with an empty login it asks whether any login is allowed.
 const (
 	Connect       Channel = "connect"
 	Shell         Channel = "shell"
 	Exec          Channel = "exec"
-	SFTP          Channel = "sftp"
-	LocalForward  Channel = "local-forward" // -L and -D: direct-tcpip relative to the VM
+	SCP           Channel = "scp"       // legacy scp (-O): an exec of "scp -t" or "scp -f"
+	SFTP          Channel = "sftp"      // the sftp subsystem, also used by scp's default mode
+	SFTPRead      Channel = "sftp-read" // in a rule: sftp that may only read
+	LocalForward  Channel = "local-forward"
 	RemoteForward Channel = "remote-forward"
 	Agent         Channel = "agent"
 	X11           Channel = "x11"
 )
 
-var knownChannels = []Channel{Shell, Exec, SFTP, LocalForward, RemoteForward, Agent, X11}
+// Kinds lists the channel kinds a rule may name.
+var Kinds = []Channel{Shell, Exec, SCP, SFTP, SFTPRead, LocalForward, RemoteForward, Agent, X11}
 
-// sessionChannels are what a rule grants when it lists no channels.
-var sessionChannels = []Channel{Shell, Exec, SFTP}
+// sessionKinds are what an allow rule grants when it lists no channels.
+var sessionKinds = []Channel{Shell, Exec, SCP, SFTP}
+
+// loopback is where forwards may go when a rule names no forward hosts:
+// the VM's own loopback.
+var loopback = []string{"localhost", "127.0.0.1", "::1"}
 
 // Request is what is being asked.
 type Request struct {
 	Account string
 	Groups  []string
-	VM      string
+	Source  netip.Addr // the client's address
+	VM      VM
 	Login   string
 	Channel Channel
+	Command string // for exec and scp
+	Host    string // for forwards: the destination (local) or bind address (remote)
+	Port    uint32
+	Time    time.Time
 }
 
-// Rule allows the accounts and groups it names to reach the VMs matching its
-// globs as the logins it names, for the channels it lists.
-type Rule struct {
-	Name     string    `toml:"name"`
-	Accounts []string  `toml:"accounts"`
-	Groups   []string  `toml:"groups"`
-	VMs      []string  `toml:"vms"`      // path.Match globs
-	Logins   []string  `toml:"logins"`   // exact, or "*"
-	Channels []Channel `toml:"channels"` // empty means shell, exec and sftp
-}
-
-// Policy is an ordered list of allow rules.
-type Policy struct {
-	Rules []Rule
+// VM is what a rule may select a VM by.
+type VM struct {
+	Name       string
+	UUID       string
+	Hypervisor string
+	Labels     map[string]string
 }
 
 // Decision is the outcome of Decide. Rule names the deciding rule, if any;
 // Reason is for the audit log, not for the user.
 type Decision struct {
-	Allow  bool
-	Rule   string
-	Reason string
+	Allow    bool
+	Rule     string
+	Reason   string
+	ReadOnly bool          // sftp allowed only to read
+	MaxTime  time.Duration // for Connect: how long a session may last; 0 means no limit
 }
 
-// ErrInvalid is wrapped by every validation error.
-var ErrInvalid = errors.New("invalid policy")
+// Effect is what a matching rule does.
+type Effect string
 
-// Validate reports the first problem in p, naming the rule.
-func (p *Policy) Validate() error {
-	for i, r := range p.Rules {
-		name := r.Name
-		if name == "" {
-			name = fmt.Sprintf("#%d", i+1)
-		}
-		fail := func(format string, args ...any) error {
-			return fmt.Errorf("%w: rule %s: %s", ErrInvalid, name, fmt.Sprintf(format, args...))
-		}
-		if len(r.Accounts) == 0 && len(r.Groups) == 0 {
-			return fail("names no accounts or groups")
-		}
-		if len(r.VMs) == 0 {
-			return fail("names no vms")
-		}
-		if len(r.Logins) == 0 {
-			return fail("names no logins")
-		}
-		for _, g := range r.VMs {
-			if _, err := path.Match(g, ""); err != nil {
-				return fail("vm glob %q: %v", g, err)
-			}
-		}
-		for _, c := range r.Channels {
-			if !slices.Contains(knownChannels, c) {
-				return fail("unknown channel %q (known: %v)", c, knownChannels)
-			}
-		}
+const (
+	Allow Effect = "allow"
+	Deny  Effect = "deny"
+)
+
+// Rule is one rule of the policy. Every field that names something narrows
+// the rule; an empty one matches anything, except Channels, which for an
+// allow rule means shell, exec, scp and sftp.
+type Rule struct {
+	Name     string
+	Effect   Effect
+	Accounts []string
+	Groups   []string
+
+	VMs         []string          // name globs
+	UUIDs       []string          // exact
+	Hypervisors []string          // libvirt URI globs
+	Labels      map[string]string // label name → value glob; all must match
+
+	Logins   []string  // exact, or "*"
+	Channels []Channel // see Kinds
+	Commands []string  // exec and scp command globs ("*" matches anything, "/" included)
+
+	ForwardHosts []string    // forward destinations (-L, -D) or bind addresses (-R); empty means the VM's loopback
+	ForwardPorts []PortRange // empty means any port
+
+	Sources []netip.Prefix // client address ranges
+	Window  *Window        // when the rule applies
+	MaxTime time.Duration  // for allow rules: the longest a session may last
+
+	Line int // where the rule starts in its file, for messages
+}
+
+// PortRange is an inclusive range of ports.
+type PortRange struct{ From, To uint32 }
+
+func (r PortRange) String() string {
+	if r.From == r.To {
+		return fmt.Sprint(r.From)
 	}
-	return nil
+	return fmt.Sprintf("%d-%d", r.From, r.To)
 }
 
-// Decide returns the first rule allowing r, or a deny.
+// Window is a time window on some days of the week, in a time zone. When
+// From is after To, the window spans midnight.
+type Window struct {
+	Days     []time.Weekday // empty means every day
+	From, To time.Duration  // since midnight
+	Zone     *time.Location
+}
+
+// Policy is a list of rules.
+type Policy struct {
+	Rules []Rule
+}
+
+// Sentinel reasons, wrapped in Decision errors returned by Check.
+var (
+	ErrNoRule   = errors.New("no rule allows it")
+	ErrDenyRule = errors.New("a deny rule matches")
+)
+
+// Decide returns the decision for r: the first deny rule that matches, or
+// else the first allow rule that matches, or else a deny.
 func (p *Policy) Decide(r Request) Decision {
 	for i := range p.Rules {
 		rule := &p.Rules[i]
-		if rule.matches(r) {
-			return Decision{Allow: true, Rule: rule.Name, Reason: "allowed by rule " + rule.Name}
+		if rule.Effect == Deny && rule.matches(r) {
+			return Decision{Rule: rule.Name, Reason: fmt.Sprintf("%v: rule %s", ErrDenyRule, rule.Name)}
 		}
 	}
-	return Decision{Reason: fmt.Sprintf("no rule allows %s on %s as %s for %s", r.Account, r.VM, r.Login, r.Channel)}
+	for i := range p.Rules {
+		rule := &p.Rules[i]
+		if rule.Effect != Deny && rule.matches(r) {
+			d := Decision{Allow: true, Rule: rule.Name, Reason: "allowed by rule " + rule.Name, MaxTime: rule.MaxTime}
+			if r.Channel == SFTP && !slices.Contains(rule.channels(), SFTP) {
+				d.ReadOnly = true
+			}
+			return d
+		}
+	}
+	return Decision{Reason: fmt.Sprintf("%v: %s as %s on %s for %s", ErrNoRule, r.Account, r.Login, r.VM.Name, r.Channel)}
+}
+
+// Logins lists the logins rules would let account (in groups) use on vm
+// from source at t: what the menu offers. "*" means any.
+func (p *Policy) Logins(account string, groups []string, source netip.Addr, vm VM, t time.Time) []string {
+	var out []string
+	reach := Request{Account: account, Groups: groups, Source: source, VM: vm, Channel: Connect, Time: t}
+	for i := range p.Rules {
+		rule := &p.Rules[i]
+		if rule.Effect == Deny || !rule.matches(reach) {
+			continue
+		}
+		for _, login := range rule.Logins {
+			if slices.Contains(out, login) {
+				continue
+			}
+			probe := Request{Account: account, Groups: groups, Source: source, VM: vm, Login: login, Channel: Connect, Time: t}
+			if login == "*" {
+				probe.Login = ""
+			}
+			if p.Decide(probe).Allow {
+				out = append(out, login)
+			}
+		}
+	}
+	return out
+}
+
+func (rule *Rule) channels() []Channel {
+	if len(rule.Channels) == 0 && rule.Effect != Deny {
+		return sessionKinds
+	}
+	return rule.Channels
 }
 
 func (rule *Rule) matches(r Request) bool {
-	if !slices.Contains(rule.Accounts, r.Account) && !slices.ContainsFunc(r.Groups, func(g string) bool {
-		return slices.Contains(rule.Groups, g)
-	}) {
-		return false
-	}
-	if !slices.ContainsFunc(rule.VMs, func(g string) bool {
-		ok, _ := path.Match(g, r.VM)
-		return ok
-	}) {
-		return false
-	}
-	anyLogin := r.Channel == Connect && r.Login == ""
-	if !anyLogin && !slices.Contains(rule.Logins, r.Login) && !slices.Contains(rule.Logins, "*") {
-		return false
-	}
-	if r.Channel == Connect {
+	return rule.matchesSubject(r) && rule.matchesVM(r.VM) && rule.matchesLogin(r) &&
+		rule.matchesSource(r.Source) && rule.Window.contains(r.Time) && rule.matchesChannel(r)
+}
+
+func (rule *Rule) matchesSubject(r Request) bool {
+	if len(rule.Accounts) == 0 && len(rule.Groups) == 0 {
 		return true
 	}
-	channels := rule.Channels
-	if len(channels) == 0 {
-		channels = sessionChannels
+	return slices.Contains(rule.Accounts, r.Account) ||
+		slices.ContainsFunc(r.Groups, func(g string) bool { return slices.Contains(rule.Groups, g) })
+}
+
+func (rule *Rule) matchesVM(vm VM) bool {
+	if len(rule.VMs) > 0 && !slices.ContainsFunc(rule.VMs, func(g string) bool { return Glob(g, vm.Name) }) {
+		return false
 	}
-	return slices.Contains(channels, r.Channel)
+	if len(rule.UUIDs) > 0 && !slices.ContainsFunc(rule.UUIDs, func(u string) bool { return strings.EqualFold(u, vm.UUID) }) {
+		return false
+	}
+	if len(rule.Hypervisors) > 0 && !slices.ContainsFunc(rule.Hypervisors, func(g string) bool { return Glob(g, vm.Hypervisor) }) {
+		return false
+	}
+	for name, glob := range rule.Labels {
+		value, ok := vm.Labels[name]
+		if !ok || !Glob(glob, value) {
+			return false
+		}
+	}
+	return true
+}
+
+func (rule *Rule) matchesLogin(r Request) bool {
+	if len(rule.Logins) == 0 || slices.Contains(rule.Logins, "*") {
+		return true
+	}
+	if r.Login == "" {
+		// Connect with any login: a deny rule naming logins does not deny
+		// all of them; an allow rule naming any allows some.
+		return r.Channel == Connect && rule.Effect != Deny
+	}
+	return slices.Contains(rule.Logins, r.Login)
+}
+
+func (rule *Rule) matchesSource(source netip.Addr) bool {
+	if len(rule.Sources) == 0 {
+		return true
+	}
+	return slices.ContainsFunc(rule.Sources, func(p netip.Prefix) bool { return p.Contains(source.Unmap()) })
+}
+
+func (rule *Rule) matchesChannel(r Request) bool {
+	if r.Channel == Connect {
+		// Reaching the VM: allow rules are about what may be done there;
+		// a deny rule stops it only when it names no channels.
+		return rule.Effect != Deny || len(rule.Channels) == 0
+	}
+	channels := rule.channels()
+	if len(channels) > 0 {
+		want := r.Channel
+		ok := slices.Contains(channels, want) || (want == SFTP && slices.Contains(channels, SFTPRead))
+		if !ok {
+			return false
+		}
+	}
+	switch r.Channel {
+	case Exec, SCP:
+		if len(rule.Commands) > 0 && !slices.ContainsFunc(rule.Commands, func(g string) bool { return Glob(g, r.Command) }) {
+			return false
+		}
+	case LocalForward, RemoteForward:
+		hosts := rule.ForwardHosts
+		if len(hosts) == 0 && rule.Effect != Deny {
+			hosts = loopback
+		}
+		if len(hosts) > 0 && !slices.ContainsFunc(hosts, func(g string) bool { return Glob(g, r.Host) }) {
+			return false
+		}
+		if len(rule.ForwardPorts) > 0 && !slices.ContainsFunc(rule.ForwardPorts, func(pr PortRange) bool { return pr.From <= r.Port && r.Port <= pr.To }) {
+			return false
+		}
+	}
+	return true
+}
+
+// contains reports whether t falls in the window; a nil window is always.
+func (w *Window) contains(t time.Time) bool {
+	if w == nil {
+		return true
+	}
+	local := t.In(w.Zone)
+	since := time.Duration(local.Hour())*time.Hour + time.Duration(local.Minute())*time.Minute + time.Duration(local.Second())*time.Second
+	day := local.Weekday()
+	if w.From <= w.To {
+		return w.onDay(day) && since >= w.From && since < w.To
+	}
+	// Spanning midnight: the evening part belongs to today, the morning
+	// part to the day the window opened.
+	if since >= w.From {
+		return w.onDay(day)
+	}
+	return since < w.To && w.onDay((day+6)%7)
+}
+
+func (w *Window) onDay(d time.Weekday) bool {
+	return len(w.Days) == 0 || slices.Contains(w.Days, d)
+}
+
+// Glob reports whether s matches pattern, where "*" matches any run of
+// characters ("/" included) and "?" any one character. There are no
+// character classes and no escapes.
+func Glob(pattern, s string) bool {
+	// Iterative matching with backtracking to the last star: linear in
+	// practice, no recursion.
+	p, i := 0, 0
+	star, mark := -1, 0
+	for i < len(s) {
+		switch {
+		case p < len(pattern) && pattern[p] == '*':
+			star, mark = p, i
+			p++
+		case p < len(pattern) && (pattern[p] == '?' || pattern[p] == s[i]):
+			p++
+			i++
+		case star >= 0:
+			p = star + 1
+			mark++
+			i = mark
+		default:
+			return false
+		}
+	}
+	for p < len(pattern) && pattern[p] == '*' {
+		p++
+	}
+	return p == len(pattern)
 }

@@ -56,7 +56,7 @@ keys = [
 $toml_keys
 ]
 
-[[allow]]
+[[rule]]
 name = "demo"
 groups = ["demo"]
 vms = ["bt-*"]

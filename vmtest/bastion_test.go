@@ -64,7 +64,7 @@ name = "me"
 groups = ["dev"]
 keys = [%q]
 
-[[allow]]
+[[rule]]
 name = "dev-all"
 groups = ["dev"]
 vms = ["bt-*"]

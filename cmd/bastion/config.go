@@ -4,15 +4,15 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"regexp"
+	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/BurntSushi/toml"
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/internal/tomlpos"
 	"github.com/bastionvm/bastion/policy"
 	"github.com/bastionvm/bastion/trust"
 )
@@ -21,10 +21,14 @@ import (
 type Config struct {
 	Server   ServerConfig    `toml:"server"`
 	Accounts []AccountConfig `toml:"account"`
-	Allow    []policy.Rule   `toml:"allow"`
+	// Rules are compiled and checked by policy.Parse; they are declared
+	// here so that strict decoding knows the table.
+	Rules []toml.Primitive `toml:"rule"`
 
 	Hypervisors []HypervisorConfig `toml:"hypervisor"`
 	Trust       TrustConfig        `toml:"trust"`
+
+	policy *policy.Policy // compiled from Rules or PolicyFile
 }
 
 // HypervisorConfig is one [[hypervisor]]: a libvirt connection URI.
@@ -51,6 +55,7 @@ type ServerConfig struct {
 	ConnectTimeout Duration `toml:"connect_timeout"`
 	EnvAllow       []string `toml:"env_allow"`
 	Audit          string   `toml:"audit"` // "stdout", "off", or a file path
+	PolicyFile     string   `toml:"policy_file"`
 	LogLevel       string   `toml:"log_level"`
 }
 
@@ -106,75 +111,41 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 	c := defaults()
 	md, err := toml.Decode(string(data), &c)
 	if err != nil {
-		return nil, tomlError(name, err)
+		return nil, tomlpos.Error(name, err)
 	}
-	if undecoded := md.Undecoded(); len(undecoded) > 0 {
-		var msgs []string
-		for _, k := range undecoded {
-			msgs = append(msgs, fmt.Sprintf("%s:%d: unknown key %s", name, keyLine(data, k), k))
-		}
-		return nil, errors.New(strings.Join(msgs, "\n"))
+	// The keys of [[rule]] tables are policy.Parse's to check.
+	if err := tomlpos.Undecoded(name, data, md, func(table string) bool { return table != "rule" }); err != nil {
+		return nil, err
 	}
 	if err := c.validate(); err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
+	if c.policy, err = c.loadPolicy(name, data); err != nil {
+		return nil, err
+	}
 	return &c, nil
 }
 
-var tomlMessage = regexp.MustCompile(`^toml: line (\d+) \(last key "([^"]*)"\): (.*)$`)
-
-// tomlError rewrites the TOML library's errors as "file:line: key: problem".
-func tomlError(name string, err error) error {
-	var pe toml.ParseError
-	if errors.As(err, &pe) {
-		if pe.LastKey != "" {
-			return fmt.Errorf("%s:%d: %s: %s", name, pe.Position.Line, pe.LastKey, pe.Message)
-		}
-		return fmt.Errorf("%s:%d: %s", name, pe.Position.Line, pe.Message)
+// loadPolicy compiles the rules of the main file, or of policy_file
+// (relative to the main file's directory).
+func (c *Config) loadPolicy(name string, data []byte) (*policy.Policy, error) {
+	if c.Server.PolicyFile == "" {
+		return policy.Parse(name, data, false)
 	}
-	if m := tomlMessage.FindStringSubmatch(err.Error()); m != nil {
-		return fmt.Errorf("%s:%s: %s: %s", name, m[1], m[2], m[3])
+	if len(c.Rules) > 0 {
+		return nil, fmt.Errorf("%s:%d: [[rule]] tables and server.policy_file both given; keep the rules in one place",
+			name, tomlpos.TableLine(data, "rule", 0))
 	}
-	return fmt.Errorf("%s: %w", name, err)
-}
-
-var (
-	tableHeader = regexp.MustCompile(`^\s*\[\[?\s*([^\]]+?)\s*\]\]?`)
-	keyAssign   = regexp.MustCompile(`^\s*([A-Za-z0-9_.\-"' ]+?)\s*=`)
-)
-
-// keyLine finds the line that sets key, for keys the TOML library reports
-// without a position. It returns 0 when the key cannot be placed.
-func keyLine(data []byte, key toml.Key) int {
-	want := key.String()
-	table := ""
-	for i, line := range strings.Split(string(data), "\n") {
-		if m := tableHeader.FindStringSubmatch(line); m != nil {
-			table = normalizeKey(m[1])
-			if table == want {
-				return i + 1
-			}
-			continue
-		}
-		if m := keyAssign.FindStringSubmatch(line); m != nil {
-			full := normalizeKey(m[1])
-			if table != "" {
-				full = table + "." + full
-			}
-			if full == want || strings.HasPrefix(want, full+".") {
-				return i + 1
-			}
-		}
+	path := c.Server.PolicyFile
+	if !filepath.IsAbs(path) {
+		path = filepath.Join(filepath.Dir(name), path)
 	}
-	return 0
-}
-
-func normalizeKey(k string) string {
-	parts := strings.Split(k, ".")
-	for i, p := range parts {
-		parts[i] = strings.Trim(strings.TrimSpace(p), `"'`)
+	c.Server.PolicyFile = path
+	pdata, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("%s: server.policy_file: %w", name, err)
 	}
-	return strings.Join(parts, ".")
+	return policy.Parse(path, pdata, true)
 }
 
 func (c *Config) validate() error {
@@ -208,11 +179,8 @@ func (c *Config) validate() error {
 	if c.Trust.SSHPort < 1 || c.Trust.SSHPort > 65535 {
 		return fmt.Errorf("trust.ssh_port: %d is not a port", c.Trust.SSHPort)
 	}
-	if _, err := c.accounts(); err != nil {
-		return err
-	}
-	p := c.policy()
-	return p.Validate()
+	_, err := c.accounts()
+	return err
 }
 
 // accounts parses the [[account]] tables.
@@ -237,8 +205,4 @@ func accountName(name string, i int) string {
 		return "#" + strconv.Itoa(i+1)
 	}
 	return strconv.Quote(name)
-}
-
-func (c *Config) policy() *policy.Policy {
-	return &policy.Policy{Rules: c.Allow}
 }

@@ -10,7 +10,7 @@ func TestExampleConfigIsValid(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Server.Listen != "127.0.0.1:2222" || len(c.Accounts) != 2 || len(c.Allow) != 2 {
+	if c.Server.Listen != "127.0.0.1:2222" || len(c.Accounts) != 2 || len(c.policy.Rules) != 3 {
 		t.Fatalf("example decoded to %+v", c)
 	}
 }
@@ -29,8 +29,10 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		{"bad key", "[[account]]\nname = \"a\"\nkeys = [\"ssh-ed25519 nonsense\"]\n", `bastion.toml: account "a": keys[0]`},
 		{"shared key", "[[account]]\nname = \"a\"\nkeys = [\"" + exampleKey + "\"]\n[[account]]\nname = \"b\"\nkeys = [\"" + exampleKey + "\"]\n",
 			`one key maps to one account`},
-		{"bad rule", "[[allow]]\nname = \"r\"\ngroups = [\"g\"]\nvms = [\"[\"]\nlogins = [\"root\"]\n", `rule r: vm glob "["`},
-		{"unknown channel", "[[allow]]\nname = \"r\"\ngroups = [\"g\"]\nvms = [\"*\"]\nlogins = [\"root\"]\nchannels = [\"teleport\"]\n", `unknown channel "teleport"`},
+		{"rule without logins", "[server]\n\n[[rule]]\nname = \"r\"\ngroups = [\"g\"]\nvms = [\"*\"]\n", `bastion.toml:3: rule r: invalid rule: an allow rule must name logins`},
+		{"unknown channel", "[[rule]]\nname = \"r\"\ngroups = [\"g\"]\nvms = [\"*\"]\nlogins = [\"root\"]\nchannels = [\"teleport\"]\n", `bastion.toml:1: rule r: invalid rule: unknown channel "teleport"`},
+		{"unknown rule key", "[[rule]]\nname = \"r\"\ngroups = [\"g\"]\nvm = [\"*\"]\n", `bastion.toml:4: unknown key rule.vm`},
+		{"rules in two places", "[server]\npolicy_file = \"p.toml\"\n[[rule]]\neffect = \"deny\"\n", `bastion.toml:3: [[rule]] tables and server.policy_file both given`},
 		{"log level", "[server]\nlog_level = \"loud\"\n", `server.log_level: "loud"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -47,7 +49,7 @@ const exampleKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDYkFTUBOi1yUr7Kp/A1R7ni
 func FuzzParseConfig(f *testing.F) {
 	f.Add([]byte("[server]\nlisten = \"127.0.0.1:2222\"\n"))
 	f.Add([]byte("[[account]]\nname = \"a\"\nkeys = [\"" + exampleKey + "\"]\n"))
-	f.Add([]byte("[[allow]]\nname=\"r\"\ngroups=[\"g\"]\nvms=[\"web*\"]\nlogins=[\"root\"]\n"))
+	f.Add([]byte("[[rule]]\nname=\"r\"\ngroups=[\"g\"]\nvms=[\"web*\"]\nlogins=[\"root\"]\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		c, err := ParseConfig("fuzz.toml", data)
 		if err == nil && c.Server.Listen == "" {

@@ -101,7 +101,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	accounts, err := c.accounts()
+	live, err := newLive(c)
 	if err != nil {
 		return err
 	}
@@ -115,8 +115,8 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		HostKey:        host.Key,
 		Certifier:      host,
 		Hostnames:      c.Server.Hostnames,
-		Accounts:       accounts,
-		Policy:         c.policy(),
+		Accounts:       live,
+		Policy:         live,
 		EnvAllow:       c.Server.EnvAllow,
 		KeepAlive:      c.Server.KeepAlive.Duration,
 		ConnectTimeout: c.Server.ConnectTimeout.Duration,
@@ -139,6 +139,16 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	}
 	fmt.Fprintf(stderr, "bastion: listening on %s\n", ln.Addr())
 	fmt.Fprintf(stderr, "bastion: users add this line to ~/.ssh/known_hosts:\n%s\n", host.KnownHostsLine())
+
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	reloadCtx, stopReload := context.WithCancel(context.Background())
+	defer stopReload()
+	auditOrDrop := audit
+	if auditOrDrop == nil {
+		auditOrDrop = func(bastion.Event) {}
+	}
+	go (&reloader{path: configPath, live: live, srv: srv, log: logger, audit: auditOrDrop, policy: c.Server.PolicyFile}).run(reloadCtx, hup)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)

@@ -1,0 +1,118 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"sync/atomic"
+	"time"
+
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/policy"
+)
+
+// live holds the accounts and policy the front door uses, swapped whole on
+// a reload.
+type live struct {
+	accounts atomic.Pointer[bastion.AccountSet]
+	policy   atomic.Pointer[policy.Policy]
+}
+
+func newLive(c *Config) (*live, error) {
+	accounts, err := c.accounts()
+	if err != nil {
+		return nil, err
+	}
+	l := &live{}
+	l.accounts.Store(accounts)
+	l.policy.Store(c.policy)
+	return l, nil
+}
+
+func (l *live) Identify(key gossh.PublicKey) (bastion.Account, bool) {
+	return l.accounts.Load().Identify(key)
+}
+
+func (l *live) Decide(r policy.Request) policy.Decision {
+	return l.policy.Load().Decide(r)
+}
+
+// reloader re-reads the configuration on SIGHUP (a receive on hup) and when
+// the configuration or policy file changes. A configuration that fails to
+// load leaves the running one in place, and the log says why.
+type reloader struct {
+	path   string
+	live   *live
+	srv    *bastion.Server
+	log    *slog.Logger
+	audit  func(bastion.Event)
+	policy string // the policy file in use, if separate
+	seen   map[string]time.Time
+}
+
+func (r *reloader) run(ctx context.Context, hup <-chan os.Signal) {
+	r.seen = r.stamps()
+	tick := time.NewTicker(2 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			r.reload("SIGHUP")
+		case <-tick.C:
+			if now := r.stamps(); changed(r.seen, now) {
+				r.seen = now
+				r.reload("file changed")
+			}
+		}
+	}
+}
+
+func (r *reloader) stamps() map[string]time.Time {
+	out := make(map[string]time.Time)
+	for _, p := range []string{r.path, r.policy} {
+		if p == "" {
+			continue
+		}
+		if info, err := os.Stat(p); err == nil {
+			out[p] = info.ModTime()
+		}
+	}
+	return out
+}
+
+func changed(a, b map[string]time.Time) bool {
+	if len(a) != len(b) {
+		return true
+	}
+	for k, v := range a {
+		if !b[k].Equal(v) {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *reloader) reload(why string) {
+	c, err := LoadConfig(r.path)
+	if err != nil {
+		r.log.Error("reload failed; the running configuration stays", "why", why, "err", err)
+		r.audit(bastion.Event{Type: bastion.EventReloadFailed, Reason: err.Error()})
+		return
+	}
+	accounts, err := c.accounts()
+	if err != nil {
+		r.log.Error("reload failed; the running configuration stays", "why", why, "err", err)
+		return
+	}
+	r.live.accounts.Store(accounts)
+	r.live.policy.Store(c.policy)
+	r.policy = c.Server.PolicyFile
+	r.seen = r.stamps()
+	r.log.Info("configuration reloaded: accounts and policy", "why", why, "rules", len(c.policy.Rules))
+	r.audit(bastion.Event{Type: bastion.EventReloaded, Reason: why})
+	r.srv.Revalidate()
+}
