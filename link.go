@@ -43,10 +43,10 @@ type link struct {
 
 	maxTime time.Duration // from the deciding rule; 0 means no limit
 
-	mu       sync.Mutex            // protects the fields below
-	forwards map[string]bool       // remote forwards granted to the downstream, "host:port"
-	agent    bool                  // the downstream asked for, and was allowed, agent forwarding
-	x11      bool                  // likewise for X11
+	mu       sync.Mutex              // protects the fields below
+	forwards map[string]bool         // remote forwards granted to the downstream, "host:port"
+	agent    bool                    // the downstream asked for, and was allowed, agent forwarding
+	x11      bool                    // likewise for X11
 	active   map[*activeChannel]bool // channels in use, for revalidation
 }
 
