@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -34,6 +35,7 @@ type fixture struct {
 	resolver *staticResolver
 	audit    *auditLog
 	login    string
+	policy   *livePolicy
 
 	upstreamKeyPath string // the bastion's key for the VM, for direct comparisons
 }
@@ -46,7 +48,8 @@ func newFixture(t *testing.T, configure ...func(*bastion.Server)) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{t: t, vm: vm, host: host, login: vm.Login, audit: &auditLog{}}
+	f := &fixture{t: t, vm: vm, host: host, login: vm.Login, audit: &auditLog{}, policy: &livePolicy{}}
+	f.policy.set(&policy.Policy{Rules: []policy.Rule{f.devRule()}})
 	f.upstreamKeyPath = filepath.Join(t.TempDir(), "upstream_key")
 	if err := os.WriteFile(f.upstreamKeyPath, upstreamPEM, 0o600); err != nil {
 		t.Fatal(err)
@@ -72,12 +75,9 @@ func newFixture(t *testing.T, configure ...func(*bastion.Server)) *fixture {
 		Certifier: host,
 		Accounts:  accounts,
 		Resolver:  f.resolver,
-		Policy: &policy.Policy{Rules: []policy.Rule{{
-			Name: "dev", Groups: []string{"dev"}, VMs: []string{"web*"}, Logins: []string{vm.Login},
-			Channels: []policy.Channel{policy.Shell, policy.Exec, policy.SCP, policy.SFTP, policy.LocalForward, policy.RemoteForward},
-		}}},
-		Logger: testLogger(t),
-		Audit:  f.audit.add,
+		Policy:    f.policy,
+		Logger:    testLogger(t),
+		Audit:     f.audit.add,
 	}
 	for _, c := range configure {
 		c(f.srv)
@@ -90,6 +90,27 @@ func newFixture(t *testing.T, configure ...func(*bastion.Server)) *fixture {
 	})
 	return f
 }
+
+// devRule is the fixture's default rule: alice (group dev) may do
+// everything but agent and X11 forwarding on web* as the sshd's login.
+func (f *fixture) devRule() policy.Rule {
+	return policy.Rule{
+		Name: "dev", Effect: policy.Allow, Groups: []string{"dev"}, VMs: []string{"web*"}, Logins: []string{f.login},
+		Channels: []policy.Channel{policy.Shell, policy.Exec, policy.SCP, policy.SFTP, policy.LocalForward, policy.RemoteForward},
+	}
+}
+
+// rules replaces the policy, as a reload does, and revalidates open links.
+func (f *fixture) rules(rules ...policy.Rule) {
+	f.policy.set(&policy.Policy{Rules: rules})
+	f.srv.Revalidate()
+}
+
+// livePolicy is a policy that can be replaced while the server runs.
+type livePolicy struct{ p atomic.Pointer[policy.Policy] }
+
+func (l *livePolicy) set(p *policy.Policy)                    { l.p.Store(p) }
+func (l *livePolicy) Decide(r policy.Request) policy.Decision { return l.p.Load().Decide(r) }
 
 // ssh runs the client's ssh with args.
 func (f *fixture) ssh(stdin []byte, args ...string) testenv.Result {

@@ -49,8 +49,9 @@ type sessionForward struct {
 	down gossh.Channel
 
 	// Owned by the goroutine handling downstream requests:
-	start   ask    // the shell, command or subsystem asked for
-	untrack func() // set once it has started
+	start    ask    // the shell, command or subsystem asked for
+	untrack  func() // set once it has started
+	readOnly bool   // sftp the policy allows only to read; read after started closes
 }
 
 // run copies data and requests both ways until both sides are done.
@@ -83,8 +84,9 @@ func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
 			}
 		}
 	}()
-	// Input is held until the shell, command or subsystem has been
-	// requested upstream, so the VM never sees data or EOF before it.
+	// Data is held until the shell, command or subsystem has been
+	// requested upstream, so the VM never sees input or EOF before it, and
+	// so that a read-only sftp session is served, not copied.
 	started := make(chan struct{})
 	go func() {
 		// This goroutine alone touches f.start and f.untrack.
@@ -99,6 +101,7 @@ func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
 			ok, denied := f.request(req)
 			if denied != "" {
 				f.refuse(req, denied)
+				once.Do(func() { close(started) }) // to drain what is left
 				continue
 			}
 			if req.WantReply {
@@ -114,10 +117,17 @@ func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
 	}()
 
 	output := make(chan error, 2)
-	go copier{dst: f.down, src: f.up}.run(output)
-	go copier{dst: f.down.Stderr(), src: f.up.Stderr()}.run(output)
 	go func() {
 		<-started
+		go copier{dst: f.down.Stderr(), src: f.up.Stderr()}.run(output)
+		if f.readOnly {
+			if err := readOnlySFTP(f.up, f.down); err != nil {
+				f.link.log.Info("read-only sftp ended", "err", err)
+			}
+			output <- nil
+			return
+		}
+		go copier{dst: f.down, src: f.up}.run(output)
 		copier{dst: f.up, src: f.down, closeWrite: f.up.CloseWrite}.run(nil)
 	}()
 	<-output
@@ -164,9 +174,11 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 			kind = policy.SFTP
 		}
 		f.start = ask{kind: kind, command: sub.Name}
-		if !l.allow(f.start).Allow {
+		d := l.allow(f.start)
+		if !d.Allow {
 			return false, kind
 		}
+		f.readOnly = d.ReadOnly
 	case "auth-agent-req@openssh.com":
 		if !l.allow(ask{kind: policy.Agent}).Allow {
 			return false, ""

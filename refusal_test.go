@@ -104,10 +104,10 @@ func TestPolicyDeniesLogin(t *testing.T) {
 }
 
 func TestPolicyDeniesChannel(t *testing.T) {
-	f := newFixture(t, func(s *bastion.Server) {
-		p := s.Policy.(*policy.Policy)
-		p.Rules[0].Channels = []policy.Channel{policy.Shell}
-	})
+	f := newFixture(t)
+	rule := f.devRule()
+	rule.Channels = []policy.Channel{policy.Shell}
+	f.rules(rule)
 	res := f.jump(nil, "echo hi")
 	if res.Exit != 255 || !strings.Contains(res.Stderr, "bastion: web1: exec denied by policy") || len(res.Stdout) != 0 {
 		t.Fatalf("exec not allowed: got %v stdout %q", res, res.Stdout)

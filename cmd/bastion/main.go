@@ -29,6 +29,12 @@ const usage = `usage:
   bastion keys known-hosts --config FILE   print the known_hosts line users add once
   bastion config check --config FILE       validate the configuration
   bastion trust ls --config FILE           each VM's trust: state, expiry, pinned host key
+  bastion policy check [--config FILE] [POLICY]
+                                           validate a policy file, or the configuration's policy
+  bastion policy test --config FILE --account A --vm V --login L --channel C
+                      [--command CMD] [--host H --port P] [--source IP] [--time RFC3339]
+                      [--uuid U] [--hypervisor URI] [--label K=V]...
+                                           print the decision and the deciding rule
 `
 
 func main() {
@@ -44,19 +50,27 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return errors.New("no command")
 	}
 	cmd, args := args[0], args[1:]
-	if (cmd == "keys" || cmd == "config" || cmd == "trust") && len(args) > 0 {
+	if (cmd == "keys" || cmd == "config" || cmd == "trust" || cmd == "policy") && len(args) > 0 {
 		cmd, args = cmd+" "+args[0], args[1:]
 	}
 	fs := flag.NewFlagSet("bastion "+cmd, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	configPath := fs.String("config", "bastion.toml", "configuration file")
+	var q policyQuery
+	if cmd == "policy test" {
+		q.flags(fs)
+	}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("%s: unexpected argument %q", cmd, fs.Arg(0))
+	if fs.NArg() > 0 && !(cmd == "policy check" && fs.NArg() == 1) {
+		return fmt.Errorf("%s: unexpected argument %q", cmd, fs.Arg(fs.NArg()-1))
 	}
 	switch cmd {
+	case "policy check":
+		return policyCheck(*configPath, fs.Arg(0), stdout)
+	case "policy test":
+		return q.run(*configPath, stdout)
 	case "serve":
 		return serve(*configPath, stderr, stdout)
 	case "keys known-hosts":
