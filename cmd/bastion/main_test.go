@@ -2,11 +2,14 @@ package main
 
 import (
 	"bufio"
+	"flag"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -105,4 +108,95 @@ func TestConfigCheckReportsLine(t *testing.T) {
 	if err == nil || !strings.Contains(string(out), path+":3: unknown key server.lisen") {
 		t.Fatalf("config check: %v\n%s", err, out)
 	}
+}
+
+var update = flag.Bool("update", false, "rewrite golden files")
+
+// TestPolicyTestGolden checks what `bastion policy test` prints for the
+// example configuration.
+func TestPolicyTestGolden(t *testing.T) {
+	var out strings.Builder
+	for _, args := range [][]string{
+		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "local-forward", "--port", "8080"},
+		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "local-forward", "--port", "22"},
+		{"--account", "bob", "--vm", "db1", "--login", "root", "--channel", "shell", "--label", "env=prod"},
+		{"--account", "bob", "--vm", "db1", "--login", "root", "--channel", "sftp", "--time", "2026-11-25T12:00:00Z"},
+		{"--account", "bob", "--vm", "db1", "--login", "root", "--channel", "sftp", "--time", "2026-11-29T12:00:00Z"},
+	} {
+		fmt.Fprintf(&out, "$ bastion policy test %s\n", strings.Join(args, " "))
+		if err := run(append([]string{"policy", "test", "--config", "../../bastion.toml.example"}, args...), &out, &out); err != nil {
+			t.Fatal(err)
+		}
+		out.WriteString("\n")
+	}
+	golden := "testdata/policy-test.golden"
+	if *update {
+		os.WriteFile(golden, []byte(out.String()), 0o644)
+	}
+	want, err := os.ReadFile(golden)
+	if err != nil {
+		t.Fatalf("%v (go test -update writes it)", err)
+	}
+	if out.String() != string(want) {
+		t.Fatalf("policy test output differs from %s:\n%s", golden, out.String())
+	}
+}
+
+// TestReloadKeepsPolicyOnError sends SIGHUP to `bastion serve` after
+// breaking its configuration, then after mending it.
+func TestReloadKeepsPolicyOnError(t *testing.T) {
+	bin := buildBastion(t)
+	dir := t.TempDir()
+	example, _ := os.ReadFile("../../bastion.toml.example")
+	good := strings.Replace(string(example), `listen = "127.0.0.1:2222"`, `listen = "127.0.0.1:0"`, 1)
+	path := filepath.Join(dir, "bastion.toml")
+	os.WriteFile(path, []byte(good), 0o600)
+	cmd := exec.Command(bin, "serve", "--config", "bastion.toml")
+	cmd.Dir = dir
+	var logs lockedLog
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	waitLog := func(want string) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for !strings.Contains(logs.String(), want) {
+			if time.Now().After(deadline) {
+				t.Fatalf("the log never said %q:\n%s", want, logs.String())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitLog("listening on")
+	os.WriteFile(path, []byte(good+"\n[[rule]]\nname = \"broken\"\neffect = \"deny\"\nchannels = [\"teleport\"]\n"), 0o600)
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitLog(`reload failed; the running configuration stays`)
+	if !strings.Contains(logs.String(), `unknown channel \"teleport\"`) {
+		t.Fatalf("the log does not say why:\n%s", logs.String())
+	}
+	os.WriteFile(path, []byte(good+"\n[[rule]]\nname = \"extra\"\neffect = \"deny\"\nlogins = [\"nobody\"]\n"), 0o600)
+	cmd.Process.Signal(syscall.SIGHUP)
+	waitLog(`configuration reloaded: accounts and policy`)
+	if !strings.Contains(logs.String(), "rules=4") {
+		t.Fatalf("the reload did not take the new rule:\n%s", logs.String())
+	}
+}
+
+type lockedLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
