@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -111,6 +112,9 @@ type livePolicy struct{ p atomic.Pointer[policy.Policy] }
 
 func (l *livePolicy) set(p *policy.Policy)                    { l.p.Store(p) }
 func (l *livePolicy) Decide(r policy.Request) policy.Decision { return l.p.Load().Decide(r) }
+func (l *livePolicy) Logins(account string, groups []string, source netip.Addr, vm policy.VM, t time.Time) []string {
+	return l.p.Load().Logins(account, groups, source, vm, t)
+}
 
 // ssh runs the client's ssh with args.
 func (f *fixture) ssh(stdin []byte, args ...string) testenv.Result {
@@ -143,6 +147,16 @@ func (r *staticResolver) Resolve(_ context.Context, vm bastion.VM, _ string) (ba
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.vms[vm.Name], nil
+}
+
+func (r *staticResolver) List(context.Context) ([]bastion.VM, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var vms []bastion.VM
+	for name := range r.vms {
+		vms = append(vms, bastion.VM{Name: name})
+	}
+	return vms, nil
 }
 
 func (r *staticResolver) set(name string, up bastion.Upstream) {

@@ -64,6 +64,15 @@ type sessionForward struct {
 // no request can follow. The stdin copier is not awaited: the VM may
 // finish without reading its input.
 func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
+	f.serve(upReqs, downReqs, false)
+}
+
+// runStarted forwards a session whose shell was started upstream already.
+func (f *sessionForward) runStarted(upReqs, downReqs <-chan *gossh.Request) {
+	f.serve(upReqs, downReqs, true)
+}
+
+func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadyStarted bool) {
 	exited := make(chan struct{})   // closed once the exit status is forwarded, or upReqs ends
 	upClosed := make(chan struct{}) // closed when upReqs ends: the VM closed the channel
 	go func() {
@@ -97,6 +106,9 @@ func (f *sessionForward) run(upReqs, downReqs <-chan *gossh.Request) {
 		}()
 		var once sync.Once
 		defer once.Do(func() { close(started) })
+		if alreadyStarted {
+			once.Do(func() { close(started) })
+		}
 		for req := range downReqs {
 			ok, denied := f.request(req)
 			if denied != "" {

@@ -110,6 +110,7 @@ var ErrServerClosed = ssh.ErrServerClosed
 // frontConn is the state of one front-door connection.
 type frontConn struct {
 	ctx     ssh.Context
+	conn    *gossh.ServerConn // set by state
 	source  net.Addr
 	local   net.Addr
 	account Account // set by state once authenticated; read-only after
@@ -246,6 +247,7 @@ func (s *Server) state(ctx ssh.Context, conn *gossh.ServerConn) *frontConn {
 	fc.linkMu.Lock()
 	defer fc.linkMu.Unlock()
 	if fc.account.Name == "" {
+		fc.conn = conn
 		fc.account = conn.Permissions.ExtraData[ctxKey{}].(Account)
 		s.logger().Info("login", "account", fc.account.Name, "source", fc.source.String(), "user", conn.User())
 		s.audit(Event{Type: EventLogin, Account: fc.account.Name, Source: fc.source.String()})
@@ -272,7 +274,7 @@ func (s *Server) frontChannel(_ *ssh.Server, conn *gossh.ServerConn, newCh gossh
 	case "direct-tcpip":
 		s.jump(fc, newCh)
 	default:
-		s.notice(fc, newCh)
+		s.menu(fc, newCh)
 	}
 }
 
@@ -321,29 +323,6 @@ func (s *Server) frontLink(fc *frontConn, conn *gossh.ServerConn) (*link, error)
 func targetVM(user string) string {
 	_, vm, _ := strings.Cut(user, "@")
 	return vm
-}
-
-// notice answers a session on the bastion itself, which has no shell.
-func (s *Server) notice(fc *frontConn, newCh gossh.NewChannel) {
-	ch, reqs, err := newCh.Accept()
-	if err != nil {
-		return
-	}
-	defer ch.Close()
-	for req := range reqs {
-		switch req.Type {
-		case "shell", "exec":
-			req.Reply(true, nil)
-			fmt.Fprintf(ch.Stderr(), "Hello %s. This bastion has no shell of its own. Reach a VM with\r\n"+
-				"  ssh -J %s@<bastion> <login>@<vm>\r\nor\r\n  ssh <login>@<vm>@<bastion>\r\n", fc.account.Name, fc.account.Name)
-			ch.SendRequest("exit-status", false, gossh.Marshal(struct{ Status uint32 }{1}))
-			return
-		case "pty-req", "env", "window-change":
-			req.Reply(req.Type != "env", nil)
-		default:
-			req.Reply(false, nil)
-		}
-	}
 }
 
 func (s *Server) lookup(ctx context.Context, name string) (VM, error) {

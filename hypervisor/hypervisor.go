@@ -210,6 +210,37 @@ func (p *Pool) Find(ctx context.Context, name string) (Domain, error) {
 	}
 }
 
+// List returns the domains of every reachable hypervisor, running or not.
+func (p *Pool) List(ctx context.Context) ([]Domain, error) {
+	var out []Domain
+	for _, uri := range p.uris {
+		found, err := call(ctx, func() ([]Domain, error) {
+			c, err := p.conn(uri)
+			if err != nil {
+				return nil, err
+			}
+			doms, err := c.ListAllDomains(0)
+			if err != nil {
+				return nil, classify(err)
+			}
+			var out []Domain
+			for i := range doms {
+				if d, err := describe(uri, &doms[i]); err == nil {
+					out = append(out, d)
+				}
+				doms[i].Free()
+			}
+			return out, nil
+		})
+		if err != nil {
+			p.log.Warn("listing domains", "uri", uri, "err", err)
+			continue
+		}
+		out = append(out, found...)
+	}
+	return out, nil
+}
+
 func (p *Pool) find(uri, name string) (Domain, error) {
 	c, err := p.conn(uri)
 	if err != nil {

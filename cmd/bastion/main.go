@@ -140,12 +140,12 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	if len(c.Hypervisors) == 0 {
 		logger.Warn("no [[hypervisor]] configured: no VM can be reached")
 	} else {
-		manager, stop, err := startTrust(c, logger, audit)
+		manager, pool, stop, err := startTrust(c, logger, audit)
 		if err != nil {
 			return err
 		}
 		defer stop()
-		srv.Resolver = resolver{manager}
+		srv.Resolver = resolver{manager, pool}
 	}
 	ln, err := net.Listen("tcp", c.Server.Listen)
 	if err != nil {
@@ -186,7 +186,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 
 // startTrust opens the hypervisors and the trust manager over them, and
 // keeps the trust state file current.
-func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*trust.Manager, func(), error) {
+func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*trust.Manager, *hypervisor.Pool, func(), error) {
 	if audit == nil {
 		audit = func(bastion.Event) {}
 	}
@@ -233,12 +233,12 @@ func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*tru
 		}
 	}})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	manager.OOB = outOfBand{pool}
 	if err := writeTrustState(c.Server.StateDir, nil); err != nil {
 		pool.Close()
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	done := make(chan struct{})
 	go func() {
@@ -253,7 +253,7 @@ func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*tru
 			}
 		}
 	}()
-	return manager, func() { close(done); pool.Close() }, nil
+	return manager, pool, func() { close(done); pool.Close() }, nil
 }
 
 func openAudit(dest string, stdout io.Writer) (func(bastion.Event), func(), error) {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"log/slog"
+	"net/netip"
 	"os"
 	"sync/atomic"
 	"time"
@@ -37,6 +38,10 @@ func (l *live) Identify(key gossh.PublicKey) (bastion.Account, bool) {
 
 func (l *live) Decide(r policy.Request) policy.Decision {
 	return l.policy.Load().Decide(r)
+}
+
+func (l *live) Logins(account string, groups []string, source netip.Addr, vm policy.VM, t time.Time) []string {
+	return l.policy.Load().Logins(account, groups, source, vm, t)
 }
 
 // reloader re-reads the configuration on SIGHUP (a receive on hup) and when

@@ -60,8 +60,23 @@ func (o outOfBand) RemoveAuthorizedKey(ctx context.Context, d trust.Domain, user
 	return o.pool.RemoveAuthorizedKey(ctx, hypervisor.Domain(d), user, line)
 }
 
-// resolver is the trust manager as the front door's Resolver.
-type resolver struct{ m *trust.Manager }
+// resolver is the trust manager as the front door's Resolver, and the
+// hypervisors as its Lister.
+type resolver struct {
+	m    *trust.Manager
+	pool *hypervisor.Pool
+}
+
+func (r resolver) List(ctx context.Context) ([]bastion.VM, error) {
+	doms, err := r.pool.List(ctx)
+	var vms []bastion.VM
+	for _, d := range doms {
+		if d.Running {
+			vms = append(vms, bastion.VM{Name: d.Name, UUID: d.UUID, Hypervisor: d.URI, Labels: d.Labels})
+		}
+	}
+	return vms, err
+}
 
 func (r resolver) Lookup(ctx context.Context, name string) (bastion.VM, error) {
 	d, err := r.m.Lookup(ctx, name)

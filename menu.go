@@ -1,0 +1,234 @@
+package bastion
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/policy"
+)
+
+// Lister is implemented by a Resolver that can list the VMs it serves, for
+// the menu of `ssh alice@bastion`.
+type Lister interface {
+	List(ctx context.Context) ([]VM, error)
+}
+
+// menu serves a session on the bastion itself. With a terminal it shows the
+// VMs and logins the account may use and connects the session to the one
+// picked; without one it prints the same list and how to connect.
+func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
+	ch, reqs, err := newCh.Accept()
+	if err != nil {
+		return
+	}
+	var ptyReq *gossh.Request
+	for req := range reqs {
+		switch req.Type {
+		case "pty-req":
+			ptyReq = req
+			req.Reply(true, nil)
+		case "env", "window-change":
+			if req.WantReply {
+				req.Reply(false, nil)
+			}
+		case "shell", "exec":
+			req.Reply(true, nil)
+			choices := s.choices(fc)
+			if req.Type == "exec" || ptyReq == nil {
+				s.listChoices(fc, ch, choices)
+				exit(ch, 0)
+				ch.Close()
+				return
+			}
+			s.pick(fc, ch, reqs, ptyReq, choices)
+			return
+		default:
+			if req.WantReply {
+				req.Reply(false, nil)
+			}
+		}
+	}
+	ch.Close()
+}
+
+// choice is a VM on the menu and the logins offered for it; "*" means any.
+type choice struct {
+	vm     VM
+	logins []string
+}
+
+func (s *Server) choices(fc *frontConn) []choice {
+	lister, ok := s.Resolver.(Lister)
+	logins, ok2 := s.Policy.(interface {
+		Logins(account string, groups []string, source netip.Addr, vm policy.VM, t time.Time) []string
+	})
+	if !ok || !ok2 {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(fc.ctx, 30*time.Second)
+	defer cancel()
+	vms, err := lister.List(ctx)
+	if err != nil {
+		s.logger().Warn("listing VMs for the menu", "err", err)
+		return nil
+	}
+	source, _ := netip.ParseAddrPort(fc.source.String())
+	var out []choice
+	for _, vm := range vms {
+		if l := logins.Logins(fc.account.Name, fc.account.Groups, source.Addr(), policy.VM(vm), time.Now()); len(l) > 0 {
+			out = append(out, choice{vm: vm, logins: l})
+		}
+	}
+	slices.SortFunc(out, func(a, b choice) int { return strings.Compare(a.vm.Name, b.vm.Name) })
+	return out
+}
+
+func (s *Server) listChoices(fc *frontConn, w io.Writer, choices []choice) {
+	if len(choices) == 0 {
+		fmt.Fprintf(w, "bastion: no VM is open to %s right now.\r\n", fc.account.Name)
+		return
+	}
+	fmt.Fprintf(w, "VMs %s may reach:\r\n", fc.account.Name)
+	for i, c := range choices {
+		fmt.Fprintf(w, "  %2d) %-24s %s\r\n", i+1, c.vm.Name, strings.ReplaceAll(strings.Join(c.logins, ", "), "*", "any login"))
+	}
+	fmt.Fprintf(w, "Connect with: ssh -J %s@<bastion> <login>@<vm>\r\n", fc.account.Name)
+}
+
+// pick runs the interactive menu, then forwards the session to the VM.
+func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Request, ptyReq *gossh.Request, choices []choice) {
+	defer ch.Close()
+	s.listChoices(fc, ch, choices)
+	if len(choices) == 0 {
+		exit(ch, 1)
+		return
+	}
+	in := &lineReader{ch: ch}
+	var picked choice
+	for {
+		line, ok := in.prompt("Choose a VM (number or name), or q to quit: ")
+		if !ok || line == "q" {
+			exit(ch, 0)
+			return
+		}
+		n, err := strconv.Atoi(line)
+		i := slices.IndexFunc(choices, func(c choice) bool { return c.vm.Name == line })
+		if err == nil && n >= 1 && n <= len(choices) {
+			i = n - 1
+		}
+		if i >= 0 {
+			picked = choices[i]
+			break
+		}
+		fmt.Fprintf(ch, "No VM %q on the list.\r\n", line)
+	}
+	login := picked.logins[0]
+	if len(picked.logins) > 1 || login == "*" {
+		offer := ""
+		if login != "*" {
+			offer = " [" + login + "]"
+		}
+		line, ok := in.prompt(fmt.Sprintf("Login on %s (%s)%s: ", picked.vm.Name, strings.ReplaceAll(strings.Join(picked.logins, ", "), "*", "any"), offer))
+		if !ok {
+			exit(ch, 0)
+			return
+		}
+		if line != "" || login == "*" {
+			login = line
+		}
+	}
+	fmt.Fprintf(ch, "Connecting to %s@%s...\r\n", login, picked.vm.Name)
+	fc.linkMu.Lock()
+	l, err := s.establish(fc.ctx, fc.account, fc.source, picked.vm, login)
+	if err == nil {
+		fc.link = l
+		l.start(fc.conn)
+	}
+	fc.linkMu.Unlock()
+	if err != nil {
+		fmt.Fprintf(ch, "%s\r\n", userMessage(picked.vm.Name, err))
+		exit(ch, 255)
+		return
+	}
+	if d := l.allow(ask{kind: policy.Shell}); !d.Allow {
+		fmt.Fprintf(ch, "%s\r\n", l.denial(policy.Shell))
+		exit(ch, 255)
+		return
+	}
+	up, upReqs, err := l.up.OpenChannel("session", nil)
+	if err != nil {
+		fmt.Fprintf(ch, "bastion: %s: %v\r\n", picked.vm.Name, err)
+		exit(ch, 255)
+		return
+	}
+	for _, r := range []struct {
+		name    string
+		payload []byte
+	}{{"pty-req", ptyReq.Payload}, {"shell", nil}} {
+		if ok, err := up.SendRequest(r.name, true, r.payload); err != nil || !ok {
+			fmt.Fprintf(ch, "bastion: %s: the VM refused the %s\r\n", picked.vm.Name, r.name)
+			up.Close()
+			exit(ch, 255)
+			return
+		}
+	}
+	f := &sessionForward{link: l, up: up, down: ch, start: ask{kind: policy.Shell}}
+	f.untrack = l.track(f.start, f.end)
+	f.runStarted(upReqs, reqs)
+}
+
+func exit(ch gossh.Channel, status uint32) {
+	ch.SendRequest("exit-status", false, gossh.Marshal(struct{ Status uint32 }{status}))
+}
+
+// lineReader reads lines typed at a remote terminal in raw mode, echoing
+// them and handling backspace, ^C and ^D.
+type lineReader struct {
+	ch  gossh.Channel
+	buf []byte
+}
+
+// prompt writes p and reads a line; false means the user gave up (^C, ^D)
+// or the channel closed.
+func (r *lineReader) prompt(p string) (string, bool) {
+	io.WriteString(r.ch, p)
+	var line []byte
+	for {
+		if len(r.buf) == 0 {
+			b := make([]byte, 256)
+			n, err := r.ch.Read(b)
+			if err != nil {
+				return "", false
+			}
+			r.buf = b[:n]
+		}
+		c := r.buf[0]
+		r.buf = r.buf[1:]
+		switch c {
+		case '\r', '\n':
+			io.WriteString(r.ch, "\r\n")
+			return strings.TrimSpace(string(line)), true
+		case 3, 4: // ^C, ^D
+			io.WriteString(r.ch, "\r\n")
+			return "", false
+		case 127, 8: // backspace
+			if len(line) > 0 {
+				line = line[:len(line)-1]
+				io.WriteString(r.ch, "\b \b")
+			}
+		default:
+			if c >= ' ' && c < 127 && len(line) < 256 {
+				line = append(line, c)
+				r.ch.Write([]byte{c})
+			}
+		}
+	}
+}

@@ -1,0 +1,83 @@
+package bastion_test
+
+import (
+	"bufio"
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/internal/testenv"
+)
+
+func TestMenuWithoutTerminalLists(t *testing.T) {
+	f := newFixture(t)
+	f.resolver.set("web2", bastion.Upstream{}) // listed: the policy allows web*
+	f.resolver.set("db1", bastion.Upstream{})  // not listed
+	res := f.ssh(nil, "bastion")
+	out := string(res.Stdout)
+	if res.Exit != 0 || !strings.Contains(out, "1) web1") || !strings.Contains(out, "2) web2") || strings.Contains(out, "db1") {
+		t.Fatalf("ssh bastion without a terminal: %v\n%s", res, out)
+	}
+}
+
+func TestMenuConnectsToPickedVM(t *testing.T) {
+	f := newFixture(t)
+	p, err := testenv.OpenPty(24, 80)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := f.client.Command(ctx, "ssh", "-tt", "bastion")
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = p.Slave, p.Slave, p.Slave
+	cmd.SysProcAttr = p.Attr()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p.Slave.Close()
+	screen := make(chan string, 1000)
+	go func() {
+		r := bufio.NewReader(p.Master)
+		var sb strings.Builder
+		for {
+			b, err := r.ReadByte()
+			if err != nil {
+				close(screen)
+				return
+			}
+			sb.WriteByte(b)
+			screen <- sb.String()
+		}
+	}()
+	waitScreen := func(want string) {
+		t.Helper()
+		timeout := time.After(30 * time.Second)
+		for {
+			select {
+			case s, ok := <-screen:
+				if !ok {
+					t.Fatalf("terminal closed before %q", want)
+				}
+				if strings.Contains(s, want) {
+					return
+				}
+			case <-timeout:
+				t.Fatalf("never saw %q", want)
+			}
+		}
+	}
+	waitScreen("Choose a VM")
+	p.Master.Write([]byte("9\r"))
+	waitScreen(`No VM "9" on the list.`)
+	p.Master.Write([]byte("1\r"))
+	waitScreen("Connecting to " + f.login + "@web1")
+	p.Master.Write([]byte("stty size; echo sum=$((40+2)); exit 5\r"))
+	waitScreen("sum=42")
+	waitScreen("24 80")
+	if err := cmd.Wait(); err == nil || cmd.ProcessState.ExitCode() != 5 {
+		t.Fatalf("ssh ended with %v, want exit 5 from the VM's shell", err)
+	}
+}
