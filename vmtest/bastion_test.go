@@ -25,18 +25,36 @@ type bastionProc struct {
 	t      *testing.T
 	dir    string
 	config string
+	base   string // the configuration without its rules
+	proc   *os.Process
 	audit  string
 	addr   string
 	client *testenv.Client
-	stderr *strings.Builder
+	stderr *testenv.LockedBuffer
 }
+
+// defaultRule lets "me" be root and user on every test guest.
+const defaultRule = `
+[[rule]]
+name = "dev-all"
+groups = ["dev"]
+vms = ["bt-*"]
+logins = ["root", "user"]
+channels = ["shell", "exec", "scp", "sftp", "local-forward", "remote-forward"]
+`
 
 // startBastion starts the bastion binary allowing "me" root and user on
 // every VM, with a short check timeout so that a silent agent costs
 // seconds. extra is appended to the configuration.
 func startBastion(t *testing.T, extra string) *bastionProc {
 	t.Helper()
-	b := &bastionProc{t: t, dir: t.TempDir(), stderr: &strings.Builder{}}
+	return startBastionRules(t, defaultRule+extra)
+}
+
+// startBastionRules starts the bastion binary with rules as its policy.
+func startBastionRules(t *testing.T, rules string) *bastionProc {
+	t.Helper()
+	b := &bastionProc{t: t, dir: t.TempDir(), stderr: &testenv.LockedBuffer{}}
 	b.config = filepath.Join(b.dir, "bastion.toml")
 	b.audit = filepath.Join(b.dir, "audit.jsonl")
 	state := filepath.Join(b.dir, "state")
@@ -47,7 +65,7 @@ func startBastion(t *testing.T, extra string) *bastionProc {
 		t.Fatalf("bastion keys known-hosts: %v", err)
 	}
 	b.client = testenv.NewClient(t, "127.0.0.1:1", "me", strings.TrimSpace(string(out)))
-	write(t, b.config, fmt.Sprintf(`[server]
+	b.base = fmt.Sprintf(`[server]
 listen = "127.0.0.1:0"
 state_dir = %q
 audit = %q
@@ -63,14 +81,8 @@ uri = "qemu:///system"
 name = "me"
 groups = ["dev"]
 keys = [%q]
-
-[[rule]]
-name = "dev-all"
-groups = ["dev"]
-vms = ["bt-*"]
-logins = ["root", "user"]
-channels = ["shell", "exec", "sftp", "local-forward", "remote-forward"]
-%s`, state, b.audit, strings.TrimSpace(string(gossh.MarshalAuthorizedKey(b.client.PublicKey))), extra))
+`, state, b.audit, strings.TrimSpace(string(gossh.MarshalAuthorizedKey(b.client.PublicKey))))
+	write(t, b.config, b.base+rules)
 
 	cmd := exec.Command(binary, "serve", "--config", b.config)
 	pipe, err := cmd.StderrPipe()
@@ -80,12 +92,13 @@ channels = ["shell", "exec", "sftp", "local-forward", "remote-forward"]
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	b.proc = cmd.Process
 	addr := make(chan string, 1)
 	go func() {
 		s := bufio.NewScanner(pipe)
 		for s.Scan() {
 			line := s.Text()
-			b.stderr.WriteString(line + "\n")
+			b.stderr.Write([]byte(line + "\n"))
 			if m := regexp.MustCompile(`^bastion: listening on (\S+)$`).FindStringSubmatch(line); m != nil {
 				addr <- m[1]
 			}
@@ -109,6 +122,20 @@ channels = ["shell", "exec", "sftp", "local-forward", "remote-forward"]
 	cfg = []byte(strings.Replace(strings.Replace(string(cfg), "HostName 127.0.0.1", "HostName "+host, 1), "Port 1\n", "Port "+port+"\n", 1))
 	write(t, b.client.Config, string(cfg))
 	return b
+}
+
+// reload replaces the policy with rules and sends SIGHUP.
+func (b *bastionProc) reload(rules string) {
+	b.t.Helper()
+	write(b.t, b.config, b.base+rules)
+	b.proc.Signal(syscall.SIGHUP)
+	deadline := time.Now().Add(30 * time.Second)
+	for len(b.auditEvents("reloaded")) == 0 {
+		if time.Now().After(deadline) {
+			b.t.Fatalf("no reload:\n%s", b.stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // ssh runs ssh through the bastion: -J bastion login@vm args...
