@@ -1,12 +1,18 @@
 package bastion_test
 
 import (
+	"context"
 	"fmt"
 	"io"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/policy"
 )
 
 func TestEnvAllowList(t *testing.T) {
@@ -104,5 +110,45 @@ func TestManyChannelsOneConnection(t *testing.T) {
 	}
 	if _, err := c.NewSession(); err == nil || !strings.Contains(err.Error(), "open failed") {
 		t.Fatalf("an 11th session: %v, want the VM's refusal", err)
+	}
+}
+
+// TestAgentForwarding: with policy allowing it, `ssh -A` gives the VM the
+// client's agent; without, the VM sees none.
+func TestAgentForwarding(t *testing.T) {
+	f := newFixture(t)
+	agentDir := t.TempDir()
+	sock := agentDir + "/agent.sock"
+	agent := exec.Command("ssh-agent", "-D", "-a", sock)
+	if err := agent.Start(); err != nil {
+		t.Fatalf("ssh-agent: %v", err)
+	}
+	defer func() { agent.Process.Kill(); agent.Wait() }()
+	testenv.WaitUnix(t, sock)
+	add := exec.Command("ssh-add", f.client.Key)
+	add.Env = append(os.Environ(), "SSH_AUTH_SOCK="+sock)
+	if out, err := add.CombinedOutput(); err != nil {
+		t.Fatalf("ssh-add: %v %s", err, out)
+	}
+	listKeys := func() testenv.Result {
+		cmd := f.client.Command(context.Background(), "ssh", "-A", "-o", "IdentityAgent="+sock, "-J", "bastion", f.login+"@web1", "ssh-add -l")
+		var out, errb strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		res := testenv.Result{Stdout: []byte(out.String()), Stderr: errb.String()}
+		if e, ok := err.(*exec.ExitError); ok {
+			res.Exit = e.ExitCode()
+		}
+		return res
+	}
+	if res := listKeys(); res.Exit == 0 {
+		t.Fatalf("agent forwarded without the policy allowing it: %v %q", res, res.Stdout)
+	}
+	rule := f.devRule()
+	rule.Channels = append(rule.Channels, policy.Agent)
+	f.rules(rule)
+	res := listKeys()
+	if res.Exit != 0 || !strings.Contains(string(res.Stdout), "ED25519") {
+		t.Fatalf("ssh -A with agent allowed: %v %q", res, res.Stdout)
 	}
 }

@@ -182,6 +182,9 @@ func TestReloadKeepsPolicyOnError(t *testing.T) {
 	if !strings.Contains(logs.String(), "rules=4") {
 		t.Fatalf("the reload did not take the new rule:\n%s", logs.String())
 	}
+	// A change to the file is enough, without a signal.
+	os.WriteFile(path, []byte(good+"\n[[rule]]\nname = \"e1\"\neffect = \"deny\"\nlogins = [\"a\"]\n[[rule]]\nname = \"e2\"\neffect = \"deny\"\nlogins = [\"b\"]\n"), 0o600)
+	waitLog(`why="file changed" rules=5`)
 }
 
 type lockedLog struct {

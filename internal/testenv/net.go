@@ -45,3 +45,17 @@ func SHA256File(t testing.TB, path string) string {
 	}
 	return fmt.Sprintf("%x", h.Sum(nil))
 }
+
+// WaitUnix waits up to ten seconds until a unix socket accepts at path.
+func WaitUnix(t testing.TB, path string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("nothing listens on %s", path)
+}
