@@ -69,7 +69,7 @@ func clientMain(specPath string) {
 	if err := json.Unmarshal(data, &spec); err != nil {
 		fatalf("client: %v", err)
 	}
-	if err := raiseNofile(4*uint64(spec.N) + 1024); err != nil {
+	if _, err := raiseNofile(4*uint64(spec.N) + 1024); err != nil {
 		fatalf("client: %v", err)
 	}
 	keyData, err := os.ReadFile(spec.KeyPath)
@@ -98,10 +98,20 @@ func clientMain(specPath string) {
 	}
 	open := func() (*idleSession, error) {
 		s := &idleSession{}
-		var err error
-		if s.outer, err = gossh.Dial("tcp", spec.JumpAddr, outerConfig); err != nil {
+		nc, err := net.DialTimeout("tcp", spec.JumpAddr, 30*time.Second)
+		if err != nil {
 			return nil, fmt.Errorf("jump: %w", err)
 		}
+		// A jump that accepts but never answers (out of descriptors, say)
+		// must not hang the client: everything gets a minute.
+		timer := time.AfterFunc(time.Minute, func() { nc.Close() })
+		defer timer.Stop()
+		conn0, chans0, reqs0, err := gossh.NewClientConn(nc, spec.JumpAddr, outerConfig)
+		if err != nil {
+			nc.Close()
+			return nil, fmt.Errorf("jump: %w", err)
+		}
+		s.outer = gossh.NewClient(conn0, chans0, reqs0)
 		tunnel, err := s.outer.Dial("tcp", spec.Target)
 		if err != nil {
 			s.close()
@@ -131,6 +141,10 @@ func clientMain(specPath string) {
 		if err := s.sess.Start(spec.Command); err != nil {
 			s.close()
 			return nil, fmt.Errorf("exec: %w", err)
+		}
+		if !timer.Stop() {
+			s.close()
+			return nil, errors.New("timed out opening the session")
 		}
 		return s, nil
 	}
@@ -234,7 +248,7 @@ func hostKeyCheck(authorized string, ca bool) (gossh.HostKeyCallback, error) {
 // spec file, echoes every session's input, and prints "listening ADDR
 // HOSTKEY".
 func stubTargetMain(specPath string) {
-	if err := raiseNofile(200000); err != nil {
+	if _, err := raiseNofile(200000); err != nil {
 		fatalf("stub: %v", err)
 	}
 	data, err := os.ReadFile(specPath)

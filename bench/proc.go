@@ -151,16 +151,24 @@ func treeMem(root int) (memInfo, int) {
 	return sum, n
 }
 
-// raiseNofile raises this process's open-file limit (soft and hard) to n;
-// children started afterwards inherit it.
-func raiseNofile(n uint64) error {
+// raiseNofile raises this process's open-file limit (soft and hard) to n,
+// or as far as the hard limit allows when it cannot raise that (no
+// CAP_SYS_RESOURCE); children started afterwards inherit it. It returns
+// the soft limit in force.
+func raiseNofile(n uint64) (uint64, error) {
 	lim := syscall.Rlimit{Cur: n, Max: n}
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		var cur syscall.Rlimit
-		syscall.Getrlimit(syscall.RLIMIT_NOFILE, &cur)
-		return fmt.Errorf("raise RLIMIT_NOFILE to %d (now %d/%d): %w", n, cur.Cur, cur.Max, err)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err == nil {
+		return n, nil
 	}
-	return nil
+	var cur syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &cur); err != nil {
+		return 0, err
+	}
+	cur.Cur = min(n, cur.Max)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &cur); err != nil {
+		return 0, fmt.Errorf("raise RLIMIT_NOFILE to %d: %w", cur.Cur, err)
+	}
+	return cur.Cur, nil
 }
 
 // prSetChildSubreaper is PR_SET_CHILD_SUBREAPER from <linux/prctl.h>.

@@ -12,7 +12,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -306,6 +305,3 @@ func reaperMain(args []string) {
 		}
 	}
 }
-
-// pidString is strconv.Itoa, named for what it is used for.
-func pidString(pid int) string { return strconv.Itoa(pid) }
