@@ -24,6 +24,9 @@ const (
 	EventReloaded       EventType = "reloaded"        // accounts and policy were reloaded
 	EventReloadFailed   EventType = "reload_failed"   // a reload was refused; the running configuration stays
 	EventEnded          EventType = "ended"           // the bastion ended a session: policy change, time limit
+	EventDispensed      EventType = "dispensed"       // a VM was made from a template
+	EventDispenseFailed EventType = "dispense_failed" // making a VM failed; what was made is removed
+	EventDestroyed      EventType = "destroyed"       // a VM was removed
 )
 
 // Event is one entry of the audit stream. Its JSON form, one object per

@@ -39,7 +39,20 @@ func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
 			if req.WantReply {
 				req.Reply(false, nil)
 			}
-		case "shell", "exec":
+		case "exec":
+			var cmd struct{ Command string }
+			gossh.Unmarshal(req.Payload, &cmd)
+			args := strings.Fields(cmd.Command)
+			if len(args) > 0 && s.Commands[args[0]] != nil {
+				req.Reply(true, nil)
+				go gossh.DiscardRequests(reqs)
+				status := s.Commands[args[0]](fc.ctx, fc.account, fc.source, args[1:], ch)
+				exit(ch, uint32(status))
+				ch.Close()
+				return
+			}
+			fallthrough
+		case "shell":
 			req.Reply(true, nil)
 			choices := s.choices(fc)
 			if req.Type == "exec" || ptyReq == nil {

@@ -52,6 +52,7 @@ func TestMenuConnectsToPickedVM(t *testing.T) {
 			screen <- sb.String()
 		}
 	}()
+	var last string
 	waitScreen := func(want string) {
 		t.Helper()
 		timeout := time.After(30 * time.Second)
@@ -61,11 +62,12 @@ func TestMenuConnectsToPickedVM(t *testing.T) {
 				if !ok {
 					t.Fatalf("terminal closed before %q", want)
 				}
+				last = s
 				if strings.Contains(s, want) {
 					return
 				}
 			case <-timeout:
-				t.Fatalf("never saw %q", want)
+				t.Fatalf("never saw %q; the screen:\n%s", want, last)
 			}
 		}
 	}

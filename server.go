@@ -75,6 +75,10 @@ type Server struct {
 	AuthFailures   int           // failed authentications a source address may make at once; 0 means 10
 	AuthRefill     time.Duration // how often a source regains one failure; 0 means 6s
 
+	// Commands are the bastion's own commands, run by `ssh alice@bastion
+	// NAME args...`, by NAME. A command not here gets the menu's answer.
+	Commands map[string]CommandFunc
+
 	Logger *slog.Logger // if nil, logs are discarded
 	Audit  func(Event)  // receives every audit event; if nil, they are dropped
 
@@ -103,6 +107,11 @@ func (s *Server) Revalidate() {
 		l.revalidate()
 	}
 }
+
+// CommandFunc runs one of the bastion's own commands for account, writing
+// to out, and returns the exit status. It is responsible for asking the
+// policy.
+type CommandFunc func(ctx context.Context, account Account, source net.Addr, args []string, out io.Writer) int
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
 var ErrServerClosed = ssh.ErrServerClosed

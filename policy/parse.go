@@ -112,7 +112,8 @@ func (rt *ruleTOML) compile(i int) (Rule, error) {
 		if len(r.VMs) == 0 && len(r.UUIDs) == 0 && len(r.Hypervisors) == 0 && len(r.Labels) == 0 {
 			return fail("an allow rule must select VMs (vms, uuids, hypervisors or labels)")
 		}
-		if len(r.Logins) == 0 {
+		onlyVMs := len(rt.Channels) > 0 && !slices.ContainsFunc(rt.Channels, func(c string) bool { return !slices.Contains(vmKinds, Channel(c)) })
+		if len(r.Logins) == 0 && !onlyVMs {
 			return fail("an allow rule must name logins (or \"*\")")
 		}
 	}

@@ -30,10 +30,15 @@ const (
 	RemoteForward Channel = "remote-forward"
 	Agent         Channel = "agent"
 	X11           Channel = "x11"
+	Dispense      Channel = "dispense" // make a new VM (the VM selectors apply to its name and template labels)
+	Destroy       Channel = "destroy"  // remove a VM
 )
 
 // Kinds lists the channel kinds a rule may name.
-var Kinds = []Channel{Shell, Exec, SCP, SFTP, SFTPRead, LocalForward, RemoteForward, Agent, X11}
+var Kinds = []Channel{Shell, Exec, SCP, SFTP, SFTPRead, LocalForward, RemoteForward, Agent, X11, Dispense, Destroy}
+
+// vmKinds are about VMs themselves, not logins on them.
+var vmKinds = []Channel{Dispense, Destroy}
 
 // sessionKinds are what an allow rule grants when it lists no channels.
 var sessionKinds = []Channel{Shell, Exec, SCP, SFTP}
@@ -227,7 +232,7 @@ func (rule *Rule) matchesVM(vm VM) bool {
 }
 
 func (rule *Rule) matchesLogin(r Request) bool {
-	if len(rule.Logins) == 0 || slices.Contains(rule.Logins, "*") {
+	if len(rule.Logins) == 0 || slices.Contains(rule.Logins, "*") || slices.Contains(vmKinds, r.Channel) {
 		return true
 	}
 	if r.Login == "" {

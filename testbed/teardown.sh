@@ -29,5 +29,6 @@ if [[ -d $BT_STATE ]]; then
   bt_unlock_state
 fi
 
+"$BT_TESTBED_DIR/pool.sh" down
 "$BT_TESTBED_DIR/net.sh" down
 bt_log "done (image cache in $BT_CACHE kept)"

@@ -27,6 +27,7 @@ type Config struct {
 
 	Hypervisors []HypervisorConfig `toml:"hypervisor"`
 	Trust       TrustConfig        `toml:"trust"`
+	Templates   []TemplateConfig   `toml:"template"`
 
 	policy *policy.Policy // compiled from Rules or PolicyFile
 }
@@ -178,6 +179,9 @@ func (c *Config) validate() error {
 	}
 	if c.Trust.SSHPort < 1 || c.Trust.SSHPort > 65535 {
 		return fmt.Errorf("trust.ssh_port: %d is not a port", c.Trust.SSHPort)
+	}
+	if _, err := c.templates(); err != nil {
+		return err
 	}
 	_, err := c.accounts()
 	return err

@@ -15,6 +15,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -31,6 +32,10 @@ const usage = `usage:
   bastion trust ls --config FILE           each VM's trust: state, expiry, pinned host key
   bastion policy check [--config FILE] [POLICY]
                                            validate a policy file, or the configuration's policy
+  bastion vm dispense --config FILE --template T VM
+  bastion vm ls --config FILE
+  bastion vm destroy --config FILE [--force] VM
+                                           make, list and remove VMs (also over SSH: ssh you@bastion vm ...)
   bastion policy test --config FILE --account A --vm V --login L --channel C
                       [--command CMD] [--host H --port P] [--source IP] [--time RFC3339]
                       [--uuid U] [--hypervisor URI] [--label K=V]...
@@ -50,6 +55,22 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return errors.New("no command")
 	}
 	cmd, args := args[0], args[1:]
+	if cmd == "vm" {
+		configPath := "bastion.toml"
+		var rest []string
+		for i := 0; i < len(args); i++ {
+			switch {
+			case (args[i] == "--config" || args[i] == "-config") && i+1 < len(args):
+				configPath = args[i+1]
+				i++
+			case strings.HasPrefix(args[i], "--config="):
+				configPath = strings.TrimPrefix(args[i], "--config=")
+			default:
+				rest = append(rest, args[i])
+			}
+		}
+		return vmLocal(configPath, rest, stdout)
+	}
 	if (cmd == "keys" || cmd == "config" || cmd == "trust" || cmd == "policy") && len(args) > 0 {
 		cmd, args = cmd+" "+args[0], args[1:]
 	}
@@ -146,6 +167,14 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		}
 		defer stop()
 		srv.Resolver = resolver{manager, pool}
+		vm, _, err := newVMCommands(c, logger, pool, manager)
+		if err != nil {
+			return err
+		}
+		vm.policy, vm.audit = live, auditOrNothing(audit)
+		srv.Commands = map[string]bastion.CommandFunc{"vm": func(ctx context.Context, account bastion.Account, source net.Addr, args []string, out io.Writer) int {
+			return vm.run(ctx, &account, source, args, out)
+		}}
 	}
 	ln, err := net.Listen("tcp", c.Server.Listen)
 	if err != nil {
@@ -158,11 +187,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	signal.Notify(hup, syscall.SIGHUP)
 	reloadCtx, stopReload := context.WithCancel(context.Background())
 	defer stopReload()
-	auditOrDrop := audit
-	if auditOrDrop == nil {
-		auditOrDrop = func(bastion.Event) {}
-	}
-	go (&reloader{path: configPath, live: live, srv: srv, log: logger, audit: auditOrDrop, policy: c.Server.PolicyFile}).run(reloadCtx, hup)
+	go (&reloader{path: configPath, live: live, srv: srv, log: logger, audit: auditOrNothing(audit), policy: c.Server.PolicyFile}).run(reloadCtx, hup)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
@@ -184,12 +209,9 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	}
 }
 
-// startTrust opens the hypervisors and the trust manager over them, and
-// keeps the trust state file current.
-func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*trust.Manager, *hypervisor.Pool, func(), error) {
-	if audit == nil {
-		audit = func(bastion.Event) {}
-	}
+// newTrustManager makes a trust manager as the configuration says; its
+// out-of-band channel is the caller's to set.
+func newTrustManager(c *Config, logger *slog.Logger) *trust.Manager {
 	instance := c.Trust.Instance
 	if instance == "" {
 		instance, _ = os.Hostname()
@@ -198,26 +220,33 @@ func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*tru
 	for _, m := range c.Trust.Modes {
 		modes = append(modes, trust.Mode(m))
 	}
-	manager := &trust.Manager{
+	return &trust.Manager{
 		Instance: instance,
 		TTL:      c.Trust.TTL.Duration,
 		Modes:    modes,
 		SSHPort:  c.Trust.SSHPort,
 		Timeout:  c.Trust.CheckTimeout.Duration,
 		Logger:   logger,
-		OnChange: func(trusts []trust.Trust) {
-			if err := writeTrustState(c.Server.StateDir, trusts); err != nil {
-				logger.Error("trust state file", "err", err)
-			}
-		},
-		OnOutcome: func(vm, login string, t *trust.Trust, err error) {
-			if err != nil {
-				audit(bastion.Event{Type: bastion.EventTrustFailed, VM: vm, Login: login, Reason: err.Error()})
-				return
-			}
-			audit(bastion.Event{Type: bastion.EventTrustVerified, VM: vm, Login: login,
-				Detail: fmt.Sprintf("addr %s host key %s modes %v expires %s", t.Addr, t.Fingerprint(), t.Modes, t.Expires.UTC().Format(time.RFC3339))})
-		},
+	}
+}
+
+// startTrust opens the hypervisors and the trust manager over them, and
+// keeps the trust state file current.
+func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*trust.Manager, *hypervisor.Pool, func(), error) {
+	audit = auditOrNothing(audit)
+	manager := newTrustManager(c, logger)
+	manager.OnChange = func(trusts []trust.Trust) {
+		if err := writeTrustState(c.Server.StateDir, trusts); err != nil {
+			logger.Error("trust state file", "err", err)
+		}
+	}
+	manager.OnOutcome = func(vm, login string, t *trust.Trust, err error) {
+		if err != nil {
+			audit(bastion.Event{Type: bastion.EventTrustFailed, VM: vm, Login: login, Reason: err.Error()})
+			return
+		}
+		audit(bastion.Event{Type: bastion.EventTrustVerified, VM: vm, Login: login,
+			Detail: fmt.Sprintf("addr %s host key %s modes %v expires %s", t.Addr, t.Fingerprint(), t.Modes, t.Expires.UTC().Format(time.RFC3339))})
 	}
 	var uris []string
 	for _, h := range c.Hypervisors {
@@ -254,6 +283,13 @@ func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*tru
 		}
 	}()
 	return manager, pool, func() { close(done); pool.Close() }, nil
+}
+
+func auditOrNothing(audit func(bastion.Event)) func(bastion.Event) {
+	if audit == nil {
+		return func(bastion.Event) {}
+	}
+	return audit
 }
 
 func openAudit(dest string, stdout io.Writer) (func(bastion.Event), func(), error) {

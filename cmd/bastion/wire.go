@@ -131,20 +131,37 @@ func writeTrustState(dir string, trusts []trust.Trust) error {
 	return keys.WriteFileAtomic(filepath.Join(dir, trustStateFile), append(data, '\n'), 0o600)
 }
 
-// trustList prints the trust state file as a table.
-func trustList(dir string, out io.Writer, now time.Time) error {
+// readTrustRecords reads the trust state file; none is no trusts.
+func readTrustRecords(dir string) []trustRecord {
+	records, _ := loadTrustRecords(dir)
+	return records
+}
+
+func loadTrustRecords(dir string) ([]trustRecord, error) {
 	path := filepath.Join(dir, trustStateFile)
 	data, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
-		fmt.Fprintln(out, "no trusts (the bastion has not verified any VM yet)")
-		return nil
+		return nil, nil
 	}
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var records []trustRecord
 	if err := json.Unmarshal(data, &records); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return records, nil
+}
+
+// trustList prints the trust state file as a table.
+func trustList(dir string, out io.Writer, now time.Time) error {
+	records, err := loadTrustRecords(dir)
+	if err != nil {
+		return err
+	}
+	if len(records) == 0 {
+		fmt.Fprintln(out, "no trusts (the bastion has not verified any VM yet)")
+		return nil
 	}
 	w := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "VM\tLOGIN\tSTATE\tEXPIRES\tADDRESS\tHOST KEY\tMODES")

@@ -1,0 +1,204 @@
+package dispense
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"io"
+	"net/netip"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files")
+
+// fakeHypervisor records what was made and unmade; each step can fail.
+// It stands in for libvirt only in these failure-path tests; the real
+// suite dispenses on libvirt.
+type fakeHypervisor struct {
+	mu       sync.Mutex
+	volumes  map[string]bool
+	domains  map[string]Domain
+	fail     map[string]error // by step: overlay, define, ping, address
+	existing map[string]Domain
+}
+
+func newFake() *fakeHypervisor {
+	return &fakeHypervisor{volumes: map[string]bool{}, domains: map[string]Domain{}, fail: map[string]error{}, existing: map[string]Domain{}}
+}
+
+func (f *fakeHypervisor) Exists(_ context.Context, name string) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, ok := f.existing[name]
+	_, ok2 := f.domains[name]
+	return ok || ok2, nil
+}
+
+func (f *fakeHypervisor) Find(_ context.Context, name string) (Domain, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if d, ok := f.domains[name]; ok {
+		return d, nil
+	}
+	if d, ok := f.existing[name]; ok {
+		return d, nil
+	}
+	return Domain{}, errors.New("no such VM")
+}
+
+func (f *fakeHypervisor) CreateOverlay(_ context.Context, _, _, name, _ string, _, _ uint64) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.fail["overlay"]; err != nil {
+		return "", err
+	}
+	f.volumes["/pool/"+name] = true
+	return "/pool/" + name, nil
+}
+
+func (f *fakeHypervisor) DeleteVolume(_ context.Context, _, path string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.volumes, path)
+	return nil
+}
+
+func (f *fakeHypervisor) DefineAndStart(_ context.Context, uri, domainXML string) (Domain, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.fail["define"]; err != nil {
+		return Domain{}, err
+	}
+	name := domainXML[strings.Index(domainXML, "<name>")+6 : strings.Index(domainXML, "</name>")]
+	d := Domain{URI: uri, Name: name, UUID: "uuid-" + name, Running: true}
+	f.domains[name] = d
+	return d, nil
+}
+
+func (f *fakeHypervisor) Remove(_ context.Context, d Domain) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.domains, d.Name)
+	delete(f.existing, d.Name)
+	return nil
+}
+
+func (f *fakeHypervisor) Disks(_ context.Context, d Domain) ([]string, error) {
+	return []string{"/pool/" + d.Name + ".qcow2"}, nil
+}
+
+func (f *fakeHypervisor) Ping(context.Context, Domain) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.fail["ping"]
+}
+
+func (f *fakeHypervisor) Address(context.Context, Domain) (netip.Addr, error) {
+	return netip.MustParseAddr("192.0.2.10"), nil
+}
+
+type fakeTrust struct{ err error }
+
+func (f fakeTrust) Establish(context.Context, Domain, string) error { return f.err }
+
+var tmpl = Template{Name: "debian", Hypervisor: "qemu:///system", Image: "/images/base.qcow2", Pool: "bastion", DiskSize: 2 << 30,
+	Kernel: "/images/vmlinuz", Initrd: "/images/initrd.img", Cmdline: "root=/dev/vda rw", MemoryMiB: 256, VCPUs: 1,
+	Network: "bastion-test", Logins: []string{"root"}, Labels: map[string]string{"team": "web"}, Wait: 2 * time.Second}
+
+func TestDispenseAndDestroy(t *testing.T) {
+	hv := newFake()
+	d := &Dispenser{Hypervisor: hv, Trust: fakeTrust{}, Templates: map[string]Template{"debian": tmpl}}
+	var out strings.Builder
+	dom, err := d.Dispense(context.Background(), "debian", "web3", "alice", &out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if dom.Labels[LabelBy] != "alice" || dom.Labels["team"] != "web" || !strings.Contains(out.String(), "ready in") {
+		t.Fatalf("dispensed %+v\n%s", dom, out.String())
+	}
+	if _, err := d.Dispense(context.Background(), "debian", "web3", "alice", io.Discard); !errors.Is(err, ErrNameTaken) {
+		t.Fatalf("second dispense of web3: %v", err)
+	}
+	hv.domains["web3"] = dom // with its labels, as the hypervisor would report them
+	if err := d.Destroy(context.Background(), "web3", false, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if len(hv.domains) != 0 || len(hv.volumes) != 0 {
+		t.Fatalf("left behind: %v %v", hv.domains, hv.volumes)
+	}
+}
+
+func TestDestroyNeedsForceForOthers(t *testing.T) {
+	hv := newFake()
+	hv.existing["legacy"] = Domain{Name: "legacy"}
+	d := &Dispenser{Hypervisor: hv, Trust: fakeTrust{}}
+	if err := d.Destroy(context.Background(), "legacy", false, io.Discard); !errors.Is(err, ErrNotOurs) {
+		t.Fatalf("without --force: %v", err)
+	}
+	var out strings.Builder
+	if err := d.Destroy(context.Background(), "legacy", true, &out); err != nil || !strings.Contains(out.String(), "disks were kept") {
+		t.Fatalf("with --force: %v\n%s", err, out.String())
+	}
+}
+
+func TestDispenseFailuresLeaveNothing(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		template string
+		vm       string
+		fail     string
+		trustErr error
+		want     error
+	}{
+		{"unknown template", "nosuch", "web3", "", nil, ErrNoTemplate},
+		{"bad name", "debian", "Web_3", "", nil, ErrBadName},
+		{"overlay fails (image missing, disk full)", "debian", "web3", "overlay", nil, errDisk},
+		{"define fails", "debian", "web3", "define", nil, errDefine},
+		{"agent never appears", "debian", "web3", "ping", nil, ErrGaveUp},
+		{"trust fails", "debian", "web3", "", errors.New("nonce mismatch"), ErrGaveUp},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			hv := newFake()
+			switch tc.fail {
+			case "overlay":
+				hv.fail["overlay"] = errDisk
+			case "define":
+				hv.fail["define"] = errDefine
+			case "ping":
+				hv.fail["ping"] = errors.New("guest agent is not connected")
+			}
+			d := &Dispenser{Hypervisor: hv, Trust: fakeTrust{tc.trustErr}, Templates: map[string]Template{"debian": tmpl}}
+			_, err := d.Dispense(context.Background(), tc.template, tc.vm, "alice", io.Discard)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+			if len(hv.domains) != 0 || len(hv.volumes) != 0 {
+				t.Fatalf("left behind: domains %v, volumes %v", hv.domains, hv.volumes)
+			}
+		})
+	}
+}
+
+var (
+	errDisk   = errors.New("not enough free space in the storage pool")
+	errDefine = errors.New("define: XML error")
+)
+
+func TestDomainXMLGolden(t *testing.T) {
+	got := DomainXML(tmpl, "web3", "/pool/web3.qcow2", map[string]string{"team": "web", LabelBy: "alice", "q": `"<&>"`})
+	path := "testdata/domain.xml.golden"
+	if *update {
+		os.WriteFile(path, []byte(got), 0o644)
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (go test -update writes it)", err)
+	}
+	if got != string(want) {
+		t.Fatalf("domain XML differs from %s:\n%s", path, got)
+	}
+}
