@@ -37,6 +37,7 @@ var (
 	binary  string           // the bastion binary under test
 	guests  map[string]guest // by name
 	started time.Time
+	imageDir string // the test bed's cached guest image, kernel and initrd
 )
 
 func TestMain(m *testing.M) {
@@ -52,6 +53,9 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	if os.Getenv("BASTION_VMTEST_KEEP") != "1" {
 		if out, err := script("guest.sh", "down", web1, agent); err != nil {
+			fmt.Fprintf(os.Stderr, "vmtest: teardown: %v\n%s", err, out)
+		}
+		if out, err := script("pool.sh", "down"); err != nil {
 			fmt.Fprintf(os.Stderr, "vmtest: teardown: %v\n%s", err, out)
 		}
 	}
@@ -70,11 +74,23 @@ func setup() error {
 		return err
 	}
 	binary = filepath.Join(dir, "bastion")
-	build := exec.Command("go", "build", "-o", binary, "./cmd/bastion")
-	build.Dir = repo
-	if out, err := build.CombinedOutput(); err != nil {
+	gobuild := exec.Command("go", "build", "-o", binary, "./cmd/bastion")
+	gobuild.Dir = repo
+	if out, err := gobuild.CombinedOutput(); err != nil {
 		return fmt.Errorf("go build: %v\n%s", err, out)
 	}
+	if out, err := script("pool.sh", "up"); err != nil {
+		return fmt.Errorf("pool.sh up: %v\n%s", err, out)
+	}
+	// build-image.sh prints the image's directory on stdout, building it
+	// first if need be.
+	build := exec.Command(filepath.Join(repo, "testbed", "build-image.sh"))
+	build.Stderr = os.Stderr
+	imageOut, err := build.Output()
+	if err != nil {
+		return fmt.Errorf("build-image.sh: %v", err)
+	}
+	imageDir = strings.TrimSpace(string(imageOut))
 	boot := time.Now()
 	if out, err := script("guest.sh", "up", web1, agent); err != nil {
 		return fmt.Errorf("guest.sh up: %v\n%s", err, out)

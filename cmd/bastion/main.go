@@ -158,6 +158,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		Logger:         logger,
 		Audit:          audit,
 	}
+	var vmc *vmCommands
 	if len(c.Hypervisors) == 0 {
 		logger.Warn("no [[hypervisor]] configured: no VM can be reached")
 	} else {
@@ -172,6 +173,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 			return err
 		}
 		vm.policy, vm.audit = live, auditOrNothing(audit)
+		vmc = vm
 		srv.Commands = map[string]bastion.CommandFunc{"vm": func(ctx context.Context, account bastion.Account, source net.Addr, args []string, out io.Writer) int {
 			return vm.run(ctx, &account, source, args, out)
 		}}
@@ -181,6 +183,9 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(stderr, "bastion: listening on %s\n", ln.Addr())
+	if vmc != nil {
+		vmc.listen = ln.Addr().String() // for the ssh -J line after a dispense
+	}
 	fmt.Fprintf(stderr, "bastion: users add this line to ~/.ssh/known_hosts:\n%s\n", host.KnownHostsLine())
 
 	hup := make(chan os.Signal, 1)
