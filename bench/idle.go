@@ -189,8 +189,8 @@ func clientMain(specPath string) {
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		if in.Text() == "check" {
-			ok, tried := checkSessions(sessions, 20)
-			fmt.Printf("checked %d/%d\n", ok, tried)
+			ok, tried, slowest := checkSessions(sessions, 20)
+			fmt.Printf("checked %d/%d,slowest=%v\n", ok, tried, slowest.Round(time.Millisecond))
 		}
 	}
 	for _, s := range sessions {
@@ -199,30 +199,41 @@ func clientMain(specPath string) {
 }
 
 // checkSessions round-trips a line through up to n sessions chosen at
-// random, proving they still reach the target end to end.
-func checkSessions(sessions []*idleSession, n int) (ok, tried int) {
-	for _, i := range rand.Perm(len(sessions))[:min(n, len(sessions))] {
-		tried++
+// random, all at once, proving they still reach the target end to end. It
+// reports how many answered within 30 seconds and the slowest answer.
+func checkSessions(sessions []*idleSession, n int) (ok, tried int, slowest time.Duration) {
+	type answer struct {
+		good    bool
+		latency time.Duration
+	}
+	pick := rand.Perm(len(sessions))[:min(n, len(sessions))]
+	answers := make(chan answer, len(pick))
+	for _, i := range pick {
 		s := sessions[i]
-		want := fmt.Sprintf("ping %d\n", i)
-		done := make(chan bool, 1)
 		go func() {
+			start := time.Now()
+			want := fmt.Sprintf("ping %d\n", i)
 			if _, err := io.WriteString(s.stdin, want); err != nil {
-				done <- false
+				answers <- answer{}
 				return
 			}
 			line, err := s.stdout.ReadString('\n')
-			done <- err == nil && line == want
+			answers <- answer{err == nil && line == want, time.Since(start)}
 		}()
+	}
+	timeout := time.After(30 * time.Second)
+	for range pick {
 		select {
-		case good := <-done:
-			if good {
+		case a := <-answers:
+			if a.good {
 				ok++
 			}
-		case <-time.After(10 * time.Second):
+			slowest = max(slowest, a.latency)
+		case <-timeout:
+			return ok, len(pick), 30 * time.Second
 		}
 	}
-	return ok, tried
+	return ok, len(pick), slowest
 }
 
 // hostKeyCheck accepts the one key given, or with ca any certificate it

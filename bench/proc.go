@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -108,7 +109,7 @@ func descendants(root int, all map[int]procStat) []procStat {
 
 // memInfo is one process's memory from /proc/PID/smaps_rollup.
 type memInfo struct {
-	rssKB, pssKB int64
+	rssKB, pssKB, pssAnonKB int64
 }
 
 func readMem(pid string) (memInfo, error) {
@@ -130,6 +131,8 @@ func readMem(pid string) (memInfo, error) {
 			m.rssKB = v
 		case "Pss:":
 			m.pssKB = v
+		case "Pss_Anon:":
+			m.pssAnonKB = v
 		}
 	}
 	return m, sc.Err()
@@ -146,6 +149,7 @@ func treeMem(root int) (memInfo, int) {
 		}
 		sum.rssKB += m.rssKB
 		sum.pssKB += m.pssKB
+		sum.pssAnonKB += m.pssAnonKB
 		n++
 	}
 	return sum, n
@@ -262,4 +266,46 @@ func otherBusy(interval time.Duration, exclude ...int) []string {
 		}
 	}
 	return out
+}
+
+// loadProbe is a snapshot for telling the machine's CPU use by others
+// from ours.
+type loadProbe struct {
+	at    time.Time
+	busy  int64 // user+nice+system ticks of all CPUs, from /proc/stat
+	steal int64
+	ours  int64 // ticks of this process and everything below it, reaped or not
+}
+
+func probeLoad() loadProbe {
+	p := loadProbe{at: time.Now()}
+	if data, err := os.ReadFile("/proc/stat"); err == nil {
+		line, _, _ := strings.Cut(string(data), "\n")
+		f := strings.Fields(line) // cpu user nice system idle iowait irq softirq steal ...
+		val := func(i int) int64 {
+			if i >= len(f) {
+				return 0
+			}
+			v, _ := strconv.ParseInt(f[i], 10, 64)
+			return v
+		}
+		p.busy = val(1) + val(2) + val(3)
+		p.steal = val(8)
+	}
+	for _, s := range descendants(os.Getpid(), allStats()) {
+		p.ours += s.total()
+	}
+	return p
+}
+
+// othersSince returns how many CPUs, on average since q, were busy with
+// processes other than this harness and its descendants (and stolen by
+// the hypervisor).
+func (p loadProbe) othersSince(q loadProbe) float64 {
+	secs := p.at.Sub(q.at).Seconds()
+	if secs <= 0 {
+		return 0
+	}
+	others := (p.busy - q.busy) - (p.ours - q.ours) + (p.steal - q.steal)
+	return math.Max(0, float64(others)/clockTick/secs)
 }

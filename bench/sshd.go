@@ -53,8 +53,17 @@ type sshd struct {
 
 // startSSHD starts sshd with extra configuration lines, letting the current
 // user in with any of authorized.
-func startSSHD(name, dir, extra string, authorized ...gossh.PublicKey) (*sshd, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+// With public, its authorized_keys can be read by any user (sshd reads
+// it as the user logging in).
+func startSSHD(name, dir, extra string, public bool, authorized ...gossh.PublicKey) (*sshd, error) {
+	mode, keysMode := os.FileMode(0o700), os.FileMode(0o600)
+	if public {
+		mode, keysMode = 0o711, 0o644
+	}
+	if err := os.MkdirAll(dir, mode); err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(dir, mode); err != nil {
 		return nil, err
 	}
 	if os.Geteuid() == 0 {
@@ -74,7 +83,10 @@ func startSSHD(name, dir, extra string, authorized ...gossh.PublicKey) (*sshd, e
 	for _, k := range authorized {
 		auth = append(auth, gossh.MarshalAuthorizedKey(k)...)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "authorized_keys"), auth, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "authorized_keys"), auth, keysMode); err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(filepath.Join(dir, "authorized_keys"), keysMode); err != nil {
 		return nil, err
 	}
 	self, err := os.Executable()

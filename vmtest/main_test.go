@@ -33,10 +33,10 @@ type guest struct {
 }
 
 var (
-	repo    string           // the repository's top directory
-	binary  string           // the bastion binary under test
-	guests  map[string]guest // by name
-	started time.Time
+	repo     string           // the repository's top directory
+	binary   string           // the bastion binary under test
+	guests   map[string]guest // by name
+	started  time.Time
 	imageDir string // the test bed's cached guest image, kernel and initrd
 )
 
