@@ -28,6 +28,27 @@ labels = { team = "dispensed" }
 wait = "4m"
 
 [[template]]
+name = "huge"
+image = "%[1]s/base.qcow2"
+pool = "bastion-test"
+min_free = "1000TiB"
+network = "bastion-test"
+logins = ["root"]
+
+[[template]]
+name = "silent"
+image = "%[1]s/base.qcow2"
+kernel = "%[1]s/vmlinuz"
+initrd = "%[1]s/initrd.img"
+cmdline = "root=/dev/vda rw console=ttyS0 init=/bin/sleep 3600"
+pool = "bastion-test"
+disk_size = "2GiB"
+memory_mib = 256
+network = "bastion-test"
+logins = ["root"]
+wait = "15s"
+
+[[template]]
 name = "missing"
 image = "/nonexistent/base.qcow2"
 pool = "bastion-test"
@@ -135,7 +156,9 @@ func TestDispenseFailures(t *testing.T) {
 		want string
 		vm   string
 	}{
-		{[]string{"dispense", "--template", "nosuch", "bt-disp2"}, `no such template: "nosuch" (templates: debian, missing)`, "bt-disp2"},
+		{[]string{"dispense", "--template", "nosuch", "bt-disp2"}, `no such template: "nosuch" (templates: debian, huge, missing, silent)`, "bt-disp2"},
+		{[]string{"dispense", "--template", "huge", "bt-disp4"}, "not enough free space in the storage pool", "bt-disp4"},
+		{[]string{"dispense", "--template", "silent", "bt-disp5"}, "the VM did not become ready in time: guest agent", "bt-disp5"},
 		{[]string{"dispense", "--template", "debian", web1}, "a VM of that name exists: " + web1, ""},
 		{[]string{"dispense", "--template", "missing", "bt-disp3"}, "base image missing", "bt-disp3"},
 		{[]string{"dispense", "--template", "debian", "Bad_Name"}, "not a valid VM name", ""},
