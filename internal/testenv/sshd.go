@@ -93,6 +93,15 @@ func StartSSHDOn(t testing.TB, listen string, authorized ...gossh.PublicKey) *SS
 		auth.Write(gossh.MarshalAuthorizedKey(k))
 	}
 	write(t, filepath.Join(dir, "authorized_keys"), auth.Bytes(), 0o600)
+	// The login's shell starts in a home of its own, so that the dot files
+	// of whoever runs the tests (a pyenv hook in root's .bashrc, say) do
+	// not run in every session. Debian's bash reads ~/.bashrc even for
+	// commands run by sshd.
+	home := filepath.Join(dir, "home")
+	if err := os.MkdirAll(home, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	write(t, filepath.Join(home, ".bashrc"), nil, 0o644)
 
 	for attempt := 0; ; attempt++ {
 		addr := listen
@@ -113,8 +122,9 @@ AllowAgentForwarding yes
 X11Forwarding no
 AcceptEnv LANG LC_* BASTION_TEST_*
 Subsystem sftp /usr/lib/openssh/sftp-server
+SetEnv HOME=%s
 LogLevel ERROR
-`, addr, dir, dir)
+`, addr, dir, dir, home)
 		write(t, filepath.Join(dir, "sshd_config"), []byte(config), 0o600)
 		cmd := exec.Command(sshdPath, "-D", "-e", "-f", filepath.Join(dir, "sshd_config"))
 		var stderr LockedBuffer
