@@ -2,7 +2,7 @@
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 
-.PHONY: all build deps test test-quick test-vm demo demo-stop fuzz clean
+.PHONY: all build deps test test-quick test-vm bench demo demo-stop fuzz clean
 
 all: build
 
@@ -34,6 +34,11 @@ test-vm: deps
 fuzz:
 	$(GO) test -run XXX -fuzz FuzzParseConfig -fuzztime 30s ./cmd/bastion
 	$(GO) test -run XXX -fuzz FuzzParseTarget -fuzztime 30s .
+
+# The bastion side by side with an OpenSSH jump host on this machine;
+# writes bench/results/results.md and chart.svg.
+bench: deps
+	$(GO) run ./bench -out bench/results
 
 demo:
 	scripts/demo.sh
