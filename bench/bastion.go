@@ -1,0 +1,124 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"sync"
+
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/keys"
+	"github.com/bastionvm/bastion/policy"
+)
+
+// benchAccount is the bastion account the client's key belongs to.
+const benchAccount = "bench"
+
+// inProcess is the bastion under test, served from this process.
+type inProcess struct {
+	srv      *bastion.Server
+	addr     string
+	host     *keys.Host
+	resolver *staticResolver
+	served   chan error
+	logFile  *os.File
+}
+
+// startBastion wires a bastion.Server the way the package's own test
+// fixture does: host keys in stateDir, one account holding clientKey, a
+// policy letting it reach VMs "target*" and "stub" as login, and a static
+// resolver (no trust check: that needs a real guest).
+func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login string) (*inProcess, error) {
+	host, err := keys.LoadOrCreate(stateDir)
+	if err != nil {
+		return nil, err
+	}
+	accounts, err := bastion.NewAccountSet([]bastion.Account{
+		{Name: benchAccount, Groups: []string{"bench"}, Keys: []gossh.PublicKey{clientKey}},
+	})
+	if err != nil {
+		return nil, err
+	}
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	// Logs and audit events go to a file, as in production; both are per
+	// connection or per channel, never per byte.
+	var mu sync.Mutex
+	enc := json.NewEncoder(logFile)
+	b := &inProcess{host: host, resolver: &staticResolver{vms: map[string]bastion.Upstream{}}, served: make(chan error, 1), logFile: logFile}
+	b.srv = &bastion.Server{
+		HostKey:   host.Key,
+		Certifier: host,
+		Accounts:  accounts,
+		Resolver:  b.resolver,
+		Policy: &policy.Policy{Rules: []policy.Rule{{
+			Name: "bench", Groups: []string{"bench"}, VMs: []string{"target*", "stub"}, Logins: []string{login},
+			Channels: []policy.Channel{policy.Shell, policy.Exec, policy.SFTP},
+		}}},
+		Logger: slog.New(slog.NewTextHandler(lockedWriter{&mu, logFile}, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		Audit: func(e bastion.Event) {
+			mu.Lock()
+			defer mu.Unlock()
+			enc.Encode(e)
+		},
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	b.addr = ln.Addr().String()
+	go func() { b.served <- b.srv.Serve(ln) }()
+	return b, nil
+}
+
+func (b *inProcess) stop() {
+	b.srv.Close()
+	<-b.served
+	b.logFile.Close()
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// staticResolver knows a fixed set of VMs and their upstreams.
+type staticResolver struct {
+	mu  sync.Mutex
+	vms map[string]bastion.Upstream
+}
+
+func (r *staticResolver) Lookup(_ context.Context, name string) (bastion.VM, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.vms[name]; !ok {
+		return bastion.VM{}, fmt.Errorf("%w: %s", bastion.ErrUnknownVM, name)
+	}
+	return bastion.VM{Name: name}, nil
+}
+
+func (r *staticResolver) Resolve(_ context.Context, vm bastion.VM, _ string) (bastion.Upstream, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.vms[vm.Name], nil
+}
+
+func (r *staticResolver) set(name string, up bastion.Upstream) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.vms[name] = up
+}
