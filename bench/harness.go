@@ -76,16 +76,19 @@ type harness struct {
 
 // maxResult is the outcome of the session hunt.
 type maxResult struct {
-	tried, held    int
-	err            string
-	opened         time.Duration
-	pssPerSession  float64 // KiB
-	pssMiB         float64 // the whole process
-	goroutines     int     // more than before the hunt
-	fds            int
-	check          string
-	goroutineSites string   // a summary of where the goroutines wait
-	bastionErrors  []string // the bastion's last warnings, distinct
+	tried, held     int
+	err             string
+	opened          time.Duration
+	pssPerSession   float64 // KiB
+	pssMiB          float64 // the whole process
+	goroutines      int     // more than before the hunt
+	fds             int
+	check           string
+	stackPerSession float64  // KiB of goroutine stacks
+	heapPerSession  float64  // KiB of heap in use
+	goroutineSites  string   // a summary of where the goroutines wait
+	heapTop         string   // the heap profile's top allocation sites
+	bastionErrors   []string // the bastion's last warnings, distinct
 }
 
 func (h *harness) logf(format string, args ...any) {
@@ -992,6 +995,8 @@ func (h *harness) rowMax() error {
 	h.settleBastion()
 	_, base := selfMem()
 	baseG := runtime.NumGoroutine()
+	var baseStats runtime.MemStats
+	runtime.ReadMemStats(&baseStats)
 	h.logf("session hunt: opening up to %d idle sessions through the bastion to a stub target", h.opts.maxN)
 	c, err := h.startIdle(viaBastion, "stub", "cat", h.opts.maxN)
 	if err != nil {
@@ -1000,6 +1005,8 @@ func (h *harness) rowMax() error {
 	defer c.stop()
 	time.Sleep(2 * time.Second)
 	_, after := selfMem()
+	var stats runtime.MemStats
+	runtime.ReadMemStats(&stats)
 	fds, _ := os.ReadDir("/proc/self/fd")
 	check := c.check()
 	m := maxResult{
@@ -1008,8 +1015,17 @@ func (h *harness) rowMax() error {
 		pssMiB:        float64(after.pssKB) / 1024,
 		goroutines:    runtime.NumGoroutine() - baseG,
 		fds:           len(fds), check: check,
+		stackPerSession: float64(stats.StackInuse-baseStats.StackInuse) / 1024 / float64(max(1, c.held)),
+		heapPerSession:  float64(stats.HeapInuse-baseStats.HeapInuse) / 1024 / float64(max(1, c.held)),
 	}
 	m.bastionErrors = lastWarnings(filepath.Join(h.dir, "bastion.log"), 3)
+	if path, err := filepath.Abs(filepath.Join(h.opts.out, "heap-hunt.pprof")); err == nil {
+		if f, err := os.Create(path); err == nil {
+			pprof.Lookup("heap").WriteTo(f, 0)
+			f.Close()
+			m.heapTop = heapSummary(path)
+		}
+	}
 	if path, err := filepath.Abs(filepath.Join(h.opts.out, "goroutines-hunt.txt")); err == nil {
 		if f, err := os.Create(path); err == nil {
 			pprof.Lookup("goroutine").WriteTo(f, 1)
@@ -1112,4 +1128,23 @@ func lastWarnings(path string, n int) []string {
 		}
 	}
 	return out
+}
+
+// heapSummary lists the top allocation sites of the live heap.
+func heapSummary(path string) string {
+	out, err := exec.Command("go", "tool", "pprof", "-top", "-sample_index=inuse_space", "-nodecount=12", path).CombinedOutput()
+	if err != nil {
+		return ""
+	}
+	var b strings.Builder
+	started := false
+	for _, line := range strings.Split(string(out), "\n") {
+		if strings.Contains(line, "flat%") {
+			started = true
+		}
+		if started && strings.TrimSpace(line) != "" {
+			b.WriteString(line + "\n")
+		}
+	}
+	return b.String()
 }

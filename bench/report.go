@@ -141,14 +141,19 @@ func (h *harness) report() error {
 		}
 		fmt.Fprintf(&b, "\n**Idle sessions held by the bastion** (against a Go stub target in its own process, see README): "+
 			"%d of %d tried (%s), opened in %.0f s at %d connections at a time; %.1f KiB PSS per session, %.0f MiB for the whole process; "+
+			"runtime.MemStats grew by %.1f KiB of goroutine stacks and %.1f KiB of heap in use (in-use spans, not all of it resident) per session; "+
 			"%d more goroutines (%.1f per session); %d file descriptors; end-to-end echo through a random sample (answered/tried, slowest answer): %s.\n",
-			m.held, m.tried, status, m.opened.Seconds(), o.conc, m.pssPerSession, m.pssMiB, m.goroutines,
+			m.held, m.tried, status, m.opened.Seconds(), o.conc, m.pssPerSession, m.pssMiB,
+			m.stackPerSession, m.heapPerSession, m.goroutines,
 			float64(m.goroutines)/float64(max(1, m.held)), m.fds, m.check)
 		if len(m.bastionErrors) > 0 {
 			fmt.Fprintf(&b, "\nThe bastion's last warnings:\n\n")
 			for _, e := range m.bastionErrors {
 				fmt.Fprintf(&b, "    %s\n", e)
 			}
+		}
+		if m.heapTop != "" {
+			fmt.Fprintf(&b, "\nThe live heap with the sessions held, by allocation site (heap-hunt.pprof, sampled):\n\n```\n%s```\n", m.heapTop)
 		}
 		if m.goroutineSites != "" {
 			fmt.Fprintf(&b, "\nWhere the bastion's goroutines wait with the sessions held (from goroutines-hunt.txt):\n\n%s", m.goroutineSites)
