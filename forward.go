@@ -305,7 +305,7 @@ type copier struct {
 }
 
 func (c copier) run(done chan<- error) {
-	_, err := io.Copy(c.dst, c.src)
+	err := pump(c.dst, c.src)
 	if c.closeWrite != nil {
 		c.closeWrite()
 	}

@@ -176,10 +176,11 @@ func (l *link) dial(ctx context.Context, target Upstream) error {
 		ClientVersion: l.srv.version(),
 	}
 	var d net.Dialer
-	nc, err := d.DialContext(ctx, "tcp", target.Addr)
+	tcp, err := d.DialContext(ctx, "tcp", target.Addr)
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrUpstreamUnreachable, err)
 	}
+	nc := newBulkConn(tcp)
 	// The handshake honours ctx through the connection's deadline.
 	if deadline, ok := ctx.Deadline(); ok {
 		nc.SetDeadline(deadline)

@@ -199,7 +199,7 @@ func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 		return nil
 	}
 	ctx.SetValue(ctxKey{}, &frontConn{ctx: ctx, source: conn.RemoteAddr(), local: conn.LocalAddr()})
-	return conn
+	return newBulkConn(conn)
 }
 
 // frontConfig is the front door's authentication: public keys only, each

@@ -140,7 +140,7 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 		ServerVersion: s.version(),
 	}
 	config.AddHostKey(hostKey)
-	down, chans, greqs, err := gossh.NewServerConn(&channelConn{Channel: ch, local: fc.local, remote: fc.source}, config)
+	down, chans, greqs, err := gossh.NewServerConn(newChannelConn(ch, fc.local, fc.source), config)
 	if err != nil {
 		if lk != nil {
 			lk.up.Close()
@@ -185,10 +185,22 @@ type cachedCert struct {
 
 // channelConn presents an SSH channel as a net.Conn, so an SSH server can
 // run on it. Deadlines are not supported; the outer connection has its own.
+// Reads and writes are batched (pump.go): the inner hop's packets would
+// otherwise each cost the outer hop two packets and two window adjustments.
 type channelConn struct {
 	gossh.Channel
+	in            *readAhead
+	out           *writeBehind
 	local, remote net.Addr
 }
+
+func newChannelConn(ch gossh.Channel, local, remote net.Addr) *channelConn {
+	return &channelConn{Channel: ch, in: &readAhead{src: ch}, out: newWriteBehind(ch, nil), local: local, remote: remote}
+}
+
+func (c *channelConn) Read(p []byte) (int, error)  { return c.in.Read(p) }
+func (c *channelConn) Write(p []byte) (int, error) { return c.out.Write(p) }
+func (c *channelConn) Close() error                { return c.out.Close() }
 
 func (c *channelConn) LocalAddr() net.Addr                { return c.local }
 func (c *channelConn) RemoteAddr() net.Addr               { return c.remote }
