@@ -130,8 +130,8 @@ type Manager struct {
 	// with a snapshot. It must not call back into the Manager.
 	OnChange func([]Trust)
 	// OnOutcome, if set, is called with every check's outcome (err nil on
-	// success), for the audit stream.
-	OnOutcome func(vm, login string, t *Trust, err error)
+	// success) and how long the check took, for the audit stream.
+	OnOutcome func(vm, login string, t *Trust, took time.Duration, err error)
 
 	mu       sync.Mutex
 	trusts   map[key]*Trust
@@ -213,9 +213,10 @@ func (m *Manager) startFlight(k key, d Domain, login string) *flight {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
+		start := time.Now()
 		t, err := m.check(ctx, d, login)
 		if m.OnOutcome != nil {
-			m.OnOutcome(d.Name, login, t, err)
+			m.OnOutcome(d.Name, login, t, time.Since(start), err)
 		}
 		m.mu.Lock()
 		delete(m.inflight, k)

@@ -245,13 +245,15 @@ func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*tru
 			logger.Error("trust state file", "err", err)
 		}
 	}
-	manager.OnOutcome = func(vm, login string, t *trust.Trust, err error) {
+	manager.OnOutcome = func(vm, login string, t *trust.Trust, took time.Duration, err error) {
 		if err != nil {
-			audit(bastion.Event{Type: bastion.EventTrustFailed, VM: vm, Login: login, Reason: err.Error()})
+			audit(bastion.Event{Type: bastion.EventTrustFailed, VM: vm, Login: login, Reason: err.Error(),
+				Detail: fmt.Sprintf("took %s", took.Round(time.Millisecond))})
 			return
 		}
 		audit(bastion.Event{Type: bastion.EventTrustVerified, VM: vm, Login: login,
-			Detail: fmt.Sprintf("addr %s host key %s modes %v expires %s", t.Addr, t.Fingerprint(), t.Modes, t.Expires.UTC().Format(time.RFC3339))})
+			Detail: fmt.Sprintf("addr %s host key %s modes %v expires %s took %s", t.Addr, t.Fingerprint(), t.Modes,
+				t.Expires.UTC().Format(time.RFC3339), took.Round(time.Millisecond))})
 	}
 	var uris []string
 	for _, h := range c.Hypervisors {
