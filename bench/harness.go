@@ -134,6 +134,11 @@ func (h *harness) run() error {
 			return err
 		}
 	}
+	if o.rows["vm"] {
+		if err := h.rowVM(); err != nil {
+			return err
+		}
+	}
 	return h.report()
 }
 

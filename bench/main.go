@@ -38,7 +38,7 @@ type options struct {
 	keep       bool
 }
 
-var allRows = []string{"setup", "bulk", "sftp", "cpu", "mem", "max"}
+var allRows = []string{"setup", "bulk", "sftp", "cpu", "mem", "max", "vm"}
 
 func main() {
 	mode := flag.String("mode", "", "internal: reaper, client or stub (the harness re-executes itself)")
