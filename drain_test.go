@@ -2,9 +2,15 @@ package bastion_test
 
 import (
 	"context"
+	"errors"
+	"io"
+	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/bastionvm/bastion"
 )
 
 func TestShutdownDrains(t *testing.T) {
@@ -61,5 +67,43 @@ func TestShutdownGracePeriodEnds(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("the session outlived the grace period")
+	}
+}
+
+// TestKeepaliveClosesASilentClient stops a client (SIGSTOP) in the middle
+// of a session: after three unanswered keepalives the bastion closes the
+// connection, and the client, resumed, finds it gone well before its
+// command would have ended.
+func TestKeepaliveClosesASilentClient(t *testing.T) {
+	f := newFixture(t, func(s *bastion.Server) {
+		s.KeepAlive = 200 * time.Millisecond
+		s.RequestTimeout = 200 * time.Millisecond
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	cmd := f.client.Command(ctx, "ssh", "-o", "ServerAliveInterval=0", f.login+"@web1@bastion", "echo started; sleep 30")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line := make([]byte, 8)
+	if _, err := io.ReadFull(out, line); err != nil || string(line) != "started\n" {
+		t.Fatalf("session did not start: %q %v", line, err)
+	}
+	cmd.Process.Signal(syscall.SIGSTOP)
+	time.Sleep(2 * time.Second) // three probes of 200 ms, each waiting 200 ms
+	cmd.Process.Signal(syscall.SIGCONT)
+	io.Copy(io.Discard, out)
+	err = cmd.Wait()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 255 {
+		t.Fatalf("ssh ended with %v; want exit 255 (connection closed by the bastion)", err)
+	}
+	if d := time.Since(start); d > 20*time.Second {
+		t.Errorf("ssh took %v: the silent connection was not closed", d)
 	}
 }

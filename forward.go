@@ -350,16 +350,16 @@ func (s *Server) sendRequest(conn gossh.Conn, name string, wantReply bool, paylo
 }
 
 // keepalive probes conn every keepalive interval and closes it after three
-// probes in a row go unanswered. It returns when conn is gone.
+// probes in a row go unanswered. It returns at once: the probes run from a
+// timer, so an idle connection keeps no goroutine waiting for them.
 func (s *Server) keepalive(conn gossh.Conn) {
 	interval := s.keepAliveInterval()
 	if interval <= 0 {
 		return
 	}
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	missed := 0
-	for range t.C {
+	missed := 0 // touched only by one probe at a time
+	var probe func()
+	probe = func() {
 		_, _, err := s.within(func() (bool, []byte, error) {
 			return conn.SendRequest("keepalive@openssh.com", true, nil)
 		}, func() {})
@@ -376,5 +376,7 @@ func (s *Server) keepalive(conn gossh.Conn) {
 		default:
 			return // the connection is closed
 		}
+		time.AfterFunc(interval, probe)
 	}
+	time.AfterFunc(interval, probe)
 }

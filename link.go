@@ -217,7 +217,7 @@ func (l *link) start(down gossh.Conn) {
 	l.down = down
 	go l.upstreamChannels()
 	go l.upstreamRequests()
-	go l.srv.keepalive(l.up) // the front door keeps its own connections alive
+	l.srv.keepalive(l.up) // the front door keeps its own connections alive
 	go func() {
 		l.up.Wait()
 		down.Close()

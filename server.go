@@ -260,7 +260,7 @@ func (s *Server) state(ctx ssh.Context, conn *gossh.ServerConn) *frontConn {
 		fc.account = conn.Permissions.ExtraData[ctxKey{}].(Account)
 		s.logger().Info("login", "account", fc.account.Name, "source", fc.source.String(), "user", conn.User())
 		s.audit(Event{Type: EventLogin, Account: fc.account.Name, Source: fc.source.String()})
-		go s.keepalive(conn)
+		s.keepalive(conn)
 	}
 	return fc
 }
