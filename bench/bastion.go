@@ -54,6 +54,7 @@ func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login str
 	var mu sync.Mutex
 	enc := json.NewEncoder(logFile)
 	b := &inProcess{host: host, resolver: &staticResolver{vms: map[string]bastion.Upstream{}}, served: make(chan error, 1), logFile: logFile}
+	bastion.ReserveHeap(64 << 20) // as cmd/bastion does
 	b.srv = &bastion.Server{
 		HostKey:   host.Key,
 		Certifier: host,

@@ -42,6 +42,10 @@ const usage = `usage:
                                            print the decision and the deciding rule
 `
 
+// heapReserve is the heap the serving bastion reserves (see
+// bastion.ReserveHeap): address space, not memory.
+const heapReserve = 64 << 20
+
 func main() {
 	if err := run(os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "bastion:", err)
@@ -146,6 +150,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	}
 	defer closeAudit()
 
+	bastion.ReserveHeap(heapReserve)
 	srv := &bastion.Server{
 		HostKey:        host.Key,
 		Certifier:      host,
