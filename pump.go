@@ -225,12 +225,13 @@ func (ra *readAhead) Read(p []byte) (int, error) {
 	return ra.r, nil
 }
 
-// pump copies src to dst until src ends, in reads of 32 KiB (a packet)
-// while the source keeps up with it, and of up to bulkSize while a backlog
-// waits, so that a channel source sends one window adjustment per gulp
-// rather than one per packet. It returns nil at io.EOF.
+// pump copies src to dst until src ends. It reads into 2 KiB while the
+// source sends little (an idle or interactive session keeps no more), into
+// 32 KiB (a packet) once a read fills that, and into up to bulkSize while
+// a backlog waits, so that a channel source sends one window adjustment
+// per gulp rather than one per packet. It returns nil at io.EOF.
 func pump(dst io.Writer, src io.Reader) error {
-	small := make([]byte, 32<<10)
+	small := make([]byte, 2<<10)
 	var big *[]byte
 	defer func() {
 		if big != nil {
@@ -249,6 +250,8 @@ func pump(dst io.Writer, src io.Reader) error {
 			}
 		}
 		switch {
+		case big == nil && n == len(buf) && len(small) < packetSize:
+			small = make([]byte, packetSize)
 		case big == nil && n == len(buf):
 			big = bulkBuffer()
 		case big != nil && n < len(buf):
@@ -263,6 +266,9 @@ func pump(dst io.Writer, src io.Reader) error {
 		}
 	}
 }
+
+// packetSize is the largest payload x/crypto/ssh puts in a channel packet.
+const packetSize = 32 << 10
 
 // heapFloor is allocated once and never touched: the live heap it adds
 // raises the collector's target by as much, while its pages, never
