@@ -215,13 +215,8 @@ func hostKeyAlgorithms(key gossh.PublicKey) []string {
 // VM initiates. Losing either side closes the other.
 func (l *link) start(down gossh.Conn) {
 	l.down = down
-	go l.upstreamChannels()
-	go l.upstreamRequests()
+	go l.upstream()
 	l.srv.keepalive(l.up) // the front door keeps its own connections alive
-	go func() {
-		l.up.Wait()
-		down.Close()
-	}()
 	s := l.srv
 	s.linksMu.Lock()
 	if s.links == nil {
@@ -254,14 +249,24 @@ func (l *link) start(down gossh.Conn) {
 // the link's: the ProxyJump inner hop.
 func (l *link) serve(down gossh.Conn, chans <-chan gossh.NewChannel, reqs <-chan *gossh.Request) {
 	l.start(down)
-	go func() {
-		for req := range reqs {
+	// One goroutine for both: requests are answered in order, as they
+	// must be, and a channel opened meanwhile waits for the answer.
+	for chans != nil || reqs != nil {
+		select {
+		case ch, ok := <-chans:
+			if !ok {
+				chans = nil
+				continue
+			}
+			go l.channel(ch)
+		case req, ok := <-reqs:
+			if !ok {
+				reqs = nil
+				continue
+			}
 			ok, payload := l.global(req)
 			req.Reply(ok, payload)
 		}
-	}()
-	for ch := range chans {
-		go l.channel(ch)
 	}
 	l.up.Close()
 	l.log.Info("disconnected")
@@ -358,36 +363,61 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 	}
 }
 
-// upstreamChannels handles channels the VM opens: forwarded-tcpip for a
-// remote forward the downstream asked for, and agent or X11 channels when
-// the downstream asked for those. Anything else is refused.
-func (l *link) upstreamChannels() {
-	for newCh := range l.upChans {
-		var wanted bool
-		switch newCh.ChannelType() {
-		case "forwarded-tcpip":
-			var p directTCPIP
-			if gossh.Unmarshal(newCh.ExtraData(), &p) == nil {
-				l.mu.Lock()
-				wanted = l.forwards[net.JoinHostPort(p.Host, fmt.Sprint(p.Port))] || l.forwards[net.JoinHostPort(p.Host, "0")]
-				l.mu.Unlock()
+// upstream handles what the VM sends unasked until its connection ends,
+// then closes the downstream. Channels: forwarded-tcpip for a remote
+// forward the downstream asked for, and agent or X11 channels when the
+// downstream asked for those; anything else is refused. Global requests
+// (hostkeys-00, …) are hop-by-hop: answered false.
+func (l *link) upstream() {
+	chans, reqs := l.upChans, l.upReqs
+	for chans != nil || reqs != nil {
+		select {
+		case newCh, ok := <-chans:
+			if !ok {
+				chans = nil
+				continue
 			}
-		case "auth-agent@openssh.com":
-			l.mu.Lock()
-			wanted = l.agent
-			l.mu.Unlock()
-		case "x11":
-			l.mu.Lock()
-			wanted = l.x11
-			l.mu.Unlock()
+			l.upstreamChannel(newCh)
+		case req, ok := <-reqs:
+			if !ok {
+				reqs = nil
+				continue
+			}
+			if req.WantReply {
+				req.Reply(false, nil)
+			}
 		}
-		if !wanted {
-			l.log.Warn("refused a channel opened by the VM", "type", newCh.ChannelType())
-			newCh.Reject(gossh.Prohibited, "not requested")
-			continue
-		}
-		go l.bridge(ask{kind: channelKind(newCh)}, newCh, l.down)
 	}
+	l.down.Close()
+}
+
+// upstreamChannel accepts a channel the VM opens if the downstream asked
+// for it.
+func (l *link) upstreamChannel(newCh gossh.NewChannel) {
+	var wanted bool
+	switch newCh.ChannelType() {
+	case "forwarded-tcpip":
+		var p directTCPIP
+		if gossh.Unmarshal(newCh.ExtraData(), &p) == nil {
+			l.mu.Lock()
+			wanted = l.forwards[net.JoinHostPort(p.Host, fmt.Sprint(p.Port))] || l.forwards[net.JoinHostPort(p.Host, "0")]
+			l.mu.Unlock()
+		}
+	case "auth-agent@openssh.com":
+		l.mu.Lock()
+		wanted = l.agent
+		l.mu.Unlock()
+	case "x11":
+		l.mu.Lock()
+		wanted = l.x11
+		l.mu.Unlock()
+	}
+	if !wanted {
+		l.log.Warn("refused a channel opened by the VM", "type", newCh.ChannelType())
+		newCh.Reject(gossh.Prohibited, "not requested")
+		return
+	}
+	go l.bridge(ask{kind: channelKind(newCh)}, newCh, l.down)
 }
 
 // channelKind is the policy kind of a channel the VM opens.
@@ -399,16 +429,6 @@ func channelKind(newCh gossh.NewChannel) policy.Channel {
 		return policy.X11
 	}
 	return policy.Agent
-}
-
-// upstreamRequests answers the VM's global requests (hostkeys-00,
-// keepalive): they are hop-by-hop.
-func (l *link) upstreamRequests() {
-	for req := range l.upReqs {
-		if req.WantReply {
-			req.Reply(false, nil)
-		}
-	}
 }
 
 // allow asks the policy about one channel of this link and audits a denial.
