@@ -2,7 +2,7 @@
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 
-.PHONY: all build deps test test-quick test-vm bench demo demo-stop fuzz clean
+.PHONY: all build deps test test-quick test-vm bench bench-go demo demo-stop fuzz clean
 
 all: build
 
@@ -39,6 +39,10 @@ fuzz:
 # writes bench/results/results.md and chart.svg.
 bench: deps
 	$(GO) run ./bench -out bench/results
+
+# Go benchmarks of the data path and the policy, for the inner loop.
+bench-go:
+	$(GO) test -run '^$$' -bench . -benchtime 4x . ./policy
 
 demo:
 	scripts/demo.sh

@@ -27,7 +27,7 @@ import (
 // fixture is a bastion in this process, a real sshd on 127.0.0.1 standing
 // in for the VM "web1", and an OpenSSH client whose key belongs to alice.
 type fixture struct {
-	t        *testing.T
+	t        testing.TB
 	vm       *testenv.SSHD
 	srv      *bastion.Server
 	addr     string
@@ -41,7 +41,7 @@ type fixture struct {
 	upstreamKeyPath string // the bastion's key for the VM, for direct comparisons
 }
 
-func newFixture(t *testing.T, configure ...func(*bastion.Server)) *fixture {
+func newFixture(t testing.TB, configure ...func(*bastion.Server)) *fixture {
 	t.Helper()
 	upstreamKey, upstreamPEM := testenv.NewKey(t)
 	vm := testenv.StartSSHD(t, upstreamKey.PublicKey())
@@ -191,11 +191,11 @@ func (a *auditLog) find(t bastion.EventType, reason string) (bastion.Event, bool
 
 // testLogger logs through t, or discards with -short... it always logs
 // to the test's output so a failing test shows the bastion's side.
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(t testing.TB) *slog.Logger {
 	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
@@ -254,7 +254,7 @@ func marshal(k gossh.PublicKey) string {
 // goClient logs in to the bastion as user with the client's key, using
 // x/crypto's client, which exposes what OpenSSH's keeps to itself (the
 // name of an exit signal). It trusts the bastion's host CA only.
-func (f *fixture) goClient(user string) *gossh.Client {
+func (f *fixture) goClient(user string, ciphers ...string) *gossh.Client {
 	f.t.Helper()
 	data, err := os.ReadFile(f.client.Key)
 	if err != nil {
@@ -264,21 +264,31 @@ func (f *fixture) goClient(user string) *gossh.Client {
 	if err != nil {
 		f.t.Fatal(err)
 	}
-	ca := f.host.CA.PublicKey()
-	checker := &gossh.CertChecker{IsHostAuthority: func(auth gossh.PublicKey, _ string) bool {
-		return bytes.Equal(auth.Marshal(), ca.Marshal())
-	}}
-	c, err := gossh.Dial("tcp", f.addr, &gossh.ClientConfig{
+	config := &gossh.ClientConfig{
 		User:            user,
 		Auth:            []gossh.AuthMethod{gossh.PublicKeys(signer)},
-		HostKeyCallback: checker.CheckHostKey,
+		HostKeyCallback: f.hostCAChecker().CheckHostKey,
 		Timeout:         10 * time.Second,
-	})
+	}
+	for _, c := range ciphers {
+		if c != "" {
+			config.Ciphers = append(config.Ciphers, c)
+		}
+	}
+	c, err := gossh.Dial("tcp", f.addr, config)
 	if err != nil {
 		f.t.Fatal(err)
 	}
 	f.t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// hostCAChecker accepts host certificates signed by the bastion's host CA.
+func (f *fixture) hostCAChecker() *gossh.CertChecker {
+	ca := f.host.CA.PublicKey()
+	return &gossh.CertChecker{IsHostAuthority: func(auth gossh.PublicKey, _ string) bool {
+		return bytes.Equal(auth.Marshal(), ca.Marshal())
+	}}
 }
 
 func fileExists(path string) bool {
