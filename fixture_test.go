@@ -2,8 +2,6 @@ package bastion_test
 
 import (
 	"bytes"
-	"context"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -33,7 +31,7 @@ type fixture struct {
 	addr     string
 	host     *keys.Host
 	client   *testenv.Client
-	resolver *staticResolver
+	resolver *testenv.Resolver
 	audit    *auditLog
 	login    string
 	policy   *livePolicy
@@ -55,9 +53,8 @@ func newFixture(t testing.TB, configure ...func(*bastion.Server)) *fixture {
 	if err := os.WriteFile(f.upstreamKeyPath, upstreamPEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	f.resolver = &staticResolver{vms: map[string]bastion.Upstream{
-		"web1": {Addr: vm.Addr, HostKeys: []gossh.PublicKey{vm.HostKey}, Signer: upstreamKey},
-	}}
+	f.resolver = testenv.NewResolver()
+	f.resolver.Set("web1", bastion.Upstream{Addr: vm.Addr, HostKeys: []gossh.PublicKey{vm.HostKey}, Signer: upstreamKey})
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -126,43 +123,6 @@ func (f *fixture) ssh(stdin []byte, args ...string) testenv.Result {
 func (f *fixture) jump(stdin []byte, args ...string) testenv.Result {
 	f.t.Helper()
 	return f.ssh(stdin, append([]string{"-J", "bastion", f.login + "@web1"}, args...)...)
-}
-
-// staticResolver knows a fixed set of VMs and their upstreams.
-type staticResolver struct {
-	mu  sync.Mutex
-	vms map[string]bastion.Upstream
-}
-
-func (r *staticResolver) Lookup(_ context.Context, name string) (bastion.VM, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if _, ok := r.vms[name]; !ok {
-		return bastion.VM{}, fmt.Errorf("%w: %s", bastion.ErrUnknownVM, name)
-	}
-	return bastion.VM{Name: name}, nil
-}
-
-func (r *staticResolver) Resolve(_ context.Context, vm bastion.VM, _ string) (bastion.Upstream, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.vms[vm.Name], nil
-}
-
-func (r *staticResolver) List(context.Context) ([]bastion.VM, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var vms []bastion.VM
-	for name := range r.vms {
-		vms = append(vms, bastion.VM{Name: name})
-	}
-	return vms, nil
-}
-
-func (r *staticResolver) set(name string, up bastion.Upstream) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.vms[name] = up
 }
 
 // auditLog collects audit events.

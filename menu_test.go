@@ -13,8 +13,8 @@ import (
 
 func TestMenuWithoutTerminalLists(t *testing.T) {
 	f := newFixture(t)
-	f.resolver.set("web2", bastion.Upstream{}) // listed: the policy allows web*
-	f.resolver.set("db1", bastion.Upstream{})  // not listed
+	f.resolver.Set("web2", bastion.Upstream{}) // listed: the policy allows web*
+	f.resolver.Set("db1", bastion.Upstream{})  // not listed
 	res := f.ssh(nil, "bastion")
 	out := string(res.Stdout)
 	if res.Exit != 0 || !strings.Contains(out, "1) web1") || !strings.Contains(out, "2) web2") || strings.Contains(out, "db1") {

@@ -17,7 +17,7 @@ func TestHostKeyMismatchRefused(t *testing.T) {
 	impostor, _ := testenv.NewKey(t)
 	up, _ := f.resolver.Resolve(nil, bastion.VM{Name: "web1"}, "")
 	up.HostKeys = []gossh.PublicKey{impostor.PublicKey()}
-	f.resolver.set("web1", up)
+	f.resolver.Set("web1", up)
 	res := f.jump(nil, "echo secret")
 	if res.Exit != 255 || !strings.Contains(res.Stderr, "bastion: web1: host key does not match the pinned key") {
 		t.Fatalf("want a refusal naming the host key, got %v", res)

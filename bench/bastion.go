@@ -1,9 +1,7 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -13,6 +11,7 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/internal/testenv"
 	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/policy"
 )
@@ -25,7 +24,7 @@ type inProcess struct {
 	srv      *bastion.Server
 	addr     string
 	host     *keys.Host
-	resolver *staticResolver
+	resolver *testenv.Resolver
 	served   chan error
 	logFile  *os.File
 }
@@ -53,7 +52,7 @@ func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login str
 	// connection or per channel, never per byte.
 	var mu sync.Mutex
 	enc := json.NewEncoder(logFile)
-	b := &inProcess{host: host, resolver: &staticResolver{vms: map[string]bastion.Upstream{}}, served: make(chan error, 1), logFile: logFile}
+	b := &inProcess{host: host, resolver: testenv.NewResolver(), served: make(chan error, 1), logFile: logFile}
 	bastion.ReserveHeap(64 << 20) // as cmd/bastion does
 	b.srv = &bastion.Server{
 		HostKey:   host.Key,
@@ -95,31 +94,4 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
-}
-
-// staticResolver knows a fixed set of VMs and their upstreams.
-type staticResolver struct {
-	mu  sync.Mutex
-	vms map[string]bastion.Upstream
-}
-
-func (r *staticResolver) Lookup(_ context.Context, name string) (bastion.VM, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if _, ok := r.vms[name]; !ok {
-		return bastion.VM{}, fmt.Errorf("%w: %s", bastion.ErrUnknownVM, name)
-	}
-	return bastion.VM{Name: name}, nil
-}
-
-func (r *staticResolver) Resolve(_ context.Context, vm bastion.VM, _ string) (bastion.Upstream, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.vms[vm.Name], nil
-}
-
-func (r *staticResolver) set(name string, up bastion.Upstream) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.vms[name] = up
 }

@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/bastionvm/bastion/internal/testenv"
 	gossh "golang.org/x/crypto/ssh"
 )
 
@@ -162,7 +163,7 @@ LogLevel ERROR
 			return nil, fmt.Errorf("reaper for %s: no pid (%q)", name, line)
 		}
 		go func() { s.exited <- cmd.Wait() }()
-		if err := waitBanner(addr, s.exited, 10*time.Second); err != nil {
+		if err := testenv.WaitBanner(addr, s.exited, 10*time.Second); err != nil {
 			log, _ := os.ReadFile(filepath.Join(dir, "sshd.log"))
 			s.stop()
 			if attempt < 3 && strings.Contains(string(log), "Address already in use") {
@@ -237,29 +238,6 @@ func (s *sshd) waitQuiet(limit time.Duration) error {
 // mem sums PSS and RSS over the listener and every process below it.
 func (s *sshd) mem() (memInfo, int) {
 	return treeMem(s.listener)
-}
-
-// waitBanner waits until addr answers with an SSH banner.
-func waitBanner(addr string, exited <-chan error, limit time.Duration) error {
-	deadline := time.Now().Add(limit)
-	for time.Now().Before(deadline) {
-		select {
-		case err := <-exited:
-			return fmt.Errorf("exited: %v", err)
-		default:
-		}
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			c.SetDeadline(time.Now().Add(2 * time.Second))
-			line, _ := bufio.NewReader(c).ReadString('\n')
-			c.Close()
-			if strings.HasPrefix(line, "SSH-2.0-") {
-				return nil
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return fmt.Errorf("no banner on %s within %v", addr, limit)
 }
 
 func freePort() (int, error) {

@@ -138,7 +138,7 @@ LogLevel ERROR
 			cmd.Process.Kill()
 			<-exited
 		})
-		if err := waitBanner(addr, exited, 10*time.Second); err != nil {
+		if err := WaitBanner(addr, exited, 10*time.Second); err != nil {
 			if listen == "" && attempt < 3 && strings.Contains(stderr.String(), "Address already in use") {
 				continue
 			}
@@ -148,8 +148,9 @@ LogLevel ERROR
 	}
 }
 
-// waitBanner waits until addr answers with an SSH banner.
-func waitBanner(addr string, exited <-chan error, limit time.Duration) error {
+// WaitBanner waits until addr answers with an SSH banner, or exited (the
+// server's Wait) reports that it ended.
+func WaitBanner(addr string, exited <-chan error, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) {
 		select {
