@@ -224,18 +224,13 @@ func (f *fixture) goClient(user string, ciphers ...string) *gossh.Client {
 	if err != nil {
 		f.t.Fatal(err)
 	}
-	config := &gossh.ClientConfig{
+	c, err := gossh.Dial("tcp", f.addr, &gossh.ClientConfig{
 		User:            user,
 		Auth:            []gossh.AuthMethod{gossh.PublicKeys(signer)},
 		HostKeyCallback: f.hostCAChecker().CheckHostKey,
 		Timeout:         10 * time.Second,
-	}
-	for _, c := range ciphers {
-		if c != "" {
-			config.Ciphers = append(config.Ciphers, c)
-		}
-	}
-	c, err := gossh.Dial("tcp", f.addr, config)
+		Config:          gossh.Config{Ciphers: ciphers}, // none: x/crypto's defaults
+	})
 	if err != nil {
 		f.t.Fatal(err)
 	}

@@ -264,8 +264,8 @@ func (l *link) serve(down gossh.Conn, chans <-chan gossh.NewChannel, reqs <-chan
 				reqs = nil
 				continue
 			}
-			ok, payload := l.global(req)
-			req.Reply(ok, payload)
+			granted, payload := l.global(req)
+			req.Reply(granted, payload)
 		}
 	}
 	l.up.Close()

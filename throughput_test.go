@@ -26,8 +26,8 @@ const benchTransfer = 64 << 20
 
 // jumpClient returns an SSH client to web1 through the fixture's bastion,
 // as ProxyJump makes one: a direct-tcpip channel to web1:22 on the outer
-// connection, and an SSH connection inside it. cipher, if not empty, is
-// the only cipher both hops offer.
+// connection, and an SSH connection inside it. Both hops offer only
+// cipher.
 func jumpClient(b *testing.B, f *fixture, cipher string) *gossh.Client {
 	b.Helper()
 	outer := f.goClient("alice", cipher)
@@ -35,11 +35,12 @@ func jumpClient(b *testing.B, f *fixture, cipher string) *gossh.Client {
 	if err != nil {
 		b.Fatal(err)
 	}
-	config := &gossh.ClientConfig{User: f.login, HostKeyCallback: f.hostCAChecker().CheckHostKey, Timeout: 10 * time.Second}
-	if cipher != "" {
-		config.Ciphers = []string{cipher}
-	}
-	c, chans, reqs, err := gossh.NewClientConn(conn, "web1:22", config)
+	c, chans, reqs, err := gossh.NewClientConn(conn, "web1:22", &gossh.ClientConfig{
+		User:            f.login,
+		HostKeyCallback: f.hostCAChecker().CheckHostKey,
+		Timeout:         10 * time.Second,
+		Config:          gossh.Config{Ciphers: []string{cipher}},
+	})
 	if err != nil {
 		b.Fatal(err)
 	}

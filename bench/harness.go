@@ -680,47 +680,55 @@ func (h *harness) rowSetup() error {
 // rowBulk: `ssh -J … 'cat > /dev/null'` and `'cat bigfile'` for each
 // cipher: MB/s, and the jump's CPU seconds per GiB from the same runs.
 func (h *harness) rowBulk() error {
-	size := h.opts.size
 	for _, cipher := range h.opts.ciphers {
 		short := strings.SplitN(cipher, "@", 2)[0]
 		for _, dir := range []string{"download", "upload"} {
-			var cmdline, stdin, stdout string
-			if dir == "download" {
-				cmdline, stdout = "cat "+h.bigfile, os.DevNull
-			} else {
-				cmdline, stdin, stdout = "cat > /dev/null", h.bigfile, os.DevNull
+			cmdline, stdin := "cat "+h.bigfile, ""
+			if dir == "upload" {
+				cmdline, stdin = "cat > /dev/null", h.bigfile
 			}
-			name := fmt.Sprintf("bulk %s, %s", dir, short)
-			tput := h.newRow("bulk", name, "MB/s", true)
-			cpu := h.newRow("cpu", fmt.Sprintf("jump CPU, bulk %s, %s", dir, short), "CPU s/GiB", false)
-			var io ioCounts
-			for i := 0; i < h.opts.runs; i++ {
-				for _, via := range order(i) {
-					res, err := h.runClient(via, "ssh", append(h.sshArgs(via, cipher), cmdline), stdin, stdout, "")
-					if err != nil {
-						return err
-					}
-					mbps := float64(size) / 1e6 / res.wall.Seconds()
-					cpuPerGiB := float64(res.cpu) / clockTick / (float64(size) / (1 << 30))
-					h.record(tput, via, i, mbps, fmt.Sprintf("wall_s=%.3f", res.wall.Seconds()), res.others)
-					h.record(cpu, via, i, cpuPerGiB, fmt.Sprintf("cpu_ticks=%d", res.cpu), res.others)
-					h.logf("  %s run %d %s: %.0f MB/s, %.2f CPU s/GiB", name, i+1, via, mbps, cpuPerGiB)
-					io = io.add(res.io)
-				}
-			}
-			h.ioNote(name, io, size*int64(h.opts.runs))
-			tput.pair()
-			cpu.pair()
-			h.logf("%s", tput.summary())
-			h.logf("%s", cpu.summary())
-			if h.opts.profile {
-				if err := h.profileRun(fmt.Sprintf("bulk-%s-%s", dir, short), append(h.sshArgs(viaBastion, cipher), cmdline), "ssh", stdin, stdout); err != nil {
-					return err
-				}
+			args := func(via string) []string { return append(h.sshArgs(via, cipher), cmdline) }
+			if err := h.transfer("bulk", fmt.Sprintf("bulk %s, %s", dir, short), fmt.Sprintf("jump CPU, bulk %s, %s", dir, short),
+				"ssh", args, stdin, fmt.Sprintf("bulk-%s-%s", dir, short)); err != nil {
+				return err
 			}
 		}
 	}
 	return nil
+}
+
+// transfer measures one transfer of the big file, with output to
+// /dev/null: MB/s in a row of group, and the jump's CPU seconds per GiB in
+// a "cpu" row named cpuName, from the same alternating runs; then, if
+// profiling, one more bastion run under the profiler, tagged tag.
+func (h *harness) transfer(group, name, cpuName, program string, args func(via string) []string, stdin, tag string) error {
+	size := h.opts.size
+	tput := h.newRow(group, name, "MB/s", true)
+	cpu := h.newRow("cpu", cpuName, "CPU s/GiB", false)
+	var io ioCounts
+	for i := 0; i < h.opts.runs; i++ {
+		for _, via := range order(i) {
+			res, err := h.runClient(via, program, args(via), stdin, os.DevNull, "")
+			if err != nil {
+				return err
+			}
+			mbps := float64(size) / 1e6 / res.wall.Seconds()
+			cpuPerGiB := float64(res.cpu) / clockTick / (float64(size) / (1 << 30))
+			h.record(tput, via, i, mbps, fmt.Sprintf("wall_s=%.3f", res.wall.Seconds()), res.others)
+			h.record(cpu, via, i, cpuPerGiB, fmt.Sprintf("cpu_ticks=%d", res.cpu), res.others)
+			h.logf("  %s run %d %s: %.0f MB/s, %.2f CPU s/GiB", name, i+1, via, mbps, cpuPerGiB)
+			io = io.add(res.io)
+		}
+	}
+	h.ioNote(name, io, size*int64(h.opts.runs))
+	tput.pair()
+	cpu.pair()
+	h.logf("%s", tput.summary())
+	h.logf("%s", cpu.summary())
+	if !h.opts.profile {
+		return nil
+	}
+	return h.profileRun(tag, args(viaBastion), program, stdin, os.DevNull)
 }
 
 // profileRun repeats one bastion run under the CPU profiler. It is not
@@ -740,7 +748,6 @@ func (h *harness) profileRun(tag string, args []string, program, stdin, stdout s
 
 // rowSFTP: sftp get and put of the big file (to and from /dev/null).
 func (h *harness) rowSFTP() error {
-	size := h.opts.size
 	cipher := h.opts.sftpCipher
 	short := "OpenSSH's default cipher"
 	if cipher != "" {
@@ -752,37 +759,13 @@ func (h *harness) rowSFTP() error {
 			return err
 		}
 		name := fmt.Sprintf("sftp %s, %s", dir, short)
-		tput := h.newRow("sftp", name, "MB/s", true)
-		cpu := h.newRow("cpu", "jump CPU, "+name, "CPU s/GiB", false)
 		argsFor := func(via string) []string {
 			args := h.sshArgs(via, cipher)
 			dest := args[len(args)-1]
 			return append(append(args[:len(args)-1:len(args)-1], "-q", "-b", batch), dest)
 		}
-		var io ioCounts
-		for i := 0; i < h.opts.runs; i++ {
-			for _, via := range order(i) {
-				res, err := h.runClient(via, "sftp", argsFor(via), "", os.DevNull, "")
-				if err != nil {
-					return err
-				}
-				mbps := float64(size) / 1e6 / res.wall.Seconds()
-				cpuPerGiB := float64(res.cpu) / clockTick / (float64(size) / (1 << 30))
-				h.record(tput, via, i, mbps, fmt.Sprintf("wall_s=%.3f", res.wall.Seconds()), res.others)
-				h.record(cpu, via, i, cpuPerGiB, fmt.Sprintf("cpu_ticks=%d", res.cpu), res.others)
-				h.logf("  %s run %d %s: %.0f MB/s, %.2f CPU s/GiB", name, i+1, via, mbps, cpuPerGiB)
-				io = io.add(res.io)
-			}
-		}
-		h.ioNote(name, io, size*int64(h.opts.runs))
-		tput.pair()
-		cpu.pair()
-		h.logf("%s", tput.summary())
-		h.logf("%s", cpu.summary())
-		if h.opts.profile {
-			if err := h.profileRun("sftp-"+dir, argsFor(viaBastion), "sftp", "", os.DevNull); err != nil {
-				return err
-			}
+		if err := h.transfer("sftp", name, "jump CPU, "+name, "sftp", argsFor, "", "sftp-"+dir); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -7,17 +7,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-)
 
-// vmTimings mirrors vmtest.TrustTimings: seconds per run.
-type vmTimings struct {
-	Guest        string    `json:"guest"`
-	ColdCheck    []float64 `json:"cold_check"`
-	WarmCheck    []float64 `json:"warm_check"`
-	ColdSetup    []float64 `json:"cold_setup"`
-	WarmSetup    []float64 `json:"warm_setup"`
-	OpenSSHSetup []float64 `json:"openssh_setup"`
-}
+	"github.com/bastionvm/bastion/vmtest"
+)
 
 // rowVM measures against a real libvirt guest by running the real-guest
 // suite's TestTrustTimings (vmtest/timing_test.go), which boots the test
@@ -54,7 +46,7 @@ func (h *harness) rowVM() error {
 	if err != nil {
 		return fmt.Errorf("real-guest timings wrote no results: %v", err)
 	}
-	var v vmTimings
+	var v vmtest.TrustTimings
 	if err := json.Unmarshal(data, &v); err != nil {
 		return fmt.Errorf("%s: %v", out, err)
 	}
@@ -72,7 +64,7 @@ func (h *harness) rowVM() error {
 		h.logf("%s", r.summary())
 	}
 	add(fmt.Sprintf("real guest (%s): dual-band check, cold", v.Guest), v.ColdCheck, nil)
-	add(fmt.Sprintf("real guest (%s): dual-band check, second login", v.Guest), v.WarmCheck, nil)
+	add(fmt.Sprintf("real guest (%s): dual-band check, second login", v.Guest), v.SecondLoginCheck, nil)
 	add(fmt.Sprintf("real guest (%s): ssh -J … true, trust cold", v.Guest), v.ColdSetup, nil)
 	add(fmt.Sprintf("real guest (%s): ssh -J … true, trust warm", v.Guest), v.WarmSetup, v.OpenSSHSetup)
 	return nil

@@ -19,17 +19,6 @@ import (
 	"github.com/bastionvm/bastion/internal/testenv"
 )
 
-// TrustTimings is what TestTrustTimings measures, in seconds per run. With
-// BASTION_BENCH_VM_OUT set, it is written there as JSON for `make bench`.
-type TrustTimings struct {
-	Guest        string    `json:"guest"`
-	ColdCheck    []float64 `json:"cold_check"`    // the dual-band check alone, from the audit event
-	WarmCheck    []float64 `json:"warm_check"`    // a check for a second login while the first is trusted
-	ColdSetup    []float64 `json:"cold_setup"`    // ssh -J bastion root@vm true, no trust yet
-	WarmSetup    []float64 `json:"warm_setup"`    // the same with trust held
-	OpenSSHSetup []float64 `json:"openssh_setup"` // ssh -J through an OpenSSH jump host to the same guest
-}
-
 var tookPattern = regexp.MustCompile(`took ([0-9.]+m?s)`)
 
 // TestTrustTimings measures, through the bastion binary against a real
@@ -73,7 +62,7 @@ func TestTrustTimings(t *testing.T) {
 		if r := b.ssh(nil, "user@"+web1, "true"); r.Exit != 0 {
 			t.Fatalf("ssh as user: %v", r)
 		}
-		res.WarmCheck = append(res.WarmCheck, checkTook(b, 2))
+		res.SecondLoginCheck = append(res.SecondLoginCheck, checkTook(b, 2))
 		warm = b
 	}
 	// Warm setups, alternating with the OpenSSH route run by run.
@@ -101,7 +90,7 @@ func TestTrustTimings(t *testing.T) {
 		slices.Sort(s)
 		return fmt.Sprintf("median %.2f s (min %.2f, max %.2f, %d runs)", s[len(s)/2], s[0], s[len(s)-1], len(s))
 	}
-	t.Logf("dual-band check, cold: %s; second login: %s", med(res.ColdCheck), med(res.WarmCheck))
+	t.Logf("dual-band check, cold: %s; second login: %s", med(res.ColdCheck), med(res.SecondLoginCheck))
 	t.Logf("ssh -J bastion root@%s true: cold %s; warm %s", web1, med(res.ColdSetup), med(res.WarmSetup))
 	t.Logf("ssh -J through an OpenSSH jump host: %s", med(res.OpenSSHSetup))
 	if out := os.Getenv("BASTION_BENCH_VM_OUT"); out != "" {
