@@ -13,10 +13,11 @@ build:
 deps:
 	testbed/install-host.sh
 
-# Everything: vet, unit tests, the in-process suite against real OpenSSH,
+# Everything: a tidy go.mod, vet, unit tests, the in-process suite against real OpenSSH,
 # and the real-guest suite (boots two libvirt guests; builds the guest image
 # once and caches it).
 test: deps
+	$(GO) mod tidy -diff
 	$(GO) vet ./...
 	BASTION_VMTEST=1 $(GO) test -count=1 -timeout 40m ./...
 
@@ -30,10 +31,9 @@ test-quick:
 test-vm: deps
 	BASTION_VMTEST=1 $(GO) test -count=1 -v -timeout 40m ./vmtest
 
-# Short fuzzing of every parser.
+# Every fuzz target in the module, FUZZTIME each (default 30s).
 fuzz:
-	$(GO) test -run XXX -fuzz FuzzParseConfig -fuzztime 30s ./cmd/bastion
-	$(GO) test -run XXX -fuzz FuzzParseTarget -fuzztime 30s .
+	scripts/fuzz.sh
 
 # The bastion side by side with an OpenSSH jump host on this machine;
 # writes bench/results/results.md and chart.svg.
@@ -42,7 +42,7 @@ bench: deps
 
 # Go benchmarks of the data path and the policy, for the inner loop.
 bench-go:
-	$(GO) test -run '^$$' -bench . -benchtime 4x . ./policy
+	$(GO) test -run '^$$' -bench . -benchtime 4x ./bastion ./policy
 
 demo:
 	scripts/demo.sh

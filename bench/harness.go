@@ -24,7 +24,7 @@ import (
 
 	gossh "golang.org/x/crypto/ssh"
 
-	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/bastion"
 )
 
 // jumpUser is the user the OpenSSH jump host lets in: an existing

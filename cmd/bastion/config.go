@@ -11,10 +11,10 @@ import (
 	"github.com/BurntSushi/toml"
 	gossh "golang.org/x/crypto/ssh"
 
-	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/internal/tomlpos"
 	"github.com/bastionvm/bastion/policy"
-	"github.com/bastionvm/bastion/trust"
+	"github.com/bastionvm/bastion/bastion/trust"
 )
 
 // Config is bastion.toml. bastion.toml.example documents every key.

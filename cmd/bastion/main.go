@@ -19,10 +19,10 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/hypervisor"
 	"github.com/bastionvm/bastion/keys"
-	"github.com/bastionvm/bastion/trust"
+	"github.com/bastionvm/bastion/bastion/trust"
 )
 
 const usage = `usage:

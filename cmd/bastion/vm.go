@@ -16,11 +16,11 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/bastionvm/bastion"
-	"github.com/bastionvm/bastion/dispense"
+	"github.com/bastionvm/bastion/bastion"
+	"github.com/bastionvm/bastion/bastion/dispense"
 	"github.com/bastionvm/bastion/hypervisor"
 	"github.com/bastionvm/bastion/policy"
-	"github.com/bastionvm/bastion/trust"
+	"github.com/bastionvm/bastion/bastion/trust"
 )
 
 // TemplateConfig is one [[template]].

@@ -12,10 +12,10 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/hypervisor"
 	"github.com/bastionvm/bastion/keys"
-	"github.com/bastionvm/bastion/trust"
+	"github.com/bastionvm/bastion/bastion/trust"
 )
 
 // outOfBand is the hypervisor pool as trust's out-of-band channel. The two

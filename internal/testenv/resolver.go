@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"sync"
 
-	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/bastion"
 )
 
 // Resolver is a bastion.Resolver (and Lister) for a fixed set of VMs whose

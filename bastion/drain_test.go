@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/bastion"
 )
 
 func TestShutdownDrains(t *testing.T) {

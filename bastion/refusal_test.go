@@ -7,7 +7,7 @@ import (
 
 	gossh "golang.org/x/crypto/ssh"
 
-	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/internal/testenv"
 	"github.com/bastionvm/bastion/policy"
 )

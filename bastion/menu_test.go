@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bastionvm/bastion"
+	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/internal/testenv"
 )
 
