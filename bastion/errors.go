@@ -3,14 +3,16 @@ package bastion
 import (
 	"errors"
 	"fmt"
+	"github.com/bastionvm/bastion/keys"
+	"github.com/bastionvm/bastion/vm"
 )
 
-// Sentinel errors. Resolvers wrap these so the front door can tell the user
-// a short, accurate reason while the detail goes to the log.
+// Sentinel errors of the front door and its upstreams, shown to the user
+// with the detail left to the log. Resolvers and VM lookups use
+// vm.ErrNoSuchVM and keys.ErrHostKeyMismatch, listed with these in
+// userMessage.
 var (
-	ErrUnknownVM           = errors.New("no such VM")
 	ErrDenied              = errors.New("denied by policy")
-	ErrHostKeyMismatch     = errors.New("host key does not match the pinned key")
 	ErrUpstreamAuth        = errors.New("the VM refused the bastion's key")
 	ErrUpstreamUnreachable = errors.New("the VM's sshd cannot be reached")
 	ErrNotVerified         = errors.New("the VM could not be verified")
@@ -20,15 +22,15 @@ var (
 // userMessage is what the person at the client is told about err: short,
 // with no internal detail. The full error goes to the log and audit stream.
 // Errors from a Resolver may say it themselves with a UserMessage method.
-func userMessage(vm string, err error) string {
-	for _, known := range []error{ErrUnknownVM, ErrDenied, ErrHostKeyMismatch, ErrUpstreamAuth, ErrUpstreamUnreachable, ErrBadTarget} {
+func userMessage(name string, err error) string {
+	for _, known := range []error{vm.ErrNoSuchVM, ErrDenied, keys.ErrHostKeyMismatch, ErrUpstreamAuth, ErrUpstreamUnreachable, ErrBadTarget} {
 		if errors.Is(err, known) {
-			return fmt.Sprintf("bastion: %s: %v", vm, known)
+			return fmt.Sprintf("bastion: %s: %v", name, known)
 		}
 	}
 	var m interface{ UserMessage() string }
 	if errors.As(err, &m) {
-		return fmt.Sprintf("bastion: %s: %s", vm, m.UserMessage())
+		return fmt.Sprintf("bastion: %s: %s", name, m.UserMessage())
 	}
-	return fmt.Sprintf("bastion: %s: %v", vm, ErrNotVerified)
+	return fmt.Sprintf("bastion: %s: %v", name, ErrNotVerified)
 }

@@ -2,6 +2,9 @@ package bastion_test
 
 import (
 	"bytes"
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/bastion/bastiontest"
+	"github.com/bastionvm/bastion/vm"
 	"io"
 	"log/slog"
 	"net"
@@ -25,16 +28,16 @@ import (
 // fixture is a bastion in this process, a real sshd on 127.0.0.1 standing
 // in for the VM "web1", and an OpenSSH client whose key belongs to alice.
 type fixture struct {
-	t        testing.TB
-	vm       *testenv.SSHD
-	srv      *bastion.Server
-	addr     string
-	host     *keys.Host
-	client   *testenv.Client
-	resolver *testenv.Resolver
-	audit    *auditLog
-	login    string
-	policy   *livePolicy
+	t      testing.TB
+	vm     *testenv.SSHD
+	srv    *bastion.Server
+	addr   string
+	host   *keys.Host
+	client *testenv.Client
+	fleet  *bastiontest.Fleet
+	audit  *auditLog
+	login  string
+	policy *livePolicy
 
 	upstreamKeyPath string // the bastion's key for the VM, for direct comparisons
 }
@@ -53,8 +56,8 @@ func newFixture(t testing.TB, configure ...func(*bastion.Server)) *fixture {
 	if err := os.WriteFile(f.upstreamKeyPath, upstreamPEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	f.resolver = testenv.NewResolver()
-	f.resolver.Set("web1", bastion.Upstream{Addr: vm.Addr, HostKeys: []gossh.PublicKey{vm.HostKey}, Signer: upstreamKey})
+	f.fleet = bastiontest.NewFleet()
+	f.fleet.Set("web1", keys.Upstream{Addr: vm.Addr, HostKeys: []gossh.PublicKey{vm.HostKey}, Signer: upstreamKey})
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -72,7 +75,8 @@ func newFixture(t testing.TB, configure ...func(*bastion.Server)) *fixture {
 		HostKey:   host.Key,
 		Certifier: host,
 		Accounts:  accounts,
-		Resolver:  f.resolver,
+		VMs:       f.fleet,
+		Resolver:  f.fleet,
 		Policy:    f.policy,
 		Logger:    testLogger(t),
 		Audit:     f.audit.add,
@@ -109,8 +113,8 @@ type livePolicy struct{ p atomic.Pointer[policy.Policy] }
 
 func (l *livePolicy) set(p *policy.Policy)                    { l.p.Store(p) }
 func (l *livePolicy) Decide(r policy.Request) policy.Decision { return l.p.Load().Decide(r) }
-func (l *livePolicy) Logins(account string, groups []string, source netip.Addr, vm policy.VM, t time.Time) []string {
-	return l.p.Load().Logins(account, groups, source, vm, t)
+func (l *livePolicy) Logins(account string, groups []string, source netip.Addr, d vm.Domain, t time.Time) []string {
+	return l.p.Load().Logins(account, groups, source, d, t)
 }
 
 // ssh runs the client's ssh with args.
@@ -128,17 +132,17 @@ func (f *fixture) jump(stdin []byte, args ...string) testenv.Result {
 // auditLog collects audit events.
 type auditLog struct {
 	mu     sync.Mutex
-	events []bastion.Event
+	events []audit.Event
 }
 
-func (a *auditLog) add(e bastion.Event) {
+func (a *auditLog) add(e audit.Event) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.events = append(a.events, e)
 }
 
 // find returns the first event of type t whose reason contains reason.
-func (a *auditLog) find(t bastion.EventType, reason string) (bastion.Event, bool) {
+func (a *auditLog) find(t audit.Type, reason string) (audit.Event, bool) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, e := range a.events {
@@ -146,7 +150,7 @@ func (a *auditLog) find(t bastion.EventType, reason string) (bastion.Event, bool
 			return e, true
 		}
 	}
-	return bastion.Event{}, false
+	return audit.Event{}, false
 }
 
 // testLogger logs through t, or discards with -short... it always logs

@@ -1,9 +1,12 @@
 package bastion
 
 import (
-	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/keys"
+	"github.com/bastionvm/bastion/vm"
 	"log/slog"
 	"net"
 	"strings"
@@ -15,14 +18,6 @@ import (
 	"github.com/bastionvm/bastion/policy"
 )
 
-// Upstream is a verified way into one VM for one login: where its sshd
-// listens, the host keys it must present, and the key to log in with.
-type Upstream struct {
-	Addr     string
-	HostKeys []gossh.PublicKey
-	Signer   gossh.Signer
-}
-
 // link is one downstream connection bound to one login on one VM, and the
 // upstream connection to that VM's sshd that serves it. The downstream is
 // either the ProxyJump inner hop or a front-door connection whose user name
@@ -31,7 +26,7 @@ type link struct {
 	srv     *Server
 	account Account
 	source  net.Addr
-	vm      VM
+	vm      vm.Domain
 	login   string
 	log     *slog.Logger
 
@@ -93,7 +88,7 @@ func (l *link) end(msg string) {
 func (l *link) revalidate() {
 	if d := l.srv.decide(l.account, l.source, l.vm, l.login, ask{kind: policy.Connect}); !d.Allow {
 		l.log.Info("ended by a policy change", "reason", d.Reason)
-		l.srv.audit(Event{Type: EventEnded, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
+		l.srv.audit(audit.Event{Type: audit.Ended, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
 			Login: l.login, Channel: string(policy.Connect), Rule: d.Rule, Reason: "policy change: " + d.Reason})
 		l.end(fmt.Sprintf("bastion: %s: access ended by a policy change", l.vm.Name))
 		return
@@ -107,7 +102,7 @@ func (l *link) revalidate() {
 	for _, c := range active {
 		if d := l.srv.decide(l.account, l.source, l.vm, l.login, c.a); !d.Allow {
 			l.log.Info("channel ended by a policy change", "channel", c.a.kind, "detail", c.a.detail(), "reason", d.Reason)
-			l.srv.audit(Event{Type: EventEnded, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
+			l.srv.audit(audit.Event{Type: audit.Ended, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
 				Login: l.login, Channel: string(c.a.kind), Detail: c.a.detail(), Rule: d.Rule, Reason: "policy change: " + d.Reason})
 			c.end(fmt.Sprintf("bastion: %s: %s ended by a policy change", l.vm.Name, c.a.kind))
 		}
@@ -117,98 +112,73 @@ func (l *link) revalidate() {
 // establish decides whether account may reach vm as login, obtains a
 // verified upstream from the resolver and logs in to the VM. Nothing is
 // sent to the VM before the policy allows it.
-func (s *Server) establish(ctx context.Context, account Account, source net.Addr, vm VM, login string) (*link, error) {
-	log := s.logger().With("account", account.Name, "source", source.String(), "vm", vm.Name, "login", login)
-	ev := Event{Account: account.Name, Source: source.String(), VM: vm.Name, Login: login}
+func (s *Server) establish(ctx context.Context, account Account, source net.Addr, d vm.Domain, login string) (*link, error) {
+	log := s.logger().With("account", account.Name, "source", source.String(), "vm", d.Name, "login", login)
+	ev := audit.Event{Account: account.Name, Source: source.String(), VM: d.Name, Login: login}
 	if err := checkLogin(login); err != nil {
 		return nil, err
 	}
-	d := s.decide(account, source, vm, login, ask{kind: policy.Connect})
-	if !d.Allow {
-		log.Info("denied", "channel", policy.Connect, "rule", d.Rule, "reason", d.Reason)
-		s.audit(ev.with(EventDenied, string(policy.Connect), d.Rule, d.Reason))
-		return nil, fmt.Errorf("%w: %s", ErrDenied, d.Reason)
+	dec := s.decide(account, source, d, login, ask{kind: policy.Connect})
+	if !dec.Allow {
+		log.Info("denied", "channel", policy.Connect, "rule", dec.Rule, "reason", dec.Reason)
+		s.audit(ev.With(audit.Denied, string(policy.Connect), dec.Rule, dec.Reason))
+		return nil, fmt.Errorf("%w: %s", ErrDenied, dec.Reason)
+	}
+	if s.Resolver == nil {
+		return nil, fmt.Errorf("%w: no resolver", ErrNotVerified)
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.connectTimeout())
 	defer cancel()
-	target, err := s.Resolver.Resolve(ctx, vm, login)
+	target, err := s.Resolver.Resolve(ctx, d, login)
 	if err != nil {
 		log.Warn("resolve failed", "err", err)
-		s.audit(ev.with(EventUpstreamFailed, "", "", err.Error()))
+		s.audit(ev.With(audit.UpstreamFailed, "", "", err.Error()))
 		return nil, err
 	}
-	l := &link{srv: s, account: account, source: source, vm: vm, login: login, log: log, maxTime: d.MaxTime,
+	l := &link{srv: s, account: account, source: source, vm: d, login: login, log: log, maxTime: dec.MaxTime,
 		forwards: make(map[string]bool), active: make(map[*activeChannel]bool)}
 	if err := l.dial(ctx, target); err != nil {
 		log.Warn("upstream failed", "addr", target.Addr, "err", err)
-		s.audit(ev.with(EventUpstreamFailed, "", "", err.Error()))
+		s.audit(ev.With(audit.UpstreamFailed, "", "", err.Error()))
 		return nil, err
 	}
 	log.Info("connected", "addr", target.Addr)
-	s.audit(ev.with(EventConnected, "", "", ""))
+	s.audit(ev.With(audit.Connected, "", "", ""))
 	return l, nil
 }
 
 // dial connects to the VM's sshd, requiring one of the pinned host keys,
 // and logs in with the upstream's signer.
-func (l *link) dial(ctx context.Context, target Upstream) error {
+func (l *link) dial(ctx context.Context, target keys.Upstream) error {
 	if len(target.HostKeys) == 0 {
 		return fmt.Errorf("%w: no host key is pinned", ErrNotVerified)
-	}
-	var algos []string
-	for _, k := range target.HostKeys {
-		algos = append(algos, hostKeyAlgorithms(k)...)
-	}
-	var mismatch error
-	config := &gossh.ClientConfig{
-		User:              l.login,
-		Auth:              []gossh.AuthMethod{gossh.PublicKeys(target.Signer)},
-		HostKeyAlgorithms: algos,
-		HostKeyCallback: func(_ string, _ net.Addr, key gossh.PublicKey) error {
-			for _, pinned := range target.HostKeys {
-				if bytes.Equal(pinned.Marshal(), key.Marshal()) {
-					return nil
-				}
-			}
-			mismatch = fmt.Errorf("%w: presented %s %s", ErrHostKeyMismatch, key.Type(), gossh.FingerprintSHA256(key))
-			return mismatch
-		},
-		ClientVersion: l.srv.version(),
 	}
 	var d net.Dialer
 	tcp, err := d.DialContext(ctx, "tcp", target.Addr)
 	if err != nil {
-		return fmt.Errorf("%w: %v", ErrUpstreamUnreachable, err)
+		return fmt.Errorf("%w: %w", ErrUpstreamUnreachable, err)
 	}
 	nc := newBulkConn(tcp)
 	// The handshake honours ctx through the connection's deadline.
 	if deadline, ok := ctx.Deadline(); ok {
 		nc.SetDeadline(deadline)
 	}
-	conn, chans, reqs, err := gossh.NewClientConn(nc, target.Addr, config)
+	conn, chans, reqs, err := gossh.NewClientConn(nc, target.Addr, target.ClientConfig(l.login, l.srv.version()))
 	if err != nil {
 		nc.Close()
 		switch {
-		case mismatch != nil:
-			return mismatch
+		case errors.Is(err, keys.ErrHostKeyMismatch):
+			return err
 		// x/crypto reports a refused login only in the error's text.
 		case strings.Contains(err.Error(), "unable to authenticate"):
-			return fmt.Errorf("%w: %v", ErrUpstreamAuth, err)
+			return fmt.Errorf("%w: %w", ErrUpstreamAuth, err)
 		default:
-			return fmt.Errorf("%w: %v", ErrUpstreamUnreachable, err)
+			return fmt.Errorf("%w: %w", ErrUpstreamUnreachable, err)
 		}
 	}
 	nc.SetDeadline(time.Time{})
 	l.up, l.upChans, l.upReqs = conn, chans, reqs
 	return nil
-}
-
-// hostKeyAlgorithms lists the algorithms under which key may be presented.
-func hostKeyAlgorithms(key gossh.PublicKey) []string {
-	if key.Type() == gossh.KeyAlgoRSA {
-		return []string{gossh.KeyAlgoRSASHA512, gossh.KeyAlgoRSASHA256}
-	}
-	return []string{key.Type()}
 }
 
 // start binds the link to its downstream connection and serves what the
@@ -228,7 +198,7 @@ func (l *link) start(down gossh.Conn) {
 	if l.maxTime > 0 {
 		limit = time.AfterFunc(l.maxTime, func() {
 			l.log.Info("session time limit reached", "limit", l.maxTime)
-			s.audit(Event{Type: EventEnded, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
+			s.audit(audit.Event{Type: audit.Ended, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
 				Login: l.login, Reason: fmt.Sprintf("time limit %v", l.maxTime)})
 			l.end(fmt.Sprintf("bastion: %s: session time limit (%v) reached", l.vm.Name, l.maxTime))
 		})
@@ -270,7 +240,7 @@ func (l *link) serve(down gossh.Conn, chans <-chan gossh.NewChannel, reqs <-chan
 	}
 	l.up.Close()
 	l.log.Info("disconnected")
-	l.srv.audit(Event{Type: EventDisconnected, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name, Login: l.login})
+	l.srv.audit(audit.Event{Type: audit.Disconnected, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name, Login: l.login})
 }
 
 // channel handles a channel the downstream opens.
@@ -436,7 +406,7 @@ func (l *link) allow(a ask) policy.Decision {
 	d := l.srv.decide(l.account, l.source, l.vm, l.login, a)
 	if !d.Allow {
 		l.log.Info("denied", "channel", a.kind, "detail", a.detail(), "rule", d.Rule, "reason", d.Reason)
-		l.srv.audit(Event{Type: EventDenied, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
+		l.srv.audit(audit.Event{Type: audit.Denied, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
 			Login: l.login, Channel: string(a.kind), Detail: a.detail(), Rule: d.Rule, Reason: d.Reason})
 	}
 	return d

@@ -3,8 +3,8 @@ package bastion
 import (
 	"context"
 	"fmt"
+	"github.com/bastionvm/bastion/vm"
 	"io"
-	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -14,12 +14,6 @@ import (
 
 	"github.com/bastionvm/bastion/policy"
 )
-
-// Lister is implemented by a Resolver that can list the VMs it serves, for
-// the menu of `ssh alice@bastion`.
-type Lister interface {
-	List(ctx context.Context) ([]VM, error)
-}
 
 // menu serves a session on the bastion itself. With a terminal it shows the
 // VMs and logins the account may use and connects the session to the one
@@ -74,30 +68,28 @@ func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
 
 // choice is a VM on the menu and the logins offered for it; "*" means any.
 type choice struct {
-	vm     VM
+	vm     vm.Domain
 	logins []string
 }
 
 func (s *Server) choices(fc *frontConn) []choice {
-	lister, ok := s.Resolver.(Lister)
-	logins, ok2 := s.Policy.(interface {
-		Logins(account string, groups []string, source netip.Addr, vm policy.VM, t time.Time) []string
-	})
-	if !ok || !ok2 {
+	if s.VMs == nil || s.Policy == nil {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(fc.ctx, 30*time.Second)
 	defer cancel()
-	vms, err := lister.List(ctx)
+	vms, err := s.VMs.List(ctx)
 	if err != nil {
 		s.logger().Warn("listing VMs for the menu", "err", err)
 		return nil
 	}
-	source, _ := netip.ParseAddrPort(fc.source.String())
 	var out []choice
-	for _, vm := range vms {
-		if l := logins.Logins(fc.account.Name, fc.account.Groups, source.Addr(), policy.VM(vm), time.Now()); len(l) > 0 {
-			out = append(out, choice{vm: vm, logins: l})
+	for _, d := range vms {
+		if !d.Running {
+			continue
+		}
+		if l := s.Policy.Logins(fc.account.Name, fc.account.Groups, sourceAddr(fc.source), d, time.Now()); len(l) > 0 {
+			out = append(out, choice{vm: d, logins: l})
 		}
 	}
 	slices.SortFunc(out, func(a, b choice) int { return strings.Compare(a.vm.Name, b.vm.Name) })

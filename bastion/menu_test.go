@@ -3,18 +3,18 @@ package bastion_test
 import (
 	"bufio"
 	"context"
+	"github.com/bastionvm/bastion/keys"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/internal/testenv"
 )
 
 func TestMenuWithoutTerminalLists(t *testing.T) {
 	f := newFixture(t)
-	f.resolver.Set("web2", bastion.Upstream{}) // listed: the policy allows web*
-	f.resolver.Set("db1", bastion.Upstream{})  // not listed
+	f.fleet.Set("web2", keys.Upstream{}) // listed: the policy allows web*
+	f.fleet.Set("db1", keys.Upstream{})  // not listed
 	res := f.ssh(nil, "bastion")
 	out := string(res.Stdout)
 	if res.Exit != 0 || !strings.Contains(out, "1) web1") || !strings.Contains(out, "2) web2") || strings.Contains(out, "db1") {

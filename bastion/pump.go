@@ -269,19 +269,3 @@ func pump(dst io.Writer, src io.Reader) error {
 
 // packetSize is the largest payload x/crypto/ssh puts in a channel packet.
 const packetSize = 32 << 10
-
-// heapFloor is allocated once and never touched: the live heap it adds
-// raises the collector's target by as much, while its pages, never
-// written, cost no memory.
-var heapFloor []byte
-
-// ReserveHeap keeps the garbage collector from running every few megabytes
-// while the live heap is small. x/crypto/ssh allocates a fresh buffer for
-// every packet it reads (32 KiB in bulk), so with a few megabytes live and
-// the default GOGC a transfer would start a collection every hundred
-// packets or so. With n bytes reserved the heap may grow by n more before
-// one starts; once the sessions themselves hold more than n the
-// reservation no longer matters. Call it once, at start.
-func ReserveHeap(n int) {
-	heapFloor = make([]byte, n)
-}

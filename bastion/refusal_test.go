@@ -1,6 +1,9 @@
 package bastion_test
 
 import (
+	"context"
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/vm"
 	"strings"
 	"testing"
 	"time"
@@ -15,9 +18,9 @@ import (
 func TestHostKeyMismatchRefused(t *testing.T) {
 	f := newFixture(t)
 	impostor, _ := testenv.NewKey(t)
-	up, _ := f.resolver.Resolve(nil, bastion.VM{Name: "web1"}, "")
+	up, _ := f.fleet.Resolve(context.Background(), vm.Domain{Name: "web1"}, "")
 	up.HostKeys = []gossh.PublicKey{impostor.PublicKey()}
-	f.resolver.Set("web1", up)
+	f.fleet.Set("web1", up)
 	res := f.jump(nil, "echo secret")
 	if res.Exit != 255 || !strings.Contains(res.Stderr, "bastion: web1: host key does not match the pinned key") {
 		t.Fatalf("want a refusal naming the host key, got %v", res)
@@ -25,7 +28,7 @@ func TestHostKeyMismatchRefused(t *testing.T) {
 	if len(res.Stdout) != 0 {
 		t.Fatalf("command ran: %q", res.Stdout)
 	}
-	if _, ok := f.audit.find(bastion.EventUpstreamFailed, "host key does not match"); !ok {
+	if _, ok := f.audit.find(audit.UpstreamFailed, "host key does not match"); !ok {
 		t.Error("no audit event for the mismatch")
 	}
 	// The login@vm form says the same.
@@ -44,7 +47,7 @@ func TestUnknownKeyRefused(t *testing.T) {
 			t.Fatalf("ssh %v with a key of no account: got %v", args, res)
 		}
 	}
-	if _, ok := f.audit.find(bastion.EventLoginFailed, "unknown key"); !ok {
+	if _, ok := f.audit.find(audit.LoginFailed, "unknown key"); !ok {
 		t.Error("no audit event for the unknown key")
 	}
 }
@@ -98,7 +101,7 @@ func TestPolicyDeniesLogin(t *testing.T) {
 	if res.Exit != 255 || !strings.Contains(res.Stderr, "bastion: web1: denied by policy") {
 		t.Fatalf("login not allowed by any rule: got %v", res)
 	}
-	if _, ok := f.audit.find(bastion.EventDenied, "no rule allows"); !ok {
+	if _, ok := f.audit.find(audit.Denied, "no rule allows"); !ok {
 		t.Error("no audit event for the denial")
 	}
 }
@@ -145,7 +148,7 @@ func TestFailedAuthenticationsRateLimited(t *testing.T) {
 	if res.Exit != 255 || strings.Contains(res.Stderr, "Permission denied") {
 		t.Fatalf("after 3 failures: got %v, want the connection closed", res)
 	}
-	if _, ok := f.audit.find(bastion.EventLoginFailed, "rate limited"); !ok {
+	if _, ok := f.audit.find(audit.LoginFailed, "rate limited"); !ok {
 		t.Error("no audit event for the rate limit")
 	}
 }

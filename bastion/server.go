@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/keys"
+	"github.com/bastionvm/bastion/vm"
 	"io"
 	"log/slog"
 	"net"
@@ -18,24 +21,23 @@ import (
 	"github.com/bastionvm/bastion/policy"
 )
 
-// VM is what the bastion knows of a VM when deciding a request.
-type VM struct {
-	Name       string
-	UUID       string
-	Hypervisor string
-	Labels     map[string]string
+// VMs finds the VMs the bastion serves. *hypervisor.Pool is one.
+type VMs interface {
+	// Find returns the VM called name (or with that UUID), or an error
+	// wrapping vm.ErrNoSuchVM.
+	Find(ctx context.Context, name string) (vm.Domain, error)
+	// List returns every VM, running or not; the menu offers the running
+	// ones.
+	List(ctx context.Context) ([]vm.Domain, error)
 }
 
-// Resolver finds VMs and the verified trust needed to reach them. Its
-// production implementation is the trust package; errors wrap this
-// package's sentinels (ErrUnknownVM) or have a UserMessage() string method
+// Resolver gives verified ways into VMs. *trust.Manager is one. Its errors
+// wrap this package's sentinels or have a UserMessage() string method
 // saying what the user may be told.
 type Resolver interface {
-	// Lookup returns the VM called name, or an error wrapping ErrUnknownVM.
-	Lookup(ctx context.Context, name string) (VM, error)
-	// Resolve returns a verified upstream for login on vm, establishing
+	// Resolve returns a verified upstream for login on d, establishing
 	// trust first if none is fresh.
-	Resolve(ctx context.Context, vm VM, login string) (Upstream, error)
+	Resolve(ctx context.Context, d vm.Domain, login string) (keys.Upstream, error)
 }
 
 // Identifier maps a public key to the account that holds it.
@@ -43,9 +45,13 @@ type Identifier interface {
 	Identify(key gossh.PublicKey) (Account, bool)
 }
 
-// Decider is the policy.
+// Decider is the policy. *policy.Policy is one.
 type Decider interface {
+	// Decide answers one request.
 	Decide(policy.Request) policy.Decision
+	// Logins lists the logins on d that account (in groups) may use from
+	// source at t, "*" meaning any: what the menu offers.
+	Logins(account string, groups []string, source netip.Addr, d vm.Domain, t time.Time) []string
 }
 
 // HostCertifier issues host certificates for the bastion's host key.
@@ -65,7 +71,8 @@ type Server struct {
 	Hostnames []string      // principals of the front door's own certificate; if empty, valid for any name
 
 	Accounts Identifier // if nil, nobody can log in
-	Resolver Resolver   // if nil, no VM is known
+	VMs      VMs        // if nil, no VM is known
+	Resolver Resolver   // if nil, no VM can be reached
 	Policy   Decider    // if nil, every request is denied
 
 	EnvAllow       []string      // globs of environment variable names passed to VMs; nil means DefaultEnvAllow
@@ -80,7 +87,7 @@ type Server struct {
 	Commands map[string]CommandFunc
 
 	Logger *slog.Logger // if nil, logs are discarded
-	Audit  func(Event)  // receives every audit event; if nil, they are dropped
+	Audit  audit.Sink   // receives every audit event; if nil, they are dropped
 
 	initOnce sync.Once
 	front    *ssh.Server
@@ -195,7 +202,7 @@ func (s *Server) init() {
 func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 	if s.limiter.Blocked(conn.RemoteAddr()) {
 		s.logger().Warn("refused: too many failed authentications", "source", conn.RemoteAddr().String())
-		s.audit(Event{Type: EventLoginFailed, Source: conn.RemoteAddr().String(), Reason: "rate limited"})
+		s.audit(audit.Event{Type: audit.LoginFailed, Source: conn.RemoteAddr().String(), Reason: "rate limited"})
 		return nil
 	}
 	ctx.SetValue(ctxKey{}, &frontConn{ctx: ctx, source: conn.RemoteAddr(), local: conn.LocalAddr()})
@@ -224,7 +231,7 @@ func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.
 		s.limiter.Fail(fc.source)
 		s.logger().Info("authentication failed", "source", fc.source.String(), "user", meta.User(),
 			"key", gossh.FingerprintSHA256(key), "reason", reason)
-		s.audit(Event{Type: EventLoginFailed, Source: fc.source.String(), Reason: reason})
+		s.audit(audit.Event{Type: audit.LoginFailed, Source: fc.source.String(), Reason: reason})
 		return nil, errors.New(reason)
 	}
 	if s.limiter.Blocked(fc.source) {
@@ -259,7 +266,7 @@ func (s *Server) state(ctx ssh.Context, conn *gossh.ServerConn) *frontConn {
 		fc.conn = conn
 		fc.account = conn.Permissions.ExtraData[ctxKey{}].(Account)
 		s.logger().Info("login", "account", fc.account.Name, "source", fc.source.String(), "user", conn.User())
-		s.audit(Event{Type: EventLogin, Account: fc.account.Name, Source: fc.source.String()})
+		s.audit(audit.Event{Type: audit.Login, Account: fc.account.Name, Source: fc.source.String()})
 		s.keepalive(conn)
 	}
 	return fc
@@ -334,11 +341,27 @@ func targetVM(user string) string {
 	return vm
 }
 
-func (s *Server) lookup(ctx context.Context, name string) (VM, error) {
-	if s.Resolver == nil {
-		return VM{}, fmt.Errorf("%w: %s", ErrUnknownVM, name)
+// lookup finds the VM a request names. A failure other than "no such VM"
+// is the hypervisor's, and says so to the user.
+func (s *Server) lookup(ctx context.Context, name string) (vm.Domain, error) {
+	if s.VMs == nil {
+		return vm.Domain{}, fmt.Errorf("%w: %s", vm.ErrNoSuchVM, name)
 	}
-	return s.Resolver.Lookup(ctx, name)
+	d, err := s.VMs.Find(ctx, name)
+	if err != nil && !errors.Is(err, vm.ErrNoSuchVM) {
+		return vm.Domain{}, &lookupError{err}
+	}
+	return d, err
+}
+
+// lookupError is a VM lookup that failed for a reason other than the VM
+// not existing: an unreachable hypervisor, say.
+type lookupError struct{ err error }
+
+func (e *lookupError) Error() string { return "finding the VM: " + e.err.Error() }
+func (e *lookupError) Unwrap() error { return e.err }
+func (e *lookupError) UserMessage() string {
+	return "could not verify the VM (finding the VM: " + vm.Cause(e.err).Error() + ")"
 }
 
 // ask is one question to the policy about what a link may do.
@@ -360,13 +383,12 @@ func (a ask) detail() string {
 	return ""
 }
 
-func (s *Server) decide(account Account, source net.Addr, vm VM, login string, a ask) policy.Decision {
+func (s *Server) decide(account Account, source net.Addr, d vm.Domain, login string, a ask) policy.Decision {
 	if s.Policy == nil {
 		return policy.Decision{Reason: "no policy"}
 	}
-	addr, _ := netip.ParseAddrPort(source.String())
 	return s.Policy.Decide(policy.Request{
-		Account: account.Name, Groups: account.Groups, Source: addr.Addr(), VM: policy.VM(vm), Login: login,
+		Account: account.Name, Groups: account.Groups, Source: sourceAddr(source), VM: d, Login: login,
 		Channel: a.kind, Command: a.command, Host: a.host, Port: a.port, Time: time.Now(),
 	})
 }
@@ -406,4 +428,19 @@ func (s *Server) connectTimeout() time.Duration {
 		return 2 * time.Minute
 	}
 	return s.ConnectTimeout
+}
+
+func (s *Server) audit(e audit.Event) { s.Audit.Emit(e) }
+
+// Reloaded audits a reload of the accounts and the policy that took
+// effect, then revalidates every open link and channel against them.
+func (s *Server) Reloaded(why string) {
+	s.audit(audit.Event{Type: audit.Reloaded, Reason: why})
+	s.Revalidate()
+}
+
+// ReloadFailed audits a reload that was refused: the running accounts and
+// policy stay.
+func (s *Server) ReloadFailed(why string, err error) {
+	s.audit(audit.Event{Type: audit.ReloadFailed, Reason: err.Error()})
 }

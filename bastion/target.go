@@ -2,6 +2,8 @@ package bastion
 
 import (
 	"fmt"
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/vm"
 	"net"
 	"regexp"
 	"strings"
@@ -18,36 +20,26 @@ type Target struct {
 	VM    string
 }
 
-var (
-	loginPattern = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$`)
-	vmPattern    = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
-)
+var loginPattern = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$`)
 
 // ParseTarget parses "login@vm", the user name of `ssh login@vm@bastion`.
 func ParseTarget(user string) (Target, error) {
-	login, vm, ok := strings.Cut(user, "@")
+	login, name, ok := strings.Cut(user, "@")
 	if !ok {
 		return Target{}, fmt.Errorf("%w: %q is not login@vm", ErrBadTarget, user)
 	}
 	if err := checkLogin(login); err != nil {
 		return Target{}, err
 	}
-	if err := checkVMName(vm); err != nil {
-		return Target{}, err
+	if err := vm.CheckName(name); err != nil {
+		return Target{}, fmt.Errorf("%w: %w", ErrBadTarget, err)
 	}
-	return Target{Login: login, VM: vm}, nil
+	return Target{Login: login, VM: name}, nil
 }
 
 func checkLogin(login string) error {
 	if !loginPattern.MatchString(login) {
 		return fmt.Errorf("%w: login %q is not a valid user name", ErrBadTarget, login)
-	}
-	return nil
-}
-
-func checkVMName(vm string) error {
-	if !vmPattern.MatchString(vm) {
-		return fmt.Errorf("%w: %q is not a valid VM name", ErrBadTarget, vm)
 	}
 	return nil
 }
@@ -79,22 +71,22 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 	log := s.logger().With("account", fc.account.Name, "source", fc.source.String(), "dest", net.JoinHostPort(dest.Host, fmt.Sprint(dest.Port)))
 	refuse := func(msg string, err error) {
 		log.Info("jump refused", "err", err)
-		s.audit(Event{Type: EventDenied, Account: fc.account.Name, Source: fc.source.String(),
+		s.audit(audit.Event{Type: audit.Denied, Account: fc.account.Name, Source: fc.source.String(),
 			VM: dest.Host, Channel: "jump", Reason: err.Error()})
 		newCh.Reject(gossh.Prohibited, msg)
 	}
-	if dest.Port != jumpPort || checkVMName(dest.Host) != nil {
+	if dest.Port != jumpPort || vm.CheckName(dest.Host) != nil {
 		refuse(fmt.Sprintf("bastion: %s:%d is not reachable: only <vm>:%d is, and the bastion is not a proxy", dest.Host, dest.Port, jumpPort),
 			fmt.Errorf("direct-tcpip to %s:%d is not a VM's ssh port", dest.Host, dest.Port))
 		return
 	}
-	vm, err := s.lookup(fc.ctx, dest.Host)
+	d, err := s.lookup(fc.ctx, dest.Host)
 	if err != nil {
 		refuse(userMessage(dest.Host, err), err)
 		return
 	}
-	if d := s.decide(fc.account, fc.source, vm, "", ask{kind: policy.Connect}); !d.Allow {
-		refuse(userMessage(vm.Name, ErrDenied), fmt.Errorf("%w: %s", ErrDenied, d.Reason))
+	if dec := s.decide(fc.account, fc.source, d, "", ask{kind: policy.Connect}); !dec.Allow {
+		refuse(userMessage(d.Name, ErrDenied), fmt.Errorf("%w: %s", ErrDenied, dec.Reason))
 		return
 	}
 	// The certificate names what the client asked for, name or UUID: that
@@ -125,9 +117,9 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 			return nil, nil
 		}
 		tried = true
-		lk, lkErr = s.establish(fc.ctx, fc.account, fc.source, vm, meta.User())
+		lk, lkErr = s.establish(fc.ctx, fc.account, fc.source, d, meta.User())
 		if lkErr != nil {
-			return nil, &gossh.BannerError{Err: lkErr, Message: userMessage(vm.Name, lkErr) + "\r\n"}
+			return nil, &gossh.BannerError{Err: lkErr, Message: userMessage(d.Name, lkErr) + "\r\n"}
 		}
 		return nil, nil
 	}
@@ -157,24 +149,24 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 // vmHostKey returns the signer the inner hop presents for vm: the bastion's
 // host key in a certificate for that one name, cached until shortly before
 // it expires.
-func (s *Server) vmHostKey(vm string) (gossh.Signer, error) {
+func (s *Server) vmHostKey(name string) (gossh.Signer, error) {
 	if s.Certifier == nil {
 		return s.HostKey, nil
 	}
 	s.certMu.Lock()
 	defer s.certMu.Unlock()
-	if c, ok := s.certs[vm]; ok && time.Until(c.expires) > time.Hour {
+	if c, ok := s.certs[name]; ok && time.Until(c.expires) > time.Hour {
 		return c.signer, nil
 	}
 	const validity = 24 * time.Hour
-	signer, err := s.Certifier.HostCertSigner([]string{vm}, validity)
+	signer, err := s.Certifier.HostCertSigner([]string{name}, validity)
 	if err != nil {
 		return nil, err
 	}
 	if s.certs == nil {
 		s.certs = make(map[string]cachedCert)
 	}
-	s.certs[vm] = cachedCert{signer: signer, expires: time.Now().Add(validity)}
+	s.certs[name] = cachedCert{signer: signer, expires: time.Now().Add(validity)}
 	return signer, nil
 }
 

@@ -11,22 +11,28 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/bastionvm/bastion/bastion"
-	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/bastion/bastiontest"
 	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/policy"
 )
+
+// heapFloor is the heap reserve cmd/bastion makes at start (see its
+// reserveHeap): address space, never touched, so that bulk transfers do
+// not start a collection every hundred packets.
+var heapFloor []byte
 
 // benchAccount is the bastion account the client's key belongs to.
 const benchAccount = "bench"
 
 // inProcess is the bastion under test, served from this process.
 type inProcess struct {
-	srv      *bastion.Server
-	addr     string
-	host     *keys.Host
-	resolver *testenv.Resolver
-	served   chan error
-	logFile  *os.File
+	srv     *bastion.Server
+	addr    string
+	host    *keys.Host
+	fleet   *bastiontest.Fleet
+	served  chan error
+	logFile *os.File
 }
 
 // startBastion wires a bastion.Server the way the package's own test
@@ -52,19 +58,20 @@ func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login str
 	// connection or per channel, never per byte.
 	var mu sync.Mutex
 	enc := json.NewEncoder(logFile)
-	b := &inProcess{host: host, resolver: testenv.NewResolver(), served: make(chan error, 1), logFile: logFile}
-	bastion.ReserveHeap(64 << 20) // as cmd/bastion does
+	b := &inProcess{host: host, fleet: bastiontest.NewFleet(), served: make(chan error, 1), logFile: logFile}
+	heapFloor = make([]byte, 64<<20) // as cmd/bastion's reserveHeap does
 	b.srv = &bastion.Server{
 		HostKey:   host.Key,
 		Certifier: host,
 		Accounts:  accounts,
-		Resolver:  b.resolver,
+		VMs:       b.fleet,
+		Resolver:  b.fleet,
 		Policy: &policy.Policy{Rules: []policy.Rule{{
 			Name: "bench", Groups: []string{"bench"}, VMs: []string{"target*", "stub"}, Logins: []string{login},
 			Channels: []policy.Channel{policy.Shell, policy.Exec, policy.SFTP},
 		}}},
 		Logger: slog.New(slog.NewTextHandler(lockedWriter{&mu, logFile}, &slog.HandlerOptions{Level: slog.LevelInfo})),
-		Audit: func(e bastion.Event) {
+		Audit: func(e audit.Event) {
 			mu.Lock()
 			defer mu.Unlock()
 			enc.Encode(e)

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/bastionvm/bastion/keys"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -24,7 +25,6 @@ import (
 
 	gossh "golang.org/x/crypto/ssh"
 
-	"github.com/bastionvm/bastion/bastion"
 )
 
 // jumpUser is the user the OpenSSH jump host lets in: an existing
@@ -208,7 +208,7 @@ func (h *harness) setup() error {
 	if err != nil {
 		return err
 	}
-	h.bastion.resolver.Set("target", bastion.Upstream{Addr: h.target.addr, HostKeys: []gossh.PublicKey{h.target.hostKey}, Signer: h.upstream})
+	h.bastion.fleet.Set("target", keys.Upstream{Addr: h.target.addr, HostKeys: []gossh.PublicKey{h.target.hostKey}, Signer: h.upstream})
 	h.idleGoroutines = runtime.NumGoroutine()
 	h.logf("target sshd %s, jump sshd %s, bastion %s", h.target.addr, h.jump.addr, h.bastion.addr)
 
@@ -578,7 +578,7 @@ func (h *harness) verify() error {
 		return err
 	}
 	defer dbg.stop()
-	h.bastion.resolver.Set("target-debug", bastion.Upstream{Addr: dbg.addr, HostKeys: []gossh.PublicKey{dbg.hostKey}, Signer: h.upstream})
+	h.bastion.fleet.Set("target-debug", keys.Upstream{Addr: dbg.addr, HostKeys: []gossh.PublicKey{dbg.hostKey}, Signer: h.upstream})
 	upstreamCiphers := map[string]bool{}
 	for _, cipher := range h.opts.ciphers {
 		args := h.sshArgs(viaBastion, cipher)
@@ -978,7 +978,7 @@ func (h *harness) rowMax() error {
 	if err != nil {
 		return fmt.Errorf("stub target key: %v", err)
 	}
-	h.bastion.resolver.Set("stub", bastion.Upstream{Addr: addr, HostKeys: []gossh.PublicKey{stubKey}, Signer: h.upstream})
+	h.bastion.fleet.Set("stub", keys.Upstream{Addr: addr, HostKeys: []gossh.PublicKey{stubKey}, Signer: h.upstream})
 
 	h.settleBastion()
 	_, base := selfMem()

@@ -1,6 +1,8 @@
 package hypervisor
 
 import (
+	"github.com/bastionvm/bastion/vm"
+
 	"context"
 	"fmt"
 	"net/netip"
@@ -10,27 +12,19 @@ import (
 	"libvirt.org/go/libvirt"
 )
 
-// Address is the address the bastion uses to reach a VM over the network.
-type Address struct {
-	IP netip.Addr
-	// ConfirmedBy names the hypervisor-side source that agrees with the
-	// guest agent ("lease" or "arp"); empty when neither knows the VM.
-	ConfirmedBy string
-}
-
 // Address learns d's IPv4 address from the guest agent and checks it
 // against the hypervisor's own view (DHCP lease, then ARP table) where it
 // has one. An interface the domain's XML does not declare is ignored.
 // When the hypervisor knows addresses for the VM's interfaces and none is
 // one the agent reports, the result is ErrAddressesDisagree.
-func (p *Pool) Address(ctx context.Context, d Domain) (Address, error) {
+func (p *Pool) Address(ctx context.Context, d vm.Domain) (vm.Address, error) {
 	agent, err := p.interfaces(ctx, d, libvirt.DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
 	if err != nil {
-		return Address{}, err
+		return vm.Address{}, err
 	}
 	candidates := addressesOn(agent, d.MACs)
 	if len(candidates) == 0 {
-		return Address{}, fmt.Errorf("%s: %w on its declared interfaces %v", d.Name, ErrNoAddress, d.MACs)
+		return vm.Address{}, fmt.Errorf("%s: %w on its declared interfaces %v", d.Name, ErrNoAddress, d.MACs)
 	}
 	for _, source := range []struct {
 		name string
@@ -47,15 +41,15 @@ func (p *Pool) Address(ctx context.Context, d Domain) (Address, error) {
 		}
 		for _, ip := range candidates {
 			if slices.Contains(known, ip) {
-				return Address{IP: ip, ConfirmedBy: source.name}, nil
+				return vm.Address{IP: ip, ConfirmedBy: source.name}, nil
 			}
 		}
-		return Address{}, fmt.Errorf("%s: %w: the guest agent reports %v, the %s table %v", d.Name, ErrAddressesDisagree, candidates, source.name, known)
+		return vm.Address{}, fmt.Errorf("%s: %w: the guest agent reports %v, the %s table %v", d.Name, ErrAddressesDisagree, candidates, source.name, known)
 	}
-	return Address{IP: candidates[0]}, nil
+	return vm.Address{IP: candidates[0]}, nil
 }
 
-func (p *Pool) interfaces(ctx context.Context, d Domain, src libvirt.DomainInterfaceAddressesSource) ([]libvirt.DomainInterface, error) {
+func (p *Pool) interfaces(ctx context.Context, d vm.Domain, src libvirt.DomainInterfaceAddressesSource) ([]libvirt.DomainInterface, error) {
 	ifaces, err := call(ctx, func() ([]libvirt.DomainInterface, error) {
 		dom, err := p.domain(d)
 		if err != nil {

@@ -1,6 +1,8 @@
 package hypervisor
 
 import (
+	"github.com/bastionvm/bastion/vm"
+
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -14,7 +16,7 @@ import (
 
 // agent sends one guest agent command to d and decodes its "return" into
 // out (if not nil). The agent is told the context's remaining time.
-func (p *Pool) agent(ctx context.Context, d Domain, command string, args any, out any) error {
+func (p *Pool) agent(ctx context.Context, d vm.Domain, command string, args any, out any) error {
 	req := map[string]any{"execute": command}
 	if args != nil {
 		req["arguments"] = args
@@ -66,9 +68,9 @@ func (p *Pool) agentTimeout(ctx context.Context) libvirt.DomainQemuAgentCommandT
 }
 
 // Ping checks that d runs and its guest agent answers.
-func (p *Pool) Ping(ctx context.Context, d Domain) error {
+func (p *Pool) Ping(ctx context.Context, d vm.Domain) error {
 	if !d.Running {
-		return fmt.Errorf("%s: %w", d.Name, ErrNotRunning)
+		return fmt.Errorf("%s: %w", d.Name, vm.ErrNotRunning)
 	}
 	return p.agent(ctx, d, "guest-ping", nil, nil)
 }
@@ -86,7 +88,7 @@ const writeChunk = 48 << 10
 const maxRead = 16 << 20
 
 // ReadFile reads path in the guest through the agent.
-func (p *Pool) ReadFile(ctx context.Context, d Domain, path string) ([]byte, error) {
+func (p *Pool) ReadFile(ctx context.Context, d vm.Domain, path string) ([]byte, error) {
 	var handle int64
 	if err := p.agent(ctx, d, "guest-file-open", map[string]any{"path": path, "mode": "r"}, &handle); err != nil {
 		return nil, err
@@ -118,7 +120,7 @@ func (p *Pool) ReadFile(ctx context.Context, d Domain, path string) ([]byte, err
 
 // WriteFile creates or truncates path in the guest and writes data to it.
 // The agent creates new files with mode 0600, owned by root.
-func (p *Pool) WriteFile(ctx context.Context, d Domain, path string, data []byte) error {
+func (p *Pool) WriteFile(ctx context.Context, d vm.Domain, path string, data []byte) error {
 	var handle int64
 	if err := p.agent(ctx, d, "guest-file-open", map[string]any{"path": path, "mode": "w"}, &handle); err != nil {
 		return err
@@ -147,7 +149,7 @@ func (p *Pool) WriteFile(ctx context.Context, d Domain, path string, data []byte
 
 // closeFile closes an agent file handle, on its own short deadline so that
 // a caller's expired context does not leak the handle.
-func (p *Pool) closeFile(d Domain, handle int64) {
+func (p *Pool) closeFile(d vm.Domain, handle int64) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := p.agent(ctx, d, "guest-file-close", map[string]any{"handle": handle}, nil); err != nil {
@@ -161,7 +163,7 @@ var ErrExitStatus = errors.New("program in the guest failed")
 // Exec runs a program in the guest through the agent and waits for it.
 // Output is not captured beyond a short error text: the agent's reply
 // cap makes it unfit for data.
-func (p *Pool) Exec(ctx context.Context, d Domain, path string, args ...string) error {
+func (p *Pool) Exec(ctx context.Context, d vm.Domain, path string, args ...string) error {
 	var started struct {
 		PID int64 `json:"pid"`
 	}
@@ -200,13 +202,13 @@ func (p *Pool) Exec(ctx context.Context, d Domain, path string, args ...string) 
 }
 
 // RemoveFile removes path in the guest. A file already gone is no error.
-func (p *Pool) RemoveFile(ctx context.Context, d Domain, path string) error {
+func (p *Pool) RemoveFile(ctx context.Context, d vm.Domain, path string) error {
 	return p.Exec(ctx, d, "/bin/rm", "-f", "--", path)
 }
 
 // Chown gives path in the guest to user (and that user's group) with mode
 // 0600.
-func (p *Pool) Chown(ctx context.Context, d Domain, path, user string) error {
+func (p *Pool) Chown(ctx context.Context, d vm.Domain, path, user string) error {
 	if err := p.Exec(ctx, d, "/bin/chown", "--", user+":", path); err != nil {
 		return err
 	}
@@ -215,16 +217,16 @@ func (p *Pool) Chown(ctx context.Context, d Domain, path, user string) error {
 
 // AddAuthorizedKey appends an authorized_keys line for user in the guest,
 // through libvirt's authorized-keys API.
-func (p *Pool) AddAuthorizedKey(ctx context.Context, d Domain, user, line string) error {
+func (p *Pool) AddAuthorizedKey(ctx context.Context, d vm.Domain, user, line string) error {
 	return p.setKeys(ctx, d, user, line, libvirt.DOMAIN_AUTHORIZED_SSH_KEYS_SET_APPEND)
 }
 
 // RemoveAuthorizedKey removes an authorized_keys line for user.
-func (p *Pool) RemoveAuthorizedKey(ctx context.Context, d Domain, user, line string) error {
+func (p *Pool) RemoveAuthorizedKey(ctx context.Context, d vm.Domain, user, line string) error {
 	return p.setKeys(ctx, d, user, line, libvirt.DOMAIN_AUTHORIZED_SSH_KEYS_SET_REMOVE)
 }
 
-func (p *Pool) setKeys(ctx context.Context, d Domain, user, line string, flags libvirt.DomainAuthorizedSSHKeysFlags) error {
+func (p *Pool) setKeys(ctx context.Context, d vm.Domain, user, line string, flags libvirt.DomainAuthorizedSSHKeysFlags) error {
 	_, err := call(ctx, func() (struct{}, error) {
 		dom, err := p.domain(d)
 		if err != nil {
@@ -240,7 +242,7 @@ func (p *Pool) setKeys(ctx context.Context, d Domain, user, line string, flags l
 }
 
 // AuthorizedKeys lists user's authorized_keys lines in the guest.
-func (p *Pool) AuthorizedKeys(ctx context.Context, d Domain, user string) ([]string, error) {
+func (p *Pool) AuthorizedKeys(ctx context.Context, d vm.Domain, user string) ([]string, error) {
 	keys, err := call(ctx, func() ([]string, error) {
 		dom, err := p.domain(d)
 		if err != nil {

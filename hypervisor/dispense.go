@@ -1,6 +1,8 @@
 package hypervisor
 
 import (
+	"github.com/bastionvm/bastion/vm"
+
 	"context"
 	"encoding/xml"
 	"errors"
@@ -105,27 +107,27 @@ func (p *Pool) DeleteVolume(ctx context.Context, uri, path string) error {
 
 // DefineAndStart defines a domain from its XML on uri and starts it. A
 // domain that defines but does not start is undefined again.
-func (p *Pool) DefineAndStart(ctx context.Context, uri, domainXML string) (Domain, error) {
-	return call(ctx, func() (Domain, error) {
+func (p *Pool) DefineAndStart(ctx context.Context, uri, domainXML string) (vm.Domain, error) {
+	return call(ctx, func() (vm.Domain, error) {
 		c, err := p.conn(uri)
 		if err != nil {
-			return Domain{}, err
+			return vm.Domain{}, err
 		}
 		dom, err := c.DomainDefineXML(domainXML)
 		if err != nil {
-			return Domain{}, fmt.Errorf("define: %s", libvirtMessage(err))
+			return vm.Domain{}, fmt.Errorf("define: %s", libvirtMessage(err))
 		}
 		defer dom.Free()
 		if err := dom.Create(); err != nil {
 			dom.UndefineFlags(libvirt.DOMAIN_UNDEFINE_NVRAM)
-			return Domain{}, fmt.Errorf("start: %s", libvirtMessage(err))
+			return vm.Domain{}, fmt.Errorf("start: %s", libvirtMessage(err))
 		}
 		return describe(uri, dom)
 	})
 }
 
 // Remove stops d if it runs and undefines it. Its disks stay.
-func (p *Pool) Remove(ctx context.Context, d Domain) error {
+func (p *Pool) Remove(ctx context.Context, d vm.Domain) error {
 	_, err := call(ctx, func() (struct{}, error) {
 		dom, err := p.domain(d)
 		if err != nil {
@@ -146,7 +148,7 @@ func (p *Pool) Remove(ctx context.Context, d Domain) error {
 }
 
 // Disks lists the paths of d's file-backed disks.
-func (p *Pool) Disks(ctx context.Context, d Domain) ([]string, error) {
+func (p *Pool) Disks(ctx context.Context, d vm.Domain) ([]string, error) {
 	return call(ctx, func() ([]string, error) {
 		dom, err := p.domain(d)
 		if err != nil {

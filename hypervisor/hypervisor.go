@@ -7,6 +7,8 @@
 package hypervisor
 
 import (
+	"github.com/bastionvm/bastion/vm"
+
 	"context"
 	"encoding/xml"
 	"errors"
@@ -22,9 +24,7 @@ import (
 
 // Errors. Their text is fit to show a user; detail is wrapped around them.
 var (
-	ErrNoSuchVM          = errors.New("no such VM")
 	ErrAmbiguous         = errors.New("VM name exists on more than one hypervisor")
-	ErrNotRunning        = errors.New("VM is not running")
 	ErrAgentNotConnected = errors.New("guest agent is not connected")
 	ErrAgentSilent       = errors.New("guest agent is not responding")
 	ErrCommandDisabled   = errors.New("guest agent command is disabled in the guest")
@@ -36,29 +36,11 @@ var (
 	ErrNoSuchUser        = errors.New("no such user in the guest")
 )
 
-// LabelsNamespace is the XML namespace of the bastion's labels in a
-// domain's <metadata>:
-//
-//	<bastion:labels xmlns:bastion="https://bastion.invalid/labels">
-//	  <label key="team">web</label>
-//	</bastion:labels>
-const LabelsNamespace = "https://bastion.invalid/labels"
-
-// Domain is a libvirt domain as found on one hypervisor.
-type Domain struct {
-	URI     string
-	Name    string
-	UUID    string
-	Running bool
-	Labels  map[string]string
-	MACs    []string // of its network interfaces, lower case
-}
-
 // Pool is a set of libvirt connections, one per configured URI.
 type Pool struct {
 	uris       []string
 	log        *slog.Logger
-	events     func(Event)
+	events     func(vm.Event)
 	agentLimit time.Duration
 
 	mu    sync.Mutex // protects conns
@@ -71,7 +53,7 @@ type Options struct {
 	// OnEvent receives lifecycle and agent events of every domain on every
 	// connection. It is called from libvirt's event loop and must not block.
 	// If nil, events are not subscribed to.
-	OnEvent func(Event)
+	OnEvent func(vm.Event)
 	// AgentTimeout bounds each guest agent command; 0 means 10 seconds.
 	AgentTimeout time.Duration
 }
@@ -180,41 +162,41 @@ var uuidPattern = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]
 
 // Find looks name up, as a UUID or a domain name, on every hypervisor. A
 // name found on two hypervisors is ambiguous: use the UUID.
-func (p *Pool) Find(ctx context.Context, name string) (Domain, error) {
-	var found []Domain
+func (p *Pool) Find(ctx context.Context, name string) (vm.Domain, error) {
+	var found []vm.Domain
 	var unreachable []string
 	for _, uri := range p.uris {
-		d, err := call(ctx, func() (Domain, error) { return p.find(uri, name) })
+		d, err := call(ctx, func() (vm.Domain, error) { return p.find(uri, name) })
 		switch {
-		case errors.Is(err, ErrNoSuchVM):
+		case errors.Is(err, vm.ErrNoSuchVM):
 			continue
 		case errors.Is(err, ErrUnavailable):
 			p.log.Warn("hypervisor unreachable", "uri", uri, "err", err)
 			unreachable = append(unreachable, uri)
 			continue
 		case err != nil:
-			return Domain{}, err
+			return vm.Domain{}, err
 		}
 		found = append(found, d)
 	}
 	switch len(found) {
 	case 0:
 		if len(unreachable) > 0 {
-			return Domain{}, fmt.Errorf("%w: %s not found; unreachable: %s", ErrUnavailable, name, strings.Join(unreachable, ", "))
+			return vm.Domain{}, fmt.Errorf("%w: %s not found; unreachable: %s", ErrUnavailable, name, strings.Join(unreachable, ", "))
 		}
-		return Domain{}, fmt.Errorf("%w: %s", ErrNoSuchVM, name)
+		return vm.Domain{}, fmt.Errorf("%w: %s", vm.ErrNoSuchVM, name)
 	case 1:
 		return found[0], nil
 	default:
-		return Domain{}, fmt.Errorf("%w: %s is on %s and %s", ErrAmbiguous, name, found[0].URI, found[1].URI)
+		return vm.Domain{}, fmt.Errorf("%w: %s is on %s and %s", ErrAmbiguous, name, found[0].URI, found[1].URI)
 	}
 }
 
 // List returns the domains of every reachable hypervisor, running or not.
-func (p *Pool) List(ctx context.Context) ([]Domain, error) {
-	var out []Domain
+func (p *Pool) List(ctx context.Context) ([]vm.Domain, error) {
+	var out []vm.Domain
 	for _, uri := range p.uris {
-		found, err := call(ctx, func() ([]Domain, error) {
+		found, err := call(ctx, func() ([]vm.Domain, error) {
 			c, err := p.conn(uri)
 			if err != nil {
 				return nil, err
@@ -223,7 +205,7 @@ func (p *Pool) List(ctx context.Context) ([]Domain, error) {
 			if err != nil {
 				return nil, classify(err)
 			}
-			var out []Domain
+			var out []vm.Domain
 			for i := range doms {
 				if d, err := describe(uri, &doms[i]); err == nil {
 					out = append(out, d)
@@ -241,10 +223,10 @@ func (p *Pool) List(ctx context.Context) ([]Domain, error) {
 	return out, nil
 }
 
-func (p *Pool) find(uri, name string) (Domain, error) {
+func (p *Pool) find(uri, name string) (vm.Domain, error) {
 	c, err := p.conn(uri)
 	if err != nil {
-		return Domain{}, err
+		return vm.Domain{}, err
 	}
 	var dom *libvirt.Domain
 	if uuidPattern.MatchString(name) {
@@ -253,33 +235,33 @@ func (p *Pool) find(uri, name string) (Domain, error) {
 		dom, err = c.LookupDomainByName(name)
 	}
 	if err != nil {
-		return Domain{}, classify(err)
+		return vm.Domain{}, classify(err)
 	}
 	defer dom.Free()
 	return describe(uri, dom)
 }
 
-func describe(uri string, dom *libvirt.Domain) (Domain, error) {
-	d := Domain{URI: uri}
+func describe(uri string, dom *libvirt.Domain) (vm.Domain, error) {
+	d := vm.Domain{URI: uri}
 	var err error
 	if d.Name, err = dom.GetName(); err != nil {
-		return Domain{}, classify(err)
+		return vm.Domain{}, classify(err)
 	}
 	if d.UUID, err = dom.GetUUIDString(); err != nil {
-		return Domain{}, classify(err)
+		return vm.Domain{}, classify(err)
 	}
 	state, _, err := dom.GetState()
 	if err != nil {
-		return Domain{}, classify(err)
+		return vm.Domain{}, classify(err)
 	}
 	d.Running = state == libvirt.DOMAIN_RUNNING
 	desc, err := dom.GetXMLDesc(0)
 	if err != nil {
-		return Domain{}, classify(err)
+		return vm.Domain{}, classify(err)
 	}
 	var x domainXML
 	if err := xml.Unmarshal([]byte(desc), &x); err != nil {
-		return Domain{}, fmt.Errorf("domain %s: XML: %w", d.Name, err)
+		return vm.Domain{}, fmt.Errorf("domain %s: XML: %w", d.Name, err)
 	}
 	for _, iface := range x.Interfaces {
 		if iface.MAC.Address != "" {
@@ -307,21 +289,21 @@ type domainXML struct {
 				Key   string `xml:"key,attr"`
 				Value string `xml:",chardata"`
 			} `xml:"label"`
-		} `xml:"https://bastion.invalid/labels labels"`
+		} `xml:"https://bastion.invalid/labels labels"` // vm.LabelsNamespace; a tag must be a literal
 	} `xml:"metadata"`
 }
 
 // domain looks d up again by UUID on its own hypervisor, so that calls
 // survive reconnections and find the VM after it migrates between URIs of
 // the pool. The caller frees the result.
-func (p *Pool) domain(d Domain) (*libvirt.Domain, error) {
+func (p *Pool) domain(d vm.Domain) (*libvirt.Domain, error) {
 	c, err := p.conn(d.URI)
 	if err == nil {
 		dom, err := c.LookupDomainByUUIDString(d.UUID)
 		if err == nil {
 			return dom, nil
 		}
-		if !errors.Is(classify(err), ErrNoSuchVM) {
+		if !errors.Is(classify(err), vm.ErrNoSuchVM) {
 			return nil, classify(err)
 		}
 	}
@@ -335,7 +317,7 @@ func (p *Pool) domain(d Domain) (*libvirt.Domain, error) {
 			}
 		}
 	}
-	return nil, fmt.Errorf("%w: %s (%s)", ErrNoSuchVM, d.Name, d.UUID)
+	return nil, fmt.Errorf("%w: %s (%s)", vm.ErrNoSuchVM, d.Name, d.UUID)
 }
 
 // classify maps a libvirt error onto this package's errors, keeping
@@ -348,13 +330,13 @@ func classify(err error) error {
 	msg := lerr.Message
 	switch {
 	case lerr.Code == libvirt.ERR_NO_DOMAIN:
-		return fmt.Errorf("%w: %s", ErrNoSuchVM, msg)
+		return fmt.Errorf("%w: %s", vm.ErrNoSuchVM, msg)
 	case strings.Contains(msg, "failed to lookup user"):
 		return fmt.Errorf("%w: %s", ErrNoSuchUser, msg)
 	case strings.Contains(msg, "has been disabled"):
 		return fmt.Errorf("%w: %s", ErrCommandDisabled, msg)
 	case strings.Contains(msg, "is not running"):
-		return fmt.Errorf("%w: %s", ErrNotRunning, msg)
+		return fmt.Errorf("%w: %s", vm.ErrNotRunning, msg)
 	case strings.Contains(msg, "agent is not connected"):
 		return fmt.Errorf("%w: %s", ErrAgentNotConnected, msg)
 	case lerr.Code == libvirt.ERR_AGENT_UNRESPONSIVE, lerr.Code == libvirt.ERR_AGENT_COMMAND_TIMEOUT:
@@ -362,7 +344,7 @@ func classify(err error) error {
 	case lerr.Code == libvirt.ERR_OPERATION_TIMEOUT:
 		return fmt.Errorf("%w: %s", ErrTimeout, msg)
 	case lerr.Code == libvirt.ERR_OPERATION_INVALID && strings.Contains(msg, "not running"):
-		return fmt.Errorf("%w: %s", ErrNotRunning, msg)
+		return fmt.Errorf("%w: %s", vm.ErrNotRunning, msg)
 	case lerr.Code == libvirt.ERR_AGENT_COMMAND_FAILED, lerr.Code == libvirt.ERR_INTERNAL_ERROR && strings.Contains(msg, "agent"):
 		return fmt.Errorf("%w: %s", ErrAgentFailed, msg)
 	case lerr.Code == libvirt.ERR_SYSTEM_ERROR, lerr.Code == libvirt.ERR_RPC, lerr.Code == libvirt.ERR_INVALID_CONN:

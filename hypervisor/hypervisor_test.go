@@ -1,6 +1,8 @@
 package hypervisor
 
 import (
+	"github.com/bastionvm/bastion/vm"
+
 	"errors"
 	"net/netip"
 	"testing"
@@ -13,8 +15,8 @@ func TestClassify(t *testing.T) {
 		err  libvirt.Error
 		want error
 	}{
-		{libvirt.Error{Code: libvirt.ERR_NO_DOMAIN, Message: "Domain not found: no domain with matching name 'x'"}, ErrNoSuchVM},
-		{libvirt.Error{Code: libvirt.ERR_OPERATION_INVALID, Message: "Requested operation is not valid: domain is not running"}, ErrNotRunning},
+		{libvirt.Error{Code: libvirt.ERR_NO_DOMAIN, Message: "Domain not found: no domain with matching name 'x'"}, vm.ErrNoSuchVM},
+		{libvirt.Error{Code: libvirt.ERR_OPERATION_INVALID, Message: "Requested operation is not valid: domain is not running"}, vm.ErrNotRunning},
 		{libvirt.Error{Code: libvirt.ERR_AGENT_UNRESPONSIVE, Message: "Guest agent is not responding: QEMU guest agent is not connected"}, ErrAgentNotConnected},
 		{libvirt.Error{Code: libvirt.ERR_AGENT_UNRESPONSIVE, Message: "Guest agent is not responding: Guest agent not available for now"}, ErrAgentSilent},
 		{libvirt.Error{Code: libvirt.ERR_AGENT_COMMAND_TIMEOUT, Message: "Guest agent command timed out"}, ErrAgentSilent},

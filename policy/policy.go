@@ -7,6 +7,7 @@ package policy
 import (
 	"errors"
 	"fmt"
+	"github.com/bastionvm/bastion/vm"
 	"net/netip"
 	"slices"
 	"strings"
@@ -52,21 +53,13 @@ type Request struct {
 	Account string
 	Groups  []string
 	Source  netip.Addr // the client's address
-	VM      VM
+	VM      vm.Domain
 	Login   string
 	Channel Channel
 	Command string // for exec and scp
 	Host    string // for forwards: the destination (local) or bind address (remote)
 	Port    uint32
 	Time    time.Time
-}
-
-// VM is what a rule may select a VM by.
-type VM struct {
-	Name       string
-	UUID       string
-	Hypervisor string
-	Labels     map[string]string
 }
 
 // Decision is the outcome of Decide. Rule names the deciding rule, if any;
@@ -168,9 +161,9 @@ func (p *Policy) Decide(r Request) Decision {
 
 // Logins lists the logins rules would let account (in groups) use on vm
 // from source at t: what the menu offers. "*" means any.
-func (p *Policy) Logins(account string, groups []string, source netip.Addr, vm VM, t time.Time) []string {
+func (p *Policy) Logins(account string, groups []string, source netip.Addr, d vm.Domain, t time.Time) []string {
 	var out []string
-	reach := Request{Account: account, Groups: groups, Source: source, VM: vm, Channel: Connect, Time: t}
+	reach := Request{Account: account, Groups: groups, Source: source, VM: d, Channel: Connect, Time: t}
 	for i := range p.Rules {
 		rule := &p.Rules[i]
 		if rule.Effect == Deny || !rule.matches(reach) {
@@ -180,7 +173,7 @@ func (p *Policy) Logins(account string, groups []string, source netip.Addr, vm V
 			if slices.Contains(out, login) {
 				continue
 			}
-			probe := Request{Account: account, Groups: groups, Source: source, VM: vm, Login: login, Channel: Connect, Time: t}
+			probe := Request{Account: account, Groups: groups, Source: source, VM: d, Login: login, Channel: Connect, Time: t}
 			if login == "*" {
 				probe.Login = ""
 			}
@@ -212,18 +205,18 @@ func (rule *Rule) matchesSubject(r Request) bool {
 		slices.ContainsFunc(r.Groups, func(g string) bool { return slices.Contains(rule.Groups, g) })
 }
 
-func (rule *Rule) matchesVM(vm VM) bool {
-	if len(rule.VMs) > 0 && !slices.ContainsFunc(rule.VMs, func(g string) bool { return Glob(g, vm.Name) }) {
+func (rule *Rule) matchesVM(d vm.Domain) bool {
+	if len(rule.VMs) > 0 && !slices.ContainsFunc(rule.VMs, func(g string) bool { return Glob(g, d.Name) }) {
 		return false
 	}
-	if len(rule.UUIDs) > 0 && !slices.ContainsFunc(rule.UUIDs, func(u string) bool { return strings.EqualFold(u, vm.UUID) }) {
+	if len(rule.UUIDs) > 0 && !slices.ContainsFunc(rule.UUIDs, func(u string) bool { return strings.EqualFold(u, d.UUID) }) {
 		return false
 	}
-	if len(rule.Hypervisors) > 0 && !slices.ContainsFunc(rule.Hypervisors, func(g string) bool { return Glob(g, vm.Hypervisor) }) {
+	if len(rule.Hypervisors) > 0 && !slices.ContainsFunc(rule.Hypervisors, func(g string) bool { return Glob(g, d.URI) }) {
 		return false
 	}
 	for name, glob := range rule.Labels {
-		value, ok := vm.Labels[name]
+		value, ok := d.Labels[name]
 		if !ok || !Glob(glob, value) {
 			return false
 		}

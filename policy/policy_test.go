@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/bastionvm/bastion/vm"
 	"net/netip"
 	"os"
 	"strings"
@@ -27,10 +28,10 @@ func load(t testing.TB) *Policy {
 }
 
 var (
-	web1   = VM{Name: "web1", UUID: "11111111-1111-1111-1111-111111111111", Hypervisor: "qemu:///system", Labels: map[string]string{"env": "staging"}}
-	webPrd = VM{Name: "web-prod", Hypervisor: "qemu:///system", Labels: map[string]string{"env": "prod"}}
-	db1    = VM{Name: "db1", Hypervisor: "qemu+ssh://kvm2/system"}
-	batch  = VM{Name: "b1", UUID: "0f8fad5b-d9cb-469f-a165-70867728950e"}
+	web1   = vm.Domain{Name: "web1", UUID: "11111111-1111-1111-1111-111111111111", URI: "qemu:///system", Labels: map[string]string{"env": "staging"}}
+	webPrd = vm.Domain{Name: "web-prod", URI: "qemu:///system", Labels: map[string]string{"env": "prod"}}
+	db1    = vm.Domain{Name: "db1", URI: "qemu+ssh://kvm2/system"}
+	batch  = vm.Domain{Name: "b1", UUID: "0f8fad5b-d9cb-469f-a165-70867728950e"}
 	office = netip.MustParseAddr("10.1.2.3")
 	home   = netip.MustParseAddr("192.0.2.7")
 	// Wednesday 2026-11-25, 10:00 in Berlin (09:00 UTC), and 20:00.
@@ -41,8 +42,8 @@ var (
 
 func TestDecide(t *testing.T) {
 	p := load(t)
-	dev := func(vm VM, login string, ch Channel) Request {
-		return Request{Account: "carol", Groups: []string{"dev"}, Source: home, VM: vm, Login: login, Channel: ch, Time: workday}
+	dev := func(d vm.Domain, login string, ch Channel) Request {
+		return Request{Account: "carol", Groups: []string{"dev"}, Source: home, VM: d, Login: login, Channel: ch, Time: workday}
 	}
 	fwd := func(host string, port uint32) Request {
 		r := dev(web1, "dev", LocalForward)
@@ -219,7 +220,7 @@ func FuzzParse(f *testing.F) {
 				t.Fatalf("allow rule %s names nobody", r.Name)
 			}
 		}
-		p.Decide(Request{Account: "a", Groups: []string{"g"}, VM: VM{Name: "x"}, Login: "root", Channel: Shell, Time: workday})
+		p.Decide(Request{Account: "a", Groups: []string{"g"}, VM: vm.Domain{Name: "x"}, Login: "root", Channel: Shell, Time: workday})
 	})
 }
 

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"github.com/bastionvm/bastion/vm"
 	"strings"
 	"testing"
 	"time"
@@ -34,7 +35,7 @@ func TestHypervisor(t *testing.T) {
 	if d.Labels["testbed"] != "true" {
 		t.Errorf("labels from <metadata>: %v", d.Labels)
 	}
-	if _, err := pool.Find(ctx, "bt-nosuch"); !errors.Is(err, hypervisor.ErrNoSuchVM) {
+	if _, err := pool.Find(ctx, "bt-nosuch"); !errors.Is(err, vm.ErrNoSuchVM) {
 		t.Errorf("Find(bt-nosuch): %v", err)
 	}
 	if err := pool.Ping(ctx, d); err != nil {

@@ -9,41 +9,32 @@ import (
 	"encoding/xml"
 	"errors"
 	"fmt"
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/vm"
 	"io"
 	"log/slog"
-	"net/netip"
-	"regexp"
 	"slices"
 	"strings"
 	"time"
 )
 
-// Domain is a VM as the hypervisor reports it.
-type Domain struct {
-	URI     string
-	Name    string
-	UUID    string
-	Running bool
-	Labels  map[string]string
-	MACs    []string
-}
-
-// Hypervisor is what dispensing needs of the hypervisors.
+// Hypervisor is what dispensing needs of the hypervisors. *hypervisor.Pool
+// is one.
 type Hypervisor interface {
-	Exists(ctx context.Context, name string) (bool, error)
-	Find(ctx context.Context, name string) (Domain, error)
+	Find(ctx context.Context, name string) (vm.Domain, error)
 	CreateOverlay(ctx context.Context, uri, pool, name, backing string, capacity, minFree uint64) (string, error)
 	DeleteVolume(ctx context.Context, uri, path string) error
-	DefineAndStart(ctx context.Context, uri, domainXML string) (Domain, error)
-	Remove(ctx context.Context, d Domain) error
-	Disks(ctx context.Context, d Domain) ([]string, error)
-	Ping(ctx context.Context, d Domain) error
-	Address(ctx context.Context, d Domain) (netip.Addr, error)
+	DefineAndStart(ctx context.Context, uri, domainXML string) (vm.Domain, error)
+	Remove(ctx context.Context, d vm.Domain) error
+	Disks(ctx context.Context, d vm.Domain) ([]string, error)
+	Ping(ctx context.Context, d vm.Domain) error
+	Address(ctx context.Context, d vm.Domain) (vm.Address, error)
 }
 
 // Truster establishes the bastion's trust for a login on a VM.
+// *trust.Manager is one.
 type Truster interface {
-	Establish(ctx context.Context, d Domain, login string) error
+	Establish(ctx context.Context, d vm.Domain, login string) error
 }
 
 // Template is what a VM is dispensed from.
@@ -66,11 +57,11 @@ type Template struct {
 	Wait       time.Duration // for the agent, the address and trust
 }
 
-// Errors, for the user.
+// Errors, for the user. A name that cannot be a VM's host name is
+// vm.ErrBadName.
 var (
 	ErrNoTemplate = errors.New("no such template")
 	ErrNameTaken  = errors.New("a VM of that name exists")
-	ErrBadName    = errors.New("not a valid VM name")
 	ErrGaveUp     = errors.New("the VM did not become ready in time")
 	ErrNotOurs    = errors.New("the bastion did not dispense this VM (use --force)")
 )
@@ -82,41 +73,66 @@ const (
 	LabelTemplate = "dispensed-from"
 )
 
-var namePattern = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
-
 // Dispenser dispenses and destroys VMs.
 type Dispenser struct {
 	Hypervisor Hypervisor
 	Trust      Truster
 	Templates  map[string]Template
-	Logger     *slog.Logger
+	Logger     *slog.Logger // if nil, logs are discarded
+	Audit      audit.Sink   // receives dispensed, dispense_failed and destroyed; if nil, they are dropped
+}
+
+// Plan is what dispensing name from template would make, before anything
+// is made: the VM as policy sees it (its name, hypervisor and labels) and
+// the logins it is trusted for. An unknown template is ErrNoTemplate, a
+// name that cannot be a host name vm.ErrBadName.
+func (d *Dispenser) Plan(template, name string) (vm.Domain, []string, error) {
+	t, ok := d.Templates[template]
+	if !ok {
+		return vm.Domain{}, nil, fmt.Errorf("%w: %q (templates: %s)", ErrNoTemplate, template, strings.Join(d.templateNames(), ", "))
+	}
+	if err := vm.CheckHostName(name); err != nil {
+		return vm.Domain{}, nil, err
+	}
+	return vm.Domain{URI: t.Hypervisor, Name: name, Labels: t.Labels}, t.Logins, nil
 }
 
 // Dispense makes VM name from the template, for account by, writing
-// progress to out. On any failure it removes what it made.
-func (d *Dispenser) Dispense(ctx context.Context, template, name, by string, out io.Writer) (Domain, error) {
-	t, ok := d.Templates[template]
-	if !ok {
-		return Domain{}, fmt.Errorf("%w: %q (templates: %s)", ErrNoTemplate, template, strings.Join(d.templateNames(), ", "))
+// progress to out, and audits the outcome. On any failure it removes what
+// it made.
+func (d *Dispenser) Dispense(ctx context.Context, template, name, by string, out io.Writer) (vm.Domain, error) {
+	dom, err := d.dispense(ctx, template, name, by, out)
+	ev := audit.Event{Account: by, VM: name, Detail: template}
+	if err != nil {
+		ev.Type, ev.Reason = audit.DispenseFailed, err.Error()
+	} else {
+		ev.Type = audit.Dispensed
 	}
-	if !namePattern.MatchString(name) {
-		return Domain{}, fmt.Errorf("%w: %q (lower-case letters, digits and dashes)", ErrBadName, name)
+	d.Audit.Emit(ev)
+	return dom, err
+}
+
+func (d *Dispenser) dispense(ctx context.Context, template, name, by string, out io.Writer) (vm.Domain, error) {
+	if _, _, err := d.Plan(template, name); err != nil {
+		return vm.Domain{}, err
 	}
-	if taken, err := d.Hypervisor.Exists(ctx, name); err != nil {
-		return Domain{}, err
-	} else if taken {
-		return Domain{}, fmt.Errorf("%w: %s", ErrNameTaken, name)
+	t := d.Templates[template]
+	switch _, err := d.Hypervisor.Find(ctx, name); {
+	case err == nil:
+		return vm.Domain{}, fmt.Errorf("%w: %s", ErrNameTaken, name)
+	case !errors.Is(err, vm.ErrNoSuchVM):
+		return vm.Domain{}, err
 	}
 	started := time.Now()
 	step := func(format string, args ...any) { fmt.Fprintf(out, format+"\r\n", args...) }
 
 	var undo []func()
-	rollback := func(cause error) (Domain, error) {
+	rollback := func(cause error) (vm.Domain, error) {
 		step("failed: %v; removing what was made", cause)
 		for i := len(undo) - 1; i >= 0; i-- {
 			undo[i]()
 		}
-		return Domain{}, cause
+		return vm.Domain{}, cause
 	}
 	// Undoing runs on its own deadline: ctx may be what ran out.
 	cleanup := func(fn func(context.Context) error) error {
@@ -161,7 +177,7 @@ func (d *Dispenser) Dispense(ctx context.Context, template, name, by string, out
 	if err := waitFor(wctx, out, "guest agent", func(c context.Context) error { return d.Hypervisor.Ping(c, dom) }); err != nil {
 		return rollback(err)
 	}
-	var addr netip.Addr
+	var addr vm.Address
 	if err := waitFor(wctx, out, "address", func(c context.Context) error {
 		a, err := d.Hypervisor.Address(c, dom)
 		addr = a
@@ -169,7 +185,7 @@ func (d *Dispenser) Dispense(ctx context.Context, template, name, by string, out
 	}); err != nil {
 		return rollback(err)
 	}
-	step("address %s", addr)
+	step("address %s", addr.IP)
 	for _, login := range t.Logins {
 		if err := waitFor(wctx, out, "trust for "+login, func(c context.Context) error { return d.Trust.Establish(c, dom, login) }); err != nil {
 			return rollback(err)
@@ -207,9 +223,18 @@ func waitFor(ctx context.Context, out io.Writer, what string, try func(context.C
 	}
 }
 
-// Destroy stops and undefines VM name and removes its disks. A VM the
-// bastion did not dispense needs force, and keeps its disks.
-func (d *Dispenser) Destroy(ctx context.Context, name string, force bool, out io.Writer) error {
+// Destroy stops and undefines VM name and removes its disks, for account
+// by, and audits it. A VM the bastion did not dispense needs force, and
+// keeps its disks.
+func (d *Dispenser) Destroy(ctx context.Context, name, by string, force bool, out io.Writer) error {
+	if err := d.destroy(ctx, name, force, out); err != nil {
+		return err
+	}
+	d.Audit.Emit(audit.Event{Type: audit.Destroyed, Account: by, VM: name})
+	return nil
+}
+
+func (d *Dispenser) destroy(ctx context.Context, name string, force bool, out io.Writer) error {
 	dom, err := d.Hypervisor.Find(ctx, name)
 	if err != nil {
 		return err
@@ -256,10 +281,6 @@ func (d *Dispenser) log() *slog.Logger {
 	return d.Logger
 }
 
-// LabelsNamespace is the XML namespace of the bastion's labels; the
-// hypervisor package reads the same one.
-const LabelsNamespace = "https://bastion.invalid/labels"
-
 // DomainXML is the libvirt definition of VM name from template t, with its
 // disk at disk and labels in <metadata>.
 func DomainXML(t Template, name, disk string, labels map[string]string) string {
@@ -274,7 +295,7 @@ func DomainXML(t Template, name, disk string, labels map[string]string) string {
 		domType = "qemu"
 	}
 	fmt.Fprintf(&b, "<domain type='%s'>\n  <name>%s</name>\n", esc(domType), esc(name))
-	fmt.Fprintf(&b, "  <metadata>\n    <bastion:labels xmlns:bastion=\"%s\">\n", LabelsNamespace)
+	fmt.Fprintf(&b, "  <metadata>\n    <bastion:labels xmlns:bastion=\"%s\">\n", vm.LabelsNamespace)
 	keys := make([]string, 0, len(labels))
 	for k := range labels {
 		keys = append(keys, k)

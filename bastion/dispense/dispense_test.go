@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/vm"
 	"io"
 	"net/netip"
 	"os"
@@ -21,24 +24,16 @@ var update = flag.Bool("update", false, "rewrite golden files")
 type fakeHypervisor struct {
 	mu       sync.Mutex
 	volumes  map[string]bool
-	domains  map[string]Domain
+	domains  map[string]vm.Domain
 	fail     map[string]error // by step: overlay, define, ping, address
-	existing map[string]Domain
+	existing map[string]vm.Domain
 }
 
 func newFake() *fakeHypervisor {
-	return &fakeHypervisor{volumes: map[string]bool{}, domains: map[string]Domain{}, fail: map[string]error{}, existing: map[string]Domain{}}
+	return &fakeHypervisor{volumes: map[string]bool{}, domains: map[string]vm.Domain{}, fail: map[string]error{}, existing: map[string]vm.Domain{}}
 }
 
-func (f *fakeHypervisor) Exists(_ context.Context, name string) (bool, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	_, ok := f.existing[name]
-	_, ok2 := f.domains[name]
-	return ok || ok2, nil
-}
-
-func (f *fakeHypervisor) Find(_ context.Context, name string) (Domain, error) {
+func (f *fakeHypervisor) Find(_ context.Context, name string) (vm.Domain, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if d, ok := f.domains[name]; ok {
@@ -47,7 +42,7 @@ func (f *fakeHypervisor) Find(_ context.Context, name string) (Domain, error) {
 	if d, ok := f.existing[name]; ok {
 		return d, nil
 	}
-	return Domain{}, errors.New("no such VM")
+	return vm.Domain{}, fmt.Errorf("%w: %s", vm.ErrNoSuchVM, name)
 }
 
 func (f *fakeHypervisor) CreateOverlay(_ context.Context, _, _, name, _ string, _, _ uint64) (string, error) {
@@ -67,19 +62,19 @@ func (f *fakeHypervisor) DeleteVolume(_ context.Context, _, path string) error {
 	return nil
 }
 
-func (f *fakeHypervisor) DefineAndStart(_ context.Context, uri, domainXML string) (Domain, error) {
+func (f *fakeHypervisor) DefineAndStart(_ context.Context, uri, domainXML string) (vm.Domain, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.fail["define"]; err != nil {
-		return Domain{}, err
+		return vm.Domain{}, err
 	}
 	name := domainXML[strings.Index(domainXML, "<name>")+6 : strings.Index(domainXML, "</name>")]
-	d := Domain{URI: uri, Name: name, UUID: "uuid-" + name, Running: true}
+	d := vm.Domain{URI: uri, Name: name, UUID: "uuid-" + name, Running: true}
 	f.domains[name] = d
 	return d, nil
 }
 
-func (f *fakeHypervisor) Remove(_ context.Context, d Domain) error {
+func (f *fakeHypervisor) Remove(_ context.Context, d vm.Domain) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	delete(f.domains, d.Name)
@@ -87,23 +82,23 @@ func (f *fakeHypervisor) Remove(_ context.Context, d Domain) error {
 	return nil
 }
 
-func (f *fakeHypervisor) Disks(_ context.Context, d Domain) ([]string, error) {
+func (f *fakeHypervisor) Disks(_ context.Context, d vm.Domain) ([]string, error) {
 	return []string{"/pool/" + d.Name + ".qcow2"}, nil
 }
 
-func (f *fakeHypervisor) Ping(context.Context, Domain) error {
+func (f *fakeHypervisor) Ping(context.Context, vm.Domain) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.fail["ping"]
 }
 
-func (f *fakeHypervisor) Address(context.Context, Domain) (netip.Addr, error) {
-	return netip.MustParseAddr("192.0.2.10"), nil
+func (f *fakeHypervisor) Address(context.Context, vm.Domain) (vm.Address, error) {
+	return vm.Address{IP: netip.MustParseAddr("192.0.2.10")}, nil
 }
 
 type fakeTrust struct{ err error }
 
-func (f fakeTrust) Establish(context.Context, Domain, string) error { return f.err }
+func (f fakeTrust) Establish(context.Context, vm.Domain, string) error { return f.err }
 
 var tmpl = Template{Name: "debian", Hypervisor: "qemu:///system", Image: "/images/base.qcow2", Pool: "bastion", DiskSize: 2 << 30,
 	Kernel: "/images/vmlinuz", Initrd: "/images/initrd.img", Cmdline: "root=/dev/vda rw", MemoryMiB: 256, VCPUs: 1,
@@ -124,7 +119,7 @@ func TestDispenseAndDestroy(t *testing.T) {
 		t.Fatalf("second dispense of web3: %v", err)
 	}
 	hv.domains["web3"] = dom // with its labels, as the hypervisor would report them
-	if err := d.Destroy(context.Background(), "web3", false, io.Discard); err != nil {
+	if err := d.Destroy(context.Background(), "web3", "alice", false, io.Discard); err != nil {
 		t.Fatal(err)
 	}
 	if len(hv.domains) != 0 || len(hv.volumes) != 0 {
@@ -134,13 +129,13 @@ func TestDispenseAndDestroy(t *testing.T) {
 
 func TestDestroyNeedsForceForOthers(t *testing.T) {
 	hv := newFake()
-	hv.existing["legacy"] = Domain{Name: "legacy"}
+	hv.existing["legacy"] = vm.Domain{Name: "legacy"}
 	d := &Dispenser{Hypervisor: hv, Trust: fakeTrust{}}
-	if err := d.Destroy(context.Background(), "legacy", false, io.Discard); !errors.Is(err, ErrNotOurs) {
+	if err := d.Destroy(context.Background(), "legacy", "alice", false, io.Discard); !errors.Is(err, ErrNotOurs) {
 		t.Fatalf("without --force: %v", err)
 	}
 	var out strings.Builder
-	if err := d.Destroy(context.Background(), "legacy", true, &out); err != nil || !strings.Contains(out.String(), "disks were kept") {
+	if err := d.Destroy(context.Background(), "legacy", "alice", true, &out); err != nil || !strings.Contains(out.String(), "disks were kept") {
 		t.Fatalf("with --force: %v\n%s", err, out.String())
 	}
 }
@@ -155,7 +150,7 @@ func TestDispenseFailuresLeaveNothing(t *testing.T) {
 		want     error
 	}{
 		{"unknown template", "nosuch", "web3", "", nil, ErrNoTemplate},
-		{"bad name", "debian", "Web_3", "", nil, ErrBadName},
+		{"bad name", "debian", "Web_3", "", nil, vm.ErrBadName},
 		{"overlay fails (image missing, disk full)", "debian", "web3", "overlay", nil, errDisk},
 		{"define fails", "debian", "web3", "define", nil, errDefine},
 		{"agent never appears", "debian", "web3", "ping", nil, ErrGaveUp},
@@ -200,5 +195,46 @@ func TestDomainXMLGolden(t *testing.T) {
 	}
 	if got != string(want) {
 		t.Fatalf("domain XML differs from %s:\n%s", path, got)
+	}
+}
+
+func TestPlanAndAudit(t *testing.T) {
+	hv := newFake()
+	var events []audit.Event
+	d := &Dispenser{Hypervisor: hv, Trust: fakeTrust{}, Templates: map[string]Template{"debian": tmpl},
+		Audit: func(e audit.Event) { events = append(events, e) }}
+	planned, logins, err := d.Plan("debian", "web3")
+	if err != nil || planned.Name != "web3" || planned.URI != tmpl.Hypervisor || planned.Labels["team"] != "web" || len(logins) != 1 || logins[0] != "root" {
+		t.Fatalf("Plan: %+v %v %v", planned, logins, err)
+	}
+	if _, _, err := d.Plan("nosuch", "web3"); !errors.Is(err, ErrNoTemplate) {
+		t.Fatalf("Plan of an unknown template: %v", err)
+	}
+	if len(hv.domains) != 0 || len(hv.volumes) != 0 || len(events) != 0 {
+		t.Fatal("Plan made something or audited")
+	}
+	if _, err := d.Dispense(context.Background(), "debian", "web3", "alice", io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.Dispense(context.Background(), "debian", "web3", "alice", io.Discard); !errors.Is(err, ErrNameTaken) {
+		t.Fatal(err)
+	}
+	hv.domains["web3"] = vm.Domain{Name: "web3", Labels: map[string]string{LabelBy: "alice"}}
+	if err := d.Destroy(context.Background(), "web3", "bob", false, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	want := []audit.Event{
+		{Type: audit.Dispensed, Account: "alice", VM: "web3", Detail: "debian"},
+		{Type: audit.DispenseFailed, Account: "alice", VM: "web3", Detail: "debian", Reason: "a VM of that name exists: web3"},
+		{Type: audit.Destroyed, Account: "bob", VM: "web3"},
+	}
+	if len(events) != len(want) {
+		t.Fatalf("audited %+v, want %+v", events, want)
+	}
+	for i := range want {
+		events[i].Time = time.Time{}
+		if events[i] != want[i] {
+			t.Errorf("event %d: %+v, want %+v", i, events[i], want[i])
+		}
 	}
 }

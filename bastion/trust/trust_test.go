@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/bastionvm/bastion/keys"
+	"github.com/bastionvm/bastion/vm"
 	"net"
 	"net/netip"
 	"os"
@@ -53,24 +55,24 @@ func (g *localGuest) manager() *Manager {
 	return &Manager{OOB: g, Instance: "test", SSHPort: g.port(), Timeout: 30 * time.Second}
 }
 
-func (g *localGuest) Find(_ context.Context, name string) (Domain, error) {
+func (g *localGuest) Find(_ context.Context, name string) (vm.Domain, error) {
 	if name != "vm1" && name != "uuid-1" {
-		return Domain{}, fmt.Errorf("no such VM: %s", name)
+		return vm.Domain{}, fmt.Errorf("%w: %s", vm.ErrNoSuchVM, name)
 	}
-	return Domain{URI: "test:///", Name: "vm1", UUID: "uuid-1", Running: true}, nil
+	return vm.Domain{URI: "test:///", Name: "vm1", UUID: "uuid-1", Running: true}, nil
 }
 
-func (g *localGuest) Ping(context.Context, Domain) error {
+func (g *localGuest) Ping(context.Context, vm.Domain) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.pingErr
 }
 
-func (g *localGuest) Address(context.Context, Domain) (netip.Addr, error) {
-	return netip.MustParseAddr("127.0.0.1"), nil
+func (g *localGuest) Address(context.Context, vm.Domain) (vm.Address, error) {
+	return vm.Address{IP: netip.MustParseAddr("127.0.0.1")}, nil
 }
 
-func (g *localGuest) ReadFile(_ context.Context, _ Domain, path string) ([]byte, error) {
+func (g *localGuest) ReadFile(_ context.Context, _ vm.Domain, path string) ([]byte, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if path == hostKeyFiles[0] {
@@ -86,7 +88,7 @@ func (g *localGuest) ReadFile(_ context.Context, _ Domain, path string) ([]byte,
 	return data, err
 }
 
-func (g *localGuest) WriteFile(_ context.Context, _ Domain, path string, data []byte) error {
+func (g *localGuest) WriteFile(_ context.Context, _ vm.Domain, path string, data []byte) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.written = append(g.written, path)
@@ -96,7 +98,7 @@ func (g *localGuest) WriteFile(_ context.Context, _ Domain, path string, data []
 	return os.WriteFile(path, data, 0o600)
 }
 
-func (g *localGuest) RemoveFile(_ context.Context, _ Domain, path string) error {
+func (g *localGuest) RemoveFile(_ context.Context, _ vm.Domain, path string) error {
 	err := os.Remove(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -104,16 +106,16 @@ func (g *localGuest) RemoveFile(_ context.Context, _ Domain, path string) error 
 	return err
 }
 
-func (g *localGuest) Chown(context.Context, Domain, string, string) error { return nil }
+func (g *localGuest) Chown(context.Context, vm.Domain, string, string) error { return nil }
 
-func (g *localGuest) AddAuthorizedKey(_ context.Context, _ Domain, _ string, line string) error {
+func (g *localGuest) AddAuthorizedKey(_ context.Context, _ vm.Domain, _ string, line string) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.added = append(g.added, line)
 	return g.writeKeys()
 }
 
-func (g *localGuest) RemoveAuthorizedKey(_ context.Context, _ Domain, _ string, line string) error {
+func (g *localGuest) RemoveAuthorizedKey(_ context.Context, _ vm.Domain, _ string, line string) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.removed = append(g.removed, line)
@@ -146,7 +148,10 @@ func (g *localGuest) counts() (added, removed int) {
 	return len(g.added), len(g.removed)
 }
 
-var vm1 = Domain{URI: "test:///", Name: "vm1", UUID: "uuid-1"}
+// errAgentSilent stands for the hypervisor's sentinel of a silent agent.
+var errAgentSilent = errors.New("guest agent is not responding")
+
+var vm1 = vm.Domain{URI: "test:///", Name: "vm1", UUID: "uuid-1"}
 
 func TestCheckEstablishesTrust(t *testing.T) {
 	g := newLocalGuest(t)
@@ -222,11 +227,16 @@ func TestCheckFailures(t *testing.T) {
 		break_ func(g *localGuest)
 		want   error
 		step   string
+		msg    string // the cause the user is told
 	}{
-		{"agent silent", func(g *localGuest) { g.pingErr = errors.New("guest agent is not responding") }, nil, "guest agent"},
-		{"impostor host key", func(g *localGuest) { g.hostKey = other.PublicKey() }, ErrHostKeyMismatch, "in-band connection"},
-		{"OB-IB value altered", func(g *localGuest) { g.corruptOB = true }, ErrNonceMismatch, "nonce ob-ib"},
-		{"IB-OB value altered", func(g *localGuest) { g.corruptRead = true }, ErrNonceMismatch, "nonce ib-ob"},
+		{"agent silent", func(g *localGuest) { g.pingErr = fmt.Errorf("%w: timed out", errAgentSilent) }, errAgentSilent, "guest agent",
+			"guest agent is not responding"},
+		{"impostor host key", func(g *localGuest) { g.hostKey = other.PublicKey() }, keys.ErrHostKeyMismatch, "in-band connection",
+			"the VM's host key is not the one read through the hypervisor"},
+		{"OB-IB value altered", func(g *localGuest) { g.corruptOB = true }, ErrNonceMismatch, "nonce ob-ib",
+			"the value read back does not match the value written"},
+		{"IB-OB value altered", func(g *localGuest) { g.corruptRead = true }, ErrNonceMismatch, "nonce ib-ob",
+			"the value read back does not match the value written"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			g := newLocalGuest(t)
@@ -237,8 +247,8 @@ func TestCheckFailures(t *testing.T) {
 			if tr != nil || !errors.As(err, &te) || te.Step != tc.step || (tc.want != nil && !errors.Is(err, tc.want)) {
 				t.Fatalf("got %v, %v; want step %q and %v", tr, err, tc.step, tc.want)
 			}
-			if !strings.Contains(te.UserMessage(), "could not verify the VM") {
-				t.Errorf("user message %q", te.UserMessage())
+			if want := "could not verify the VM (" + tc.step + ": " + tc.msg + ")"; te.UserMessage() != want {
+				t.Errorf("user message %q, want %q", te.UserMessage(), want)
 			}
 			if len(m.Trusts()) != 0 {
 				t.Fatal("trust recorded after a failed check")

@@ -6,15 +6,17 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/BurntSushi/toml"
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/bastionvm/bastion/bastion"
+	"github.com/bastionvm/bastion/bastion/dispense"
+	"github.com/bastionvm/bastion/bastion/trust"
 	"github.com/bastionvm/bastion/internal/tomlpos"
 	"github.com/bastionvm/bastion/policy"
-	"github.com/bastionvm/bastion/bastion/trust"
 )
 
 // Config is bastion.toml. bastion.toml.example documents every key.
@@ -209,4 +211,96 @@ func accountName(name string, i int) string {
 		return "#" + strconv.Itoa(i+1)
 	}
 	return strconv.Quote(name)
+}
+
+// TemplateConfig is one [[template]].
+type TemplateConfig struct {
+	Name       string            `toml:"name"`
+	Hypervisor string            `toml:"hypervisor"`
+	Image      string            `toml:"image"`
+	Pool       string            `toml:"pool"`
+	DiskSize   Size              `toml:"disk_size"`
+	MinFree    Size              `toml:"min_free"`
+	Kernel     string            `toml:"kernel"`
+	Initrd     string            `toml:"initrd"`
+	Cmdline    string            `toml:"cmdline"`
+	MemoryMiB  int               `toml:"memory_mib"`
+	VCPUs      int               `toml:"vcpus"`
+	Network    string            `toml:"network"`
+	DomainType string            `toml:"domain_type"`
+	Logins     []string          `toml:"logins"`
+	Labels     map[string]string `toml:"labels"`
+	Wait       Duration          `toml:"wait"`
+}
+
+// Size is a byte count written as "10GiB", "512MiB" or a plain number.
+type Size struct{ Bytes uint64 }
+
+func (s *Size) UnmarshalText(text []byte) error {
+	t := strings.TrimSpace(string(text))
+	mult := uint64(1)
+	for _, u := range []struct {
+		suffix string
+		mult   uint64
+	}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"B", 1}} {
+		if strings.HasSuffix(t, u.suffix) {
+			t, mult = strings.TrimSpace(strings.TrimSuffix(t, u.suffix)), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseUint(t, 10, 64)
+	if err != nil {
+		return fmt.Errorf("not a size (like \"10GiB\" or \"512MiB\"): %q", text)
+	}
+	s.Bytes = n * mult
+	return nil
+}
+
+// templates checks the [[template]] tables and fills in defaults.
+func (c *Config) templates() (map[string]dispense.Template, error) {
+	out := make(map[string]dispense.Template)
+	for i, tc := range c.Templates {
+		name := tc.Name
+		fail := func(format string, args ...any) (map[string]dispense.Template, error) {
+			return nil, fmt.Errorf("template %s: %s", accountName(name, i), fmt.Sprintf(format, args...))
+		}
+		if name == "" {
+			return fail("has no name")
+		}
+		if _, ok := out[name]; ok {
+			return fail("is defined twice")
+		}
+		t := dispense.Template{Name: name, Hypervisor: tc.Hypervisor, Image: tc.Image, Pool: tc.Pool, DiskSize: tc.DiskSize.Bytes,
+			MinFree: tc.MinFree.Bytes, Kernel: tc.Kernel, Initrd: tc.Initrd, Cmdline: tc.Cmdline, MemoryMiB: tc.MemoryMiB,
+			VCPUs: tc.VCPUs, Network: tc.Network, DomainType: tc.DomainType, Logins: tc.Logins, Labels: tc.Labels, Wait: tc.Wait.Duration}
+		if t.Hypervisor == "" {
+			if len(c.Hypervisors) == 0 {
+				return fail("names no hypervisor, and there is no [[hypervisor]]")
+			}
+			t.Hypervisor = c.Hypervisors[0].URI
+		}
+		switch {
+		case t.Image == "":
+			return fail("image is empty")
+		case t.Pool == "":
+			return fail("pool is empty (a libvirt storage pool for the overlays)")
+		case t.Network == "":
+			return fail("network is empty")
+		case len(t.Logins) == 0:
+			return fail("logins is empty: name the logins to trust at dispense")
+		case t.DomainType != "" && t.DomainType != "qemu" && t.DomainType != "kvm":
+			return fail("domain_type %q is not qemu or kvm", t.DomainType)
+		}
+		if t.DiskSize == 0 {
+			t.DiskSize = 10 << 30
+		}
+		if t.MinFree == 0 {
+			t.MinFree = 1 << 30
+		}
+		if t.MemoryMiB == 0 {
+			t.MemoryMiB = 512
+		}
+		out[name] = t
+	}
+	return out, nil
 }

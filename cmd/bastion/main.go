@@ -20,9 +20,8 @@ import (
 	"time"
 
 	"github.com/bastionvm/bastion/bastion"
-	"github.com/bastionvm/bastion/hypervisor"
-	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/bastion/trust"
+	"github.com/bastionvm/bastion/keys"
 )
 
 const usage = `usage:
@@ -42,8 +41,8 @@ const usage = `usage:
                                            print the decision and the deciding rule
 `
 
-// heapReserve is the heap the serving bastion reserves (see
-// bastion.ReserveHeap): address space, not memory.
+// heapReserve is the heap the serving bastion reserves (see reserveHeap):
+// address space, not memory.
 const heapReserve = 64 << 20
 
 func main() {
@@ -114,7 +113,11 @@ func run(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		return trustList(c.Server.StateDir, stdout, time.Now())
+		records, err := trust.ReadState(c.Server.StateDir)
+		if err != nil {
+			return err
+		}
+		return trust.List(stdout, records, time.Now())
 	case "config check":
 		if _, err := LoadConfig(*configPath); err != nil {
 			return err
@@ -144,13 +147,13 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	audit, closeAudit, err := openAudit(c.Server.Audit, stdout)
+	sink, closeAudit, err := openAudit(c.Server.Audit, stdout)
 	if err != nil {
 		return err
 	}
 	defer closeAudit()
 
-	bastion.ReserveHeap(heapReserve)
+	reserveHeap(heapReserve)
 	srv := &bastion.Server{
 		HostKey:        host.Key,
 		Certifier:      host,
@@ -161,43 +164,40 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		KeepAlive:      c.Server.KeepAlive.Duration,
 		ConnectTimeout: c.Server.ConnectTimeout.Duration,
 		Logger:         logger,
-		Audit:          audit,
-	}
-	var vmc *vmCommands
-	if len(c.Hypervisors) == 0 {
-		logger.Warn("no [[hypervisor]] configured: no VM can be reached")
-	} else {
-		manager, pool, stop, err := startTrust(c, logger, audit)
-		if err != nil {
-			return err
-		}
-		defer stop()
-		srv.Resolver = resolver{manager, pool}
-		vm, _, err := newVMCommands(c, logger, pool, manager)
-		if err != nil {
-			return err
-		}
-		vm.policy, vm.audit = live, auditOrNothing(audit)
-		vmc = vm
-		srv.Commands = map[string]bastion.CommandFunc{"vm": func(ctx context.Context, account bastion.Account, source net.Addr, args []string, out io.Writer) int {
-			return vm.run(ctx, &account, source, args, out)
-		}}
+		Audit:          sink,
 	}
 	ln, err := net.Listen("tcp", c.Server.Listen)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stderr, "bastion: listening on %s\n", ln.Addr())
-	if vmc != nil {
-		vmc.listen = ln.Addr().String() // for the ssh -J line after a dispense
+	defer ln.Close() // for the failures before Serve, which closes it itself
+	if len(c.Hypervisors) == 0 {
+		logger.Warn("no [[hypervisor]] configured: no VM can be reached")
+	} else {
+		f, err := openFleet(c, logger, sink)
+		if err != nil {
+			return err
+		}
+		defer f.close()
+		f.trust.StateDir = c.Server.StateDir
+		stopTrust, err := f.trust.Start()
+		if err != nil {
+			return err
+		}
+		defer stopTrust()
+		srv.VMs, srv.Resolver = f.pool, f.trust
+		// The ssh -J line after a dispense names the real listen address.
+		vm := f.vmCommand(live, ln.Addr().String(), c.Server.StateDir, sink)
+		srv.Commands = map[string]bastion.CommandFunc{"vm": vm.Run}
 	}
+	fmt.Fprintf(stderr, "bastion: listening on %s\n", ln.Addr())
 	fmt.Fprintf(stderr, "bastion: users add this line to ~/.ssh/known_hosts:\n%s\n", host.KnownHostsLine())
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	reloadCtx, stopReload := context.WithCancel(context.Background())
 	defer stopReload()
-	go (&reloader{path: configPath, live: live, srv: srv, log: logger, audit: auditOrNothing(audit), policy: c.Server.PolicyFile}).run(reloadCtx, hup)
+	go (&reloader{path: configPath, live: live, srv: srv, log: logger, policy: c.Server.PolicyFile}).run(reloadCtx, hup)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
@@ -219,102 +219,25 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	}
 }
 
-// newTrustManager makes a trust manager as the configuration says; its
-// out-of-band channel is the caller's to set.
-func newTrustManager(c *Config, logger *slog.Logger) *trust.Manager {
-	instance := c.Trust.Instance
-	if instance == "" {
-		instance, _ = os.Hostname()
-	}
-	var modes []trust.Mode
-	for _, m := range c.Trust.Modes {
-		modes = append(modes, trust.Mode(m))
-	}
-	return &trust.Manager{
-		Instance: instance,
-		TTL:      c.Trust.TTL.Duration,
-		Modes:    modes,
-		SSHPort:  c.Trust.SSHPort,
-		Timeout:  c.Trust.CheckTimeout.Duration,
-		Logger:   logger,
-	}
-}
-
-// startTrust opens the hypervisors and the trust manager over them, and
-// keeps the trust state file current.
-func startTrust(c *Config, logger *slog.Logger, audit func(bastion.Event)) (*trust.Manager, *hypervisor.Pool, func(), error) {
-	audit = auditOrNothing(audit)
-	manager := newTrustManager(c, logger)
-	manager.OnChange = func(trusts []trust.Trust) {
-		if err := writeTrustState(c.Server.StateDir, trusts); err != nil {
-			logger.Error("trust state file", "err", err)
-		}
-	}
-	manager.OnOutcome = func(vm, login string, t *trust.Trust, took time.Duration, err error) {
-		if err != nil {
-			audit(bastion.Event{Type: bastion.EventTrustFailed, VM: vm, Login: login, Reason: err.Error(),
-				Detail: fmt.Sprintf("took %s", took.Round(time.Millisecond))})
-			return
-		}
-		audit(bastion.Event{Type: bastion.EventTrustVerified, VM: vm, Login: login,
-			Detail: fmt.Sprintf("addr %s host key %s modes %v expires %s took %s", t.Addr, t.Fingerprint(), t.Modes,
-				t.Expires.UTC().Format(time.RFC3339), took.Round(time.Millisecond))})
-	}
-	var uris []string
-	for _, h := range c.Hypervisors {
-		uris = append(uris, h.URI)
-	}
-	pool, err := hypervisor.Open(uris, hypervisor.Options{Logger: logger, OnEvent: func(e hypervisor.Event) {
-		switch e.Kind {
-		case hypervisor.EventStopped, hypervisor.EventRebooted, hypervisor.EventMigrated, hypervisor.EventUndefined, hypervisor.EventAgentGone:
-			go func() {
-				manager.Drop(e.UUID, string(e.Kind))
-				audit(bastion.Event{Type: bastion.EventTrustDropped, VM: e.Name, Reason: string(e.Kind)})
-			}()
-		}
-	}})
+// vmLocal runs `bastion vm …` at the bastion's own shell: it opens the
+// hypervisors itself. Trust it establishes is this process's; the serving
+// bastion checks again on first use.
+func vmLocal(configPath string, args []string, out io.Writer) error {
+	c, err := LoadConfig(configPath)
 	if err != nil {
-		return nil, nil, nil, err
+		return err
 	}
-	manager.OOB = outOfBand{pool}
-	if err := writeTrustState(c.Server.StateDir, nil); err != nil {
-		pool.Close()
-		return nil, nil, nil, err
+	if len(c.Hypervisors) == 0 {
+		return errors.New("no [[hypervisor]] configured")
 	}
-	done := make(chan struct{})
-	go func() {
-		t := time.NewTicker(30 * time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-t.C:
-				manager.Expire()
-			case <-done:
-				return
-			}
-		}
-	}()
-	return manager, pool, func() { close(done); pool.Close() }, nil
-}
-
-func auditOrNothing(audit func(bastion.Event)) func(bastion.Event) {
-	if audit == nil {
-		return func(bastion.Event) {}
+	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	f, err := openFleet(c, logger, nil)
+	if err != nil {
+		return err
 	}
-	return audit
-}
-
-func openAudit(dest string, stdout io.Writer) (func(bastion.Event), func(), error) {
-	switch dest {
-	case "off":
-		return nil, func() {}, nil
-	case "stdout", "":
-		return bastion.JSONAudit(stdout), func() {}, nil
-	default:
-		f, err := os.OpenFile(dest, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			return nil, nil, fmt.Errorf("audit: %w", err)
-		}
-		return bastion.JSONAudit(f), func() { f.Close() }, nil
+	defer f.close()
+	if code := f.vmCommand(nil, c.Server.Listen, c.Server.StateDir, nil).RunLocal(context.Background(), args, out); code != 0 {
+		return fmt.Errorf("vm %s failed", strings.Join(args, " "))
 	}
+	return nil
 }

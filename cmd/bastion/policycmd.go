@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/bastionvm/bastion/policy"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // policyCheck validates a policy file, or with no file the policy of the
@@ -103,7 +104,7 @@ func (q *policyQuery) run(configPath string, out io.Writer) error {
 	}
 	r := policy.Request{
 		Account: q.account, Groups: groups, Source: source, Login: q.login, Channel: ch,
-		VM:      policy.VM{Name: q.vm, UUID: q.uuid, Hypervisor: q.hypervisor, Labels: q.labels.m},
+		VM:      vm.Domain{Name: q.vm, UUID: q.uuid, URI: q.hypervisor, Labels: q.labels.m},
 		Command: q.command, Host: q.host, Port: uint32(q.port), Time: at,
 	}
 	fmt.Fprint(out, c.policy.Explain(r))

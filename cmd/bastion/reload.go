@@ -12,6 +12,7 @@ import (
 
 	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/policy"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // live holds the accounts and policy the front door uses, swapped whole on
@@ -40,8 +41,8 @@ func (l *live) Decide(r policy.Request) policy.Decision {
 	return l.policy.Load().Decide(r)
 }
 
-func (l *live) Logins(account string, groups []string, source netip.Addr, vm policy.VM, t time.Time) []string {
-	return l.policy.Load().Logins(account, groups, source, vm, t)
+func (l *live) Logins(account string, groups []string, source netip.Addr, d vm.Domain, t time.Time) []string {
+	return l.policy.Load().Logins(account, groups, source, d, t)
 }
 
 // reloader re-reads the configuration on SIGHUP (a receive on hup) and when
@@ -52,7 +53,6 @@ type reloader struct {
 	live   *live
 	srv    *bastion.Server
 	log    *slog.Logger
-	audit  func(bastion.Event)
 	policy string // the policy file in use, if separate
 	seen   map[string]time.Time
 }
@@ -105,12 +105,13 @@ func (r *reloader) reload(why string) {
 	c, err := LoadConfig(r.path)
 	if err != nil {
 		r.log.Error("reload failed; the running configuration stays", "why", why, "err", err)
-		r.audit(bastion.Event{Type: bastion.EventReloadFailed, Reason: err.Error()})
+		r.srv.ReloadFailed(why, err)
 		return
 	}
 	accounts, err := c.accounts()
 	if err != nil {
 		r.log.Error("reload failed; the running configuration stays", "why", why, "err", err)
+		r.srv.ReloadFailed(why, err)
 		return
 	}
 	r.live.accounts.Store(accounts)
@@ -118,6 +119,5 @@ func (r *reloader) reload(why string) {
 	r.policy = c.Server.PolicyFile
 	r.seen = r.stamps()
 	r.log.Info("configuration reloaded: accounts and policy", "why", why, "rules", len(c.policy.Rules))
-	r.audit(bastion.Event{Type: bastion.EventReloaded, Reason: why})
-	r.srv.Revalidate()
+	r.srv.Reloaded(why)
 }

@@ -1,0 +1,83 @@
+// Package audit is the bastion's trail: the events every part of it emits
+// (the front door, trust, dispense, reloads) and the JSON-lines form they
+// are written in. docs/audit.md documents the format.
+package audit
+
+import (
+	"encoding/json"
+	"io"
+	"sync"
+	"time"
+)
+
+// Type names what an event records.
+type Type string
+
+// Event types.
+const (
+	Login          Type = "login"           // a person authenticated to the front door
+	LoginFailed    Type = "login_failed"    // an unknown key or a rate-limited source
+	Denied         Type = "denied"          // the policy or the front door refused a request
+	Connected      Type = "connected"       // an upstream connection to a VM was established
+	UpstreamFailed Type = "upstream_failed" // verification or the upstream connection failed
+	Disconnected   Type = "disconnected"    // a link to a VM ended
+	TrustVerified  Type = "trust_verified"  // a dual-band check succeeded
+	TrustFailed    Type = "trust_failed"    // a dual-band check failed
+	TrustDropped   Type = "trust_dropped"   // a lifecycle event ended a trust
+	Reloaded       Type = "reloaded"        // accounts and policy were reloaded
+	ReloadFailed   Type = "reload_failed"   // a reload was refused; the running configuration stays
+	Ended          Type = "ended"           // the bastion ended a session: policy change, time limit
+	Dispensed      Type = "dispensed"       // a VM was made from a template
+	DispenseFailed Type = "dispense_failed" // making a VM failed; what was made is removed
+	Destroyed      Type = "destroyed"       // a VM was removed
+)
+
+// Event is one entry of the trail. Its JSON form, one object per line, is
+// the documented format: every field but time and type is omitted when
+// empty.
+type Event struct {
+	Time    time.Time `json:"time"`
+	Type    Type      `json:"type"`
+	Account string    `json:"account,omitempty"`
+	Source  string    `json:"source,omitempty"`
+	VM      string    `json:"vm,omitempty"`
+	Login   string    `json:"login,omitempty"`
+	Channel string    `json:"channel,omitempty"`
+	Detail  string    `json:"detail,omitempty"` // the command, forward target or subsystem
+	Rule    string    `json:"rule,omitempty"`
+	Reason  string    `json:"reason,omitempty"`
+}
+
+// With returns a copy of e with the given type and decision fields.
+func (e Event) With(t Type, channel, rule, reason string) Event {
+	e.Type, e.Channel, e.Rule, e.Reason = t, channel, rule, reason
+	return e
+}
+
+// Sink receives events. A nil Sink drops them.
+type Sink func(Event)
+
+// Emit stamps e with the time, if it has none, and hands it to s.
+func (s Sink) Emit(e Event) {
+	if s == nil {
+		return
+	}
+	if e.Time.IsZero() {
+		e.Time = time.Now().UTC()
+	}
+	s(e)
+}
+
+// JSON writes events as JSON lines to w. It is safe for concurrent use.
+func JSON(w io.Writer) Sink {
+	var mu sync.Mutex
+	enc := json.NewEncoder(w)
+	return func(e Event) {
+		if e.Time.IsZero() {
+			e.Time = time.Now().UTC()
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		enc.Encode(e)
+	}
+}

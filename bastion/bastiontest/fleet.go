@@ -1,0 +1,68 @@
+// Package bastiontest has fakes of what the front door is wired to, for
+// tests and the benchmark harness.
+package bastiontest
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	"github.com/bastionvm/bastion/keys"
+	"github.com/bastionvm/bastion/vm"
+)
+
+// Fleet is a fixed set of running VMs whose upstreams are given, not
+// verified: the front door's VMs and Resolver where the stand-in VM is an
+// sshd on 127.0.0.1. Safe for concurrent use.
+type Fleet struct {
+	mu  sync.Mutex
+	vms map[string]keys.Upstream
+}
+
+// NewFleet returns a Fleet that knows no VM yet.
+func NewFleet() *Fleet {
+	return &Fleet{vms: make(map[string]keys.Upstream)}
+}
+
+// Set makes name known, reached at up.
+func (f *Fleet) Set(name string, up keys.Upstream) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.vms[name] = up
+}
+
+// Find returns the VM called name, or an error wrapping vm.ErrNoSuchVM.
+func (f *Fleet) Find(_ context.Context, name string) (vm.Domain, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.vms[name]; !ok {
+		return vm.Domain{}, fmt.Errorf("%w: %s", vm.ErrNoSuchVM, name)
+	}
+	return domain(name), nil
+}
+
+// List returns every VM set.
+func (f *Fleet) List(context.Context) ([]vm.Domain, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var vms []vm.Domain
+	for name := range f.vms {
+		vms = append(vms, domain(name))
+	}
+	return vms, nil
+}
+
+// Resolve returns the upstream set for d, whatever the login.
+func (f *Fleet) Resolve(_ context.Context, d vm.Domain, _ string) (keys.Upstream, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	up, ok := f.vms[d.Name]
+	if !ok {
+		return keys.Upstream{}, fmt.Errorf("%w: %s", vm.ErrNoSuchVM, d.Name)
+	}
+	return up, nil
+}
+
+func domain(name string) vm.Domain {
+	return vm.Domain{URI: "test:///bastiontest", UUID: "bastiontest-" + name, Name: name, Running: true}
+}

@@ -1,0 +1,189 @@
+package trust
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"fmt"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/vm"
+)
+
+// check runs the dual-band check for login on d, steps 1 to 6 of
+// docs/trust.md.
+func (m *Manager) check(ctx context.Context, d vm.Domain, login string) (*Trust, error) {
+	fail := func(step string, err error) (*Trust, error) {
+		return nil, &Error{VM: d.Name, Step: step, Err: err}
+	}
+	// 1. The domain exists and runs, and its agent answers.
+	d, err := m.OOB.Find(ctx, d.UUID)
+	if err != nil {
+		return fail("finding the VM", err)
+	}
+	if !d.Running {
+		return fail("finding the VM", fmt.Errorf("%w: %s", vm.ErrNotRunning, d.Name))
+	}
+	if err := m.OOB.Ping(ctx, d); err != nil {
+		return fail("guest agent", err)
+	}
+	// 2. Its address, cross-checked by the hypervisor.
+	address, err := m.OOB.Address(ctx, d)
+	if err != nil {
+		return fail("address", err)
+	}
+	port := m.SSHPort
+	if port == 0 {
+		port = 22
+	}
+	addr := net.JoinHostPort(address.IP.String(), strconv.Itoa(port))
+	// 3. Its host keys, read out of band.
+	hostKeys, err := m.readHostKeys(ctx, d)
+	if err != nil {
+		return fail("host keys", err)
+	}
+	if err := m.checkClones(ctx, d, hostKeys); err != nil {
+		return fail("host keys", err)
+	}
+	// 4. A fresh key for this epoch, installed for login out of band, with
+	// an expiry sshd enforces itself.
+	now := time.Now()
+	t := &Trust{Domain: d, Login: login, Addr: addr, HostKeys: hostKeys, Established: now, Expires: now.Add(m.ttl())}
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return fail("epoch key", err)
+	}
+	if t.Signer, err = ssh.NewSignerFromKey(priv); err != nil {
+		return fail("epoch key", err)
+	}
+	t.KeyLine = AuthorizedKeyLine(t.Signer.PublicKey(), t.Expires, m.Instance, now)
+	if err := m.OOB.AddAuthorizedKey(ctx, d, login, t.KeyLine); err != nil {
+		return fail("installing the bastion's key", err)
+	}
+	installed := true
+	defer func() {
+		if installed {
+			m.removeKey(d, t)
+		}
+	}()
+	// 5. The nonce round trips, over an SSH connection that must present a
+	// host key read in step 3.
+	client, err := m.dialInBand(ctx, t)
+	if err != nil {
+		return fail("in-band connection", err)
+	}
+	defer client.Close()
+	modes := m.Modes
+	if len(modes) == 0 {
+		modes = []Mode{OBIB, IBOB}
+	}
+	for _, mode := range modes {
+		if err := m.roundTrip(ctx, d, login, client, mode); err != nil {
+			return fail("nonce "+string(mode), err)
+		}
+	}
+	// 6. Trusted: every step held.
+	t.Modes = modes
+	installed = false
+	m.log().Info("trust established", "vm", d.Name, "login", login, "addr", addr,
+		"host_key", t.Fingerprint(), "modes", modes, "expires", t.Expires.UTC().Format(time.RFC3339))
+	return t, nil
+}
+
+// hostKeyFiles are read in order of preference.
+var hostKeyFiles = []string{
+	"/etc/ssh/ssh_host_ed25519_key.pub",
+	"/etc/ssh/ssh_host_ecdsa_key.pub",
+	"/etc/ssh/ssh_host_rsa_key.pub",
+}
+
+func (m *Manager) readHostKeys(ctx context.Context, d vm.Domain) ([]ssh.PublicKey, error) {
+	var keys []ssh.PublicKey
+	var firstErr error
+	for _, path := range hostKeyFiles {
+		data, err := m.OOB.ReadFile(ctx, d, path)
+		if err != nil {
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		k, _, _, _, err := ssh.ParseAuthorizedKey(data)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+		keys = append(keys, k)
+	}
+	if len(keys) == 0 {
+		if firstErr != nil {
+			// An agent that cannot read files says why (disabled, silent).
+			return nil, firstErr
+		}
+		return nil, ErrNoHostKeys
+	}
+	return keys, nil
+}
+
+// checkClones refuses a VM presenting a host key that another existing VM
+// has presented: overlays of one image share keys, and the bastion cannot
+// tell which of them answers on the network. The other VM's trusts are
+// dropped too.
+func (m *Manager) checkClones(ctx context.Context, d vm.Domain, keys []ssh.PublicKey) error {
+	m.mu.Lock()
+	if m.hostKeys == nil {
+		m.hostKeys = make(map[string]map[string]bool)
+	}
+	var others []string
+	for _, k := range keys {
+		fp := ssh.FingerprintSHA256(k)
+		if m.hostKeys[fp] == nil {
+			m.hostKeys[fp] = make(map[string]bool)
+		}
+		m.hostKeys[fp][d.UUID] = true
+		for uuid := range m.hostKeys[fp] {
+			if uuid != d.UUID && !slices.Contains(others, uuid) {
+				others = append(others, uuid)
+			}
+		}
+	}
+	m.mu.Unlock()
+	var clones []string
+	for _, uuid := range others {
+		if _, err := m.OOB.Find(ctx, uuid); err != nil {
+			m.forgetHostKeys(uuid) // gone: no longer a rival
+			continue
+		}
+		clones = append(clones, uuid)
+		m.Drop(uuid, "clone of "+d.Name)
+	}
+	if len(clones) > 0 {
+		return fmt.Errorf("%w: %s shares a host key with %v", ErrClone, d.Name, clones)
+	}
+	return nil
+}
+
+func (m *Manager) forgetHostKeys(uuid string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for fp, uuids := range m.hostKeys {
+		delete(uuids, uuid)
+		if len(uuids) == 0 {
+			delete(m.hostKeys, fp)
+		}
+	}
+}
+
+// AuthorizedKeyLine is the authorized_keys line of an epoch key: sshd stops
+// accepting it at expires, and its comment names the bastion and epoch.
+func AuthorizedKeyLine(pub ssh.PublicKey, expires time.Time, instance string, epoch time.Time) string {
+	return fmt.Sprintf(`expiry-time="%s" %s bastion:%s:epoch-%s`,
+		expires.UTC().Format("20060102150405Z"),
+		strings.TrimSpace(string(ssh.MarshalAuthorizedKey(pub))),
+		instance, epoch.UTC().Format("20060102T150405.000000000Z"))
+}
