@@ -3,6 +3,7 @@ package bastion
 import (
 	"errors"
 	"fmt"
+
 	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/vm"
 )

@@ -2,9 +2,6 @@ package bastion_test
 
 import (
 	"bytes"
-	"github.com/bastionvm/bastion/bastion/audit"
-	"github.com/bastionvm/bastion/bastion/bastiontest"
-	"github.com/bastionvm/bastion/vm"
 	"io"
 	"log/slog"
 	"net"
@@ -20,9 +17,12 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/bastionvm/bastion/bastion"
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/bastion/bastiontest"
 	"github.com/bastionvm/bastion/internal/testenv"
 	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/policy"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // fixture is a bastion in this process, a real sshd on 127.0.0.1 standing
@@ -151,6 +151,32 @@ func (a *auditLog) find(t audit.Type, reason string) (audit.Event, bool) {
 		}
 	}
 	return audit.Event{}, false
+}
+
+// count is how many events of type t about vm there are.
+func (a *auditLog) count(t audit.Type, vm string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	n := 0
+	for _, e := range a.events {
+		if e.Type == t && e.VM == vm {
+			n++
+		}
+	}
+	return n
+}
+
+// wait waits until there are n events of type t about vm: some are emitted
+// as a connection winds down, after the client has exited.
+func (a *auditLog) wait(t testing.TB, typ audit.Type, vm string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for a.count(typ, vm) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d %s events about %s, want %d", a.count(typ, vm), typ, vm, n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // testLogger logs through t, or discards with -short... it always logs

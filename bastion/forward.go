@@ -7,7 +7,6 @@ import (
 	"path"
 	"strings"
 	"sync"
-	"time"
 
 	gossh "golang.org/x/crypto/ssh"
 
@@ -225,7 +224,7 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 // end ends a running session, telling the user msg on its stderr.
 func (f *sessionForward) end(msg string) {
 	fmt.Fprintf(f.down.Stderr(), "\r\n%s\r\n", msg)
-	f.down.SendRequest("exit-status", false, gossh.Marshal(struct{ Status uint32 }{255}))
+	sendExitStatus(f.down, 255)
 	f.up.Close()
 }
 
@@ -254,7 +253,7 @@ func (f *sessionForward) refuse(req *gossh.Request, kind policy.Channel) {
 		req.Reply(true, nil)
 	}
 	fmt.Fprintf(f.down.Stderr(), "%s\r\n", f.link.denial(kind))
-	f.down.SendRequest("exit-status", false, gossh.Marshal(struct{ Status uint32 }{255}))
+	sendExitStatus(f.down, 255)
 	f.up.Close()
 }
 
@@ -312,71 +311,4 @@ func (c copier) run(done chan<- error) {
 	if done != nil {
 		done <- err
 	}
-}
-
-// errTimeout is returned by within when a peer does not answer in time.
-var errTimeout = errors.New("no answer from the peer in time")
-
-// within runs a request that waits for the peer's answer, giving up after
-// the server's request timeout. On timeout it calls abandon, which must
-// make send return (by closing what it waits on).
-func (s *Server) within(send func() (bool, []byte, error), abandon func()) (bool, []byte, error) {
-	type answer struct {
-		ok      bool
-		payload []byte
-		err     error
-	}
-	c := make(chan answer, 1)
-	go func() {
-		ok, payload, err := send()
-		c <- answer{ok, payload, err}
-	}()
-	t := time.NewTimer(s.requestTimeout())
-	defer t.Stop()
-	select {
-	case a := <-c:
-		return a.ok, a.payload, a.err
-	case <-t.C:
-		abandon()
-		return false, nil, errTimeout
-	}
-}
-
-// sendRequest sends a global request on conn within the request timeout.
-func (s *Server) sendRequest(conn gossh.Conn, name string, wantReply bool, payload []byte) (bool, []byte, error) {
-	return s.within(func() (bool, []byte, error) {
-		return conn.SendRequest(name, wantReply, payload)
-	}, func() { conn.Close() })
-}
-
-// keepalive probes conn every keepalive interval and closes it after three
-// probes in a row go unanswered. It returns at once: the probes run from a
-// timer, so an idle connection keeps no goroutine waiting for them.
-func (s *Server) keepalive(conn gossh.Conn) {
-	interval := s.keepAliveInterval()
-	if interval <= 0 {
-		return
-	}
-	missed := 0 // touched only by one probe at a time
-	var probe func()
-	probe = func() {
-		_, _, err := s.within(func() (bool, []byte, error) {
-			return conn.SendRequest("keepalive@openssh.com", true, nil)
-		}, func() {})
-		switch {
-		case err == nil:
-			missed = 0
-		case errors.Is(err, errTimeout):
-			missed++
-			if missed >= 3 {
-				s.logger().Warn("peer stopped answering keepalives; closing", "remote", conn.RemoteAddr().String())
-				conn.Close()
-				return
-			}
-		default:
-			return // the connection is closed
-		}
-		time.AfterFunc(interval, probe)
-	}
-	time.AfterFunc(interval, probe)
 }

@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/bastionvm/bastion/bastion/audit"
-	"github.com/bastionvm/bastion/keys"
-	"github.com/bastionvm/bastion/vm"
 	"log/slog"
 	"net"
 	"strings"
@@ -15,7 +12,10 @@ import (
 
 	gossh "golang.org/x/crypto/ssh"
 
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/policy"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // link is one downstream connection bound to one login on one VM, and the
@@ -37,6 +37,9 @@ type link struct {
 	down gossh.Conn // set by start, before any channel is handled
 
 	maxTime time.Duration // from the deciding rule; 0 means no limit
+	limit   *time.Timer   // ends the link at maxTime; set by start
+
+	closeOnce sync.Once
 
 	mu       sync.Mutex              // protects the fields below
 	forwards map[string]bool         // remote forwards granted to the downstream, "host:port"
@@ -45,65 +48,117 @@ type link struct {
 	active   map[*activeChannel]bool // channels in use, for revalidation
 }
 
+// endGrace bounds how long an ending link waits for its channels to take
+// their last messages to the user before it closes the connections.
+const endGrace = 5 * time.Second
+
 // activeChannel is a channel in use on a link: what the policy allowed it
-// for, and how to end it.
+// for, how to end it, and when it has finished.
 type activeChannel struct {
-	a   ask
-	end func(msg string) // ends the channel, telling the user msg where it can
+	a    ask
+	end  func(msg string) // ends the channel, telling the user msg where it can
+	done chan struct{}    // closed when the channel is no longer in use
 }
 
 // track records a channel in use until the returned function is called.
 func (l *link) track(a ask, end func(msg string)) (untrack func()) {
-	c := &activeChannel{a: a, end: end}
+	c := &activeChannel{a: a, end: end, done: make(chan struct{})}
 	l.mu.Lock()
 	l.active[c] = true
 	l.mu.Unlock()
+	var once sync.Once
 	return func() {
-		l.mu.Lock()
-		delete(l.active, c)
-		l.mu.Unlock()
+		once.Do(func() {
+			l.mu.Lock()
+			delete(l.active, c)
+			l.mu.Unlock()
+			close(c.done)
+		})
 	}
 }
 
-// end ends every channel of the link with msg, then the link itself.
-func (l *link) end(msg string) {
+// channels is a snapshot of the channels in use.
+func (l *link) channels() []*activeChannel {
 	l.mu.Lock()
-	var active []*activeChannel
+	defer l.mu.Unlock()
+	active := make([]*activeChannel, 0, len(l.active))
 	for c := range l.active {
 		active = append(active, c)
 	}
-	l.mu.Unlock()
+	return active
+}
+
+// end ends every channel of the link with msg and, once they have
+// finished (their message, exit status and close sent) or endGrace has
+// passed, the link itself.
+func (l *link) end(msg string) {
+	active := l.channels()
 	for _, c := range active {
 		c.end(msg)
 	}
-	// Give the messages a moment on the wire before the connection goes.
-	time.AfterFunc(500*time.Millisecond, func() {
+	go func() {
+		grace := time.NewTimer(endGrace)
+		defer grace.Stop()
+		for _, c := range active {
+			select {
+			case <-c.done:
+			case <-grace.C:
+				l.log.Warn("channels did not finish before the link ended", "grace", endGrace)
+				l.close()
+				return
+			}
+		}
+		l.close()
+	}()
+}
+
+// close is the end of the link's life, whichever side ended it: both
+// connections are closed, the link leaves the server's set, and its end is
+// logged and audited. Only the first call does anything.
+func (l *link) close() {
+	l.closeOnce.Do(func() {
 		l.up.Close()
-		l.down.Close()
+		if l.down != nil {
+			l.down.Close()
+		}
+		if l.limit != nil {
+			l.limit.Stop()
+		}
+		s := l.srv
+		s.linksMu.Lock()
+		delete(s.links, l)
+		s.linksMu.Unlock()
+		l.log.Info("disconnected")
+		s.audit(l.event().With(audit.Disconnected, "", "", ""))
 	})
+}
+
+// event is an audit event about this link, its type and decision fields
+// to be set (see audit.Event.With).
+func (l *link) event() audit.Event {
+	return audit.Event{Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name, Login: l.login}
+}
+
+// decide asks the policy about a on this link.
+func (l *link) decide(a ask) policy.Decision {
+	return l.srv.decide(l.account, l.source, l.vm, l.login, a)
 }
 
 // revalidate asks the policy again about the link and each of its channels,
 // ending what it no longer allows.
 func (l *link) revalidate() {
-	if d := l.srv.decide(l.account, l.source, l.vm, l.login, ask{kind: policy.Connect}); !d.Allow {
+	if d := l.decide(ask{kind: policy.Connect}); !d.Allow {
 		l.log.Info("ended by a policy change", "reason", d.Reason)
-		l.srv.audit(audit.Event{Type: audit.Ended, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
-			Login: l.login, Channel: string(policy.Connect), Rule: d.Rule, Reason: "policy change: " + d.Reason})
+		l.srv.audit(l.event().With(audit.Ended, string(policy.Connect), d.Rule, "policy change: "+d.Reason))
 		l.end(fmt.Sprintf("bastion: %s: access ended by a policy change", l.vm.Name))
 		return
 	}
-	l.mu.Lock()
-	var active []*activeChannel
-	for c := range l.active {
-		active = append(active, c)
-	}
-	l.mu.Unlock()
-	for _, c := range active {
-		if d := l.srv.decide(l.account, l.source, l.vm, l.login, c.a); !d.Allow {
+	for _, c := range l.channels() {
+		if d := l.decide(c.a); !d.Allow {
 			l.log.Info("channel ended by a policy change", "channel", c.a.kind, "detail", c.a.detail(), "reason", d.Reason)
-			l.srv.audit(audit.Event{Type: audit.Ended, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
-				Login: l.login, Channel: string(c.a.kind), Detail: c.a.detail(), Rule: d.Rule, Reason: "policy change: " + d.Reason})
+			ev := l.event().With(audit.Ended, string(c.a.kind), d.Rule, "policy change: "+d.Reason)
+			ev.Detail = c.a.detail()
+			l.srv.audit(ev)
 			c.end(fmt.Sprintf("bastion: %s: %s ended by a policy change", l.vm.Name, c.a.kind))
 		}
 	}
@@ -182,11 +237,9 @@ func (l *link) dial(ctx context.Context, target keys.Upstream) error {
 }
 
 // start binds the link to its downstream connection and serves what the
-// VM initiates. Losing either side closes the other.
+// VM initiates. Losing either side closes the other and ends the link.
 func (l *link) start(down gossh.Conn) {
 	l.down = down
-	go l.upstream()
-	l.srv.keepalive(l.up) // the front door keeps its own connections alive
 	s := l.srv
 	s.linksMu.Lock()
 	if s.links == nil {
@@ -194,29 +247,24 @@ func (l *link) start(down gossh.Conn) {
 	}
 	s.links[l] = true
 	s.linksMu.Unlock()
-	var limit *time.Timer
 	if l.maxTime > 0 {
-		limit = time.AfterFunc(l.maxTime, func() {
+		l.limit = time.AfterFunc(l.maxTime, func() {
 			l.log.Info("session time limit reached", "limit", l.maxTime)
-			s.audit(audit.Event{Type: audit.Ended, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
-				Login: l.login, Reason: fmt.Sprintf("time limit %v", l.maxTime)})
+			s.audit(l.event().With(audit.Ended, "", "", fmt.Sprintf("time limit %v", l.maxTime)))
 			l.end(fmt.Sprintf("bastion: %s: session time limit (%v) reached", l.vm.Name, l.maxTime))
 		})
 	}
+	go l.upstream()
+	s.keepalive(l.up) // the front door keeps its own connections alive
 	go func() {
 		down.Wait()
-		l.up.Close()
-		if limit != nil {
-			limit.Stop()
-		}
-		s.linksMu.Lock()
-		delete(s.links, l)
-		s.linksMu.Unlock()
+		l.close()
 	}()
 }
 
 // serve runs a downstream connection whose channels and requests are all
-// the link's: the ProxyJump inner hop.
+// the link's: the ProxyJump inner hop. It returns when the downstream
+// connection ends; start's watcher then ends the link.
 func (l *link) serve(down gossh.Conn, chans <-chan gossh.NewChannel, reqs <-chan *gossh.Request) {
 	l.start(down)
 	// One goroutine for both: requests are answered in order, as they
@@ -238,9 +286,6 @@ func (l *link) serve(down gossh.Conn, chans <-chan gossh.NewChannel, reqs <-chan
 			req.Reply(granted, payload)
 		}
 	}
-	l.up.Close()
-	l.log.Info("disconnected")
-	l.srv.audit(audit.Event{Type: audit.Disconnected, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name, Login: l.login})
 }
 
 // channel handles a channel the downstream opens.
@@ -403,11 +448,12 @@ func channelKind(newCh gossh.NewChannel) policy.Channel {
 
 // allow asks the policy about one channel of this link and audits a denial.
 func (l *link) allow(a ask) policy.Decision {
-	d := l.srv.decide(l.account, l.source, l.vm, l.login, a)
+	d := l.decide(a)
 	if !d.Allow {
 		l.log.Info("denied", "channel", a.kind, "detail", a.detail(), "rule", d.Rule, "reason", d.Reason)
-		l.srv.audit(audit.Event{Type: audit.Denied, Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name,
-			Login: l.login, Channel: string(a.kind), Detail: a.detail(), Rule: d.Rule, Reason: d.Reason})
+		ev := l.event().With(audit.Denied, string(a.kind), d.Rule, d.Reason)
+		ev.Detail = a.detail()
+		l.srv.audit(ev)
 	}
 	return d
 }

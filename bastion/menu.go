@@ -3,7 +3,6 @@ package bastion
 import (
 	"context"
 	"fmt"
-	"github.com/bastionvm/bastion/vm"
 	"io"
 	"slices"
 	"strconv"
@@ -13,6 +12,7 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/bastionvm/bastion/policy"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // menu serves a session on the bastion itself. With a terminal it shows the
@@ -41,7 +41,7 @@ func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
 				req.Reply(true, nil)
 				go gossh.DiscardRequests(reqs)
 				status := s.Commands[args[0]](fc.ctx, fc.account, fc.source, args[1:], ch)
-				exit(ch, uint32(status))
+				sendExitStatus(ch, uint32(status))
 				ch.Close()
 				return
 			}
@@ -51,7 +51,7 @@ func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
 			choices := s.choices(fc)
 			if req.Type == "exec" || ptyReq == nil {
 				s.listChoices(fc, ch, choices)
-				exit(ch, 0)
+				sendExitStatus(ch, 0)
 				ch.Close()
 				return
 			}
@@ -113,7 +113,7 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 	defer ch.Close()
 	s.listChoices(fc, ch, choices)
 	if len(choices) == 0 {
-		exit(ch, 1)
+		sendExitStatus(ch, 1)
 		return
 	}
 	in := &lineReader{ch: ch}
@@ -121,7 +121,7 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 	for {
 		line, ok := in.prompt("Choose a VM (number or name), or q to quit: ")
 		if !ok || line == "q" {
-			exit(ch, 0)
+			sendExitStatus(ch, 0)
 			return
 		}
 		n, err := strconv.Atoi(line)
@@ -143,7 +143,7 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 		}
 		line, ok := in.prompt(fmt.Sprintf("Login on %s (%s)%s: ", picked.vm.Name, strings.ReplaceAll(strings.Join(picked.logins, ", "), "*", "any"), offer))
 		if !ok {
-			exit(ch, 0)
+			sendExitStatus(ch, 0)
 			return
 		}
 		if line != "" || login == "*" {
@@ -151,47 +151,46 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 		}
 	}
 	fmt.Fprintf(ch, "Connecting to %s@%s...\r\n", login, picked.vm.Name)
-	fc.linkMu.Lock()
+	// The link is this session's alone; other channels of the connection
+	// do not wait for it (establishing may take a whole trust check).
 	l, err := s.establish(fc.ctx, fc.account, fc.source, picked.vm, login)
 	if err == nil {
-		fc.link = l
 		l.start(fc.conn)
 	}
-	fc.linkMu.Unlock()
 	if err != nil {
 		fmt.Fprintf(ch, "%s\r\n", userMessage(picked.vm.Name, err))
-		exit(ch, 255)
+		sendExitStatus(ch, 255)
 		return
 	}
 	if d := l.allow(ask{kind: policy.Shell}); !d.Allow {
 		fmt.Fprintf(ch, "%s\r\n", l.denial(policy.Shell))
-		exit(ch, 255)
+		sendExitStatus(ch, 255)
 		return
 	}
 	up, upReqs, err := l.up.OpenChannel("session", nil)
 	if err != nil {
 		fmt.Fprintf(ch, "bastion: %s: %v\r\n", picked.vm.Name, err)
-		exit(ch, 255)
+		sendExitStatus(ch, 255)
 		return
 	}
 	for _, r := range []struct {
 		name    string
 		payload []byte
 	}{{"pty-req", ptyReq.Payload}, {"shell", nil}} {
-		if ok, err := up.SendRequest(r.name, true, r.payload); err != nil || !ok {
+		ok, _, err := s.within(func() (bool, []byte, error) {
+			ok, err := up.SendRequest(r.name, true, r.payload)
+			return ok, nil, err
+		}, func() { up.Close() })
+		if err != nil || !ok {
 			fmt.Fprintf(ch, "bastion: %s: the VM refused the %s\r\n", picked.vm.Name, r.name)
 			up.Close()
-			exit(ch, 255)
+			sendExitStatus(ch, 255)
 			return
 		}
 	}
 	f := &sessionForward{link: l, up: up, down: ch, start: ask{kind: policy.Shell}}
 	f.untrack = l.track(f.start, f.end)
 	f.runStarted(upReqs, reqs)
-}
-
-func exit(ch gossh.Channel, status uint32) {
-	ch.SendRequest("exit-status", false, gossh.Marshal(struct{ Status uint32 }{status}))
 }
 
 // lineReader reads lines typed at a remote terminal in raw mode, echoing

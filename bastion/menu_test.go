@@ -3,12 +3,13 @@ package bastion_test
 import (
 	"bufio"
 	"context"
-	"github.com/bastionvm/bastion/keys"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/keys"
 )
 
 func TestMenuWithoutTerminalLists(t *testing.T) {
@@ -82,4 +83,5 @@ func TestMenuConnectsToPickedVM(t *testing.T) {
 	if err := cmd.Wait(); err == nil || cmd.ProcessState.ExitCode() != 5 {
 		t.Fatalf("ssh ended with %v, want exit 5 from the VM's shell", err)
 	}
+	f.audit.wait(t, audit.Disconnected, "web1", 1)
 }

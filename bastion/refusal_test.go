@@ -2,8 +2,6 @@ package bastion_test
 
 import (
 	"context"
-	"github.com/bastionvm/bastion/bastion/audit"
-	"github.com/bastionvm/bastion/vm"
 	"strings"
 	"testing"
 	"time"
@@ -11,8 +9,10 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/bastionvm/bastion/bastion"
+	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/internal/testenv"
 	"github.com/bastionvm/bastion/policy"
+	"github.com/bastionvm/bastion/vm"
 )
 
 func TestHostKeyMismatchRefused(t *testing.T) {

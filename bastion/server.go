@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/bastionvm/bastion/bastion/audit"
-	"github.com/bastionvm/bastion/keys"
-	"github.com/bastionvm/bastion/vm"
 	"io"
 	"log/slog"
 	"net"
@@ -18,7 +15,10 @@ import (
 	"github.com/gliderlabs/ssh"
 	gossh "golang.org/x/crypto/ssh"
 
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/policy"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // VMs finds the VMs the bastion serves. *hypervisor.Pool is one.
@@ -131,8 +131,12 @@ type frontConn struct {
 	local   net.Addr
 	account Account // set by state once authenticated; read-only after
 
-	linkMu  sync.Mutex // protects account, link and linkErr
-	link    *link      // for login@vm user names, established on first use
+	loginOnce sync.Once // fills in conn and account
+
+	// A login@vm connection's link, established on first use; every
+	// channel of such a connection needs it, so they wait for it.
+	linkMu  sync.Mutex // protects link and linkErr
+	link    *link
 	linkErr error
 }
 
@@ -260,15 +264,13 @@ func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.
 // connection's keepalives.
 func (s *Server) state(ctx ssh.Context, conn *gossh.ServerConn) *frontConn {
 	fc := ctx.Value(ctxKey{}).(*frontConn)
-	fc.linkMu.Lock()
-	defer fc.linkMu.Unlock()
-	if fc.account.Name == "" {
+	fc.loginOnce.Do(func() {
 		fc.conn = conn
 		fc.account = conn.Permissions.ExtraData[ctxKey{}].(Account)
 		s.logger().Info("login", "account", fc.account.Name, "source", fc.source.String(), "user", conn.User())
 		s.audit(audit.Event{Type: audit.Login, Account: fc.account.Name, Source: fc.source.String()})
 		s.keepalive(conn)
-	}
+	})
 	return fc
 }
 
@@ -324,12 +326,12 @@ func (s *Server) frontLink(fc *frontConn, conn *gossh.ServerConn) (*link, error)
 		fc.linkErr = err
 		return nil, err
 	}
-	vm, err := s.lookup(fc.ctx, t.VM)
+	d, err := s.lookup(fc.ctx, t.VM)
 	if err != nil {
 		fc.linkErr = err
 		return nil, err
 	}
-	fc.link, fc.linkErr = s.establish(fc.ctx, fc.account, fc.source, vm, t.Login)
+	fc.link, fc.linkErr = s.establish(fc.ctx, fc.account, fc.source, d, t.Login)
 	if fc.link != nil {
 		fc.link.start(conn)
 	}
@@ -337,8 +339,8 @@ func (s *Server) frontLink(fc *frontConn, conn *gossh.ServerConn) (*link, error)
 }
 
 func targetVM(user string) string {
-	_, vm, _ := strings.Cut(user, "@")
-	return vm
+	_, name, _ := strings.Cut(user, "@")
+	return name
 }
 
 // lookup finds the VM a request names. A failure other than "no such VM"

@@ -5,6 +5,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/bastionvm/bastion/bastion/audit"
 )
 
 func TestExitStatusThroughJump(t *testing.T) {
@@ -44,5 +46,23 @@ func TestStdinToEOF(t *testing.T) {
 	}
 	if string(res.Stdout) != want {
 		t.Fatalf("sort through the bastion: got %d bytes, want %d", len(res.Stdout), len(want))
+	}
+}
+
+// TestDisconnectedOnEveryPath: every link that connected is audited as
+// disconnected when it ends, whether it came through ProxyJump, a
+// login@vm user name, or the menu (TestMenuConnectsToPickedVM).
+func TestDisconnectedOnEveryPath(t *testing.T) {
+	f := newFixture(t)
+	if res := f.jump(nil, "true"); res.Exit != 0 {
+		t.Fatalf("ssh -J: %v", res)
+	}
+	f.audit.wait(t, audit.Disconnected, "web1", 1)
+	if res := f.ssh(nil, "-l", f.login+"@web1", "bastion", "true"); res.Exit != 0 {
+		t.Fatalf("ssh login@web1@bastion: %v", res)
+	}
+	f.audit.wait(t, audit.Disconnected, "web1", 2)
+	if c, d := f.audit.count(audit.Connected, "web1"), f.audit.count(audit.Disconnected, "web1"); c != 2 || d != 2 {
+		t.Fatalf("%d connected and %d disconnected events, want 2 of each", c, d)
 	}
 }

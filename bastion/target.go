@@ -2,8 +2,6 @@ package bastion
 
 import (
 	"fmt"
-	"github.com/bastionvm/bastion/bastion/audit"
-	"github.com/bastionvm/bastion/vm"
 	"net"
 	"regexp"
 	"strings"
@@ -11,7 +9,9 @@ import (
 
 	gossh "golang.org/x/crypto/ssh"
 
+	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/policy"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // Target names a login on a VM.
@@ -135,7 +135,7 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 	down, chans, greqs, err := gossh.NewServerConn(newChannelConn(ch, fc.local, fc.source), config)
 	if err != nil {
 		if lk != nil {
-			lk.up.Close()
+			lk.close() // established, never started: ended here, and audited
 		}
 		ch.Close()
 		if lkErr == nil {

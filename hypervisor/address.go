@@ -1,8 +1,6 @@
 package hypervisor
 
 import (
-	"github.com/bastionvm/bastion/vm"
-
 	"context"
 	"fmt"
 	"net/netip"
@@ -10,6 +8,8 @@ import (
 	"strings"
 
 	"libvirt.org/go/libvirt"
+
+	"github.com/bastionvm/bastion/vm"
 )
 
 // Address learns d's IPv4 address from the guest agent and checks it

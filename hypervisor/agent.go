@@ -1,8 +1,6 @@
 package hypervisor
 
 import (
-	"github.com/bastionvm/bastion/vm"
-
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -12,6 +10,8 @@ import (
 	"time"
 
 	"libvirt.org/go/libvirt"
+
+	"github.com/bastionvm/bastion/vm"
 )
 
 // agent sends one guest agent command to d and decodes its "return" into

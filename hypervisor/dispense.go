@@ -1,8 +1,6 @@
 package hypervisor
 
 import (
-	"github.com/bastionvm/bastion/vm"
-
 	"context"
 	"encoding/xml"
 	"errors"
@@ -10,6 +8,8 @@ import (
 	"strings"
 
 	"libvirt.org/go/libvirt"
+
+	"github.com/bastionvm/bastion/vm"
 )
 
 // Errors of dispensing.

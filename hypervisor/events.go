@@ -1,9 +1,9 @@
 package hypervisor
 
 import (
-	"github.com/bastionvm/bastion/vm"
-
 	"libvirt.org/go/libvirt"
+
+	"github.com/bastionvm/bastion/vm"
 )
 
 // subscribe registers p's event callbacks on a new connection.

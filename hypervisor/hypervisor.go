@@ -7,8 +7,6 @@
 package hypervisor
 
 import (
-	"github.com/bastionvm/bastion/vm"
-
 	"context"
 	"encoding/xml"
 	"errors"
@@ -20,6 +18,8 @@ import (
 	"time"
 
 	"libvirt.org/go/libvirt"
+
+	"github.com/bastionvm/bastion/vm"
 )
 
 // Errors. Their text is fit to show a user; detail is wrapped around them.

@@ -1,13 +1,14 @@
 package hypervisor
 
 import (
-	"github.com/bastionvm/bastion/vm"
-
+	"encoding/xml"
 	"errors"
 	"net/netip"
 	"testing"
 
 	"libvirt.org/go/libvirt"
+
+	"github.com/bastionvm/bastion/vm"
 )
 
 func TestClassify(t *testing.T) {
@@ -39,5 +40,21 @@ func TestAddressesOn(t *testing.T) {
 	got := addressesOn(ifaces, []string{"52:54:00:b7:00:00"})
 	if len(got) != 1 || got[0] != netip.MustParseAddr("192.168.214.10") {
 		t.Fatalf("addressesOn = %v; want only the declared interface's IPv4", got)
+	}
+}
+
+// TestLabelsNamespace: the labels are read in vm.LabelsNamespace, which a
+// struct tag can only spell out.
+func TestLabelsNamespace(t *testing.T) {
+	desc := `<domain><metadata><bastion:labels xmlns:bastion="` + vm.LabelsNamespace + `">` +
+		`<label key="team">web</label></bastion:labels>` +
+		`<other:labels xmlns:other="https://example.invalid/other"><label key="team">db</label></other:labels>` +
+		`</metadata></domain>`
+	var x domainXML
+	if err := xml.Unmarshal([]byte(desc), &x); err != nil {
+		t.Fatal(err)
+	}
+	if l := x.Metadata.Labels.Label; len(l) != 1 || l[0].Key != "team" || l[0].Value != "web" {
+		t.Fatalf("labels %+v, want team=web from the bastion's namespace only", l)
 	}
 }

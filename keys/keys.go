@@ -15,7 +15,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"github.com/bastionvm/bastion/internal/atomicfile"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -23,6 +22,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/internal/atomicfile"
 )
 
 // ErrInsecureFile is returned when a private key file can be read by others.

@@ -7,11 +7,12 @@ package policy
 import (
 	"errors"
 	"fmt"
-	"github.com/bastionvm/bastion/vm"
 	"net/netip"
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/bastionvm/bastion/vm"
 )
 
 // Channel is the kind of access a request asks for.

@@ -4,12 +4,13 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/bastionvm/bastion/vm"
 	"net/netip"
 	"os"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/bastionvm/bastion/vm"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")

@@ -5,13 +5,13 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
-	"github.com/bastionvm/bastion/vm"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/bastionvm/bastion/hypervisor"
 	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // TestHypervisor exercises the hypervisor package against a real guest.

@@ -9,13 +9,14 @@ import (
 	"encoding/xml"
 	"errors"
 	"fmt"
-	"github.com/bastionvm/bastion/bastion/audit"
-	"github.com/bastionvm/bastion/vm"
 	"io"
 	"log/slog"
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // Hypervisor is what dispensing needs of the hypervisors. *hypervisor.Pool

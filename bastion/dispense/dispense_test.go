@@ -5,8 +5,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"github.com/bastionvm/bastion/bastion/audit"
-	"github.com/bastionvm/bastion/vm"
 	"io"
 	"net/netip"
 	"os"
@@ -14,6 +12,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/vm"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files")

@@ -16,7 +16,7 @@ import (
 	"github.com/bastionvm/bastion/vm"
 )
 
-// check runs the dual-band check for login on d, steps 1 to 6 of
+// check runs the dual-band check for login on d, steps 1 to 7 of
 // docs/trust.md.
 func (m *Manager) check(ctx context.Context, d vm.Domain, login string) (*Trust, error) {
 	fail := func(step string, err error) (*Trust, error) {
@@ -72,13 +72,14 @@ func (m *Manager) check(ctx context.Context, d vm.Domain, login string) (*Trust,
 			m.removeKey(d, t)
 		}
 	}()
-	// 5. The nonce round trips, over an SSH connection that must present a
-	// host key read in step 3.
+	// 5. An SSH connection as login with the epoch key, which must present
+	// a host key read in step 3.
 	client, err := m.dialInBand(ctx, t)
 	if err != nil {
 		return fail("in-band connection", err)
 	}
 	defer client.Close()
+	// 6. The nonce round trips over it.
 	modes := m.Modes
 	if len(modes) == 0 {
 		modes = []Mode{OBIB, IBOB}
@@ -88,7 +89,7 @@ func (m *Manager) check(ctx context.Context, d vm.Domain, login string) (*Trust,
 			return fail("nonce "+string(mode), err)
 		}
 	}
-	// 6. Trusted: every step held.
+	// 7. Trusted: every step held.
 	t.Modes = modes
 	installed = false
 	m.log().Info("trust established", "vm", d.Name, "login", login, "addr", addr,

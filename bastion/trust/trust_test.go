@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/bastionvm/bastion/keys"
-	"github.com/bastionvm/bastion/vm"
 	"net"
 	"net/netip"
 	"os"
@@ -18,6 +16,8 @@ import (
 	"golang.org/x/crypto/ssh"
 
 	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/keys"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // localGuest is an out-of-band channel onto this machine, standing in for
