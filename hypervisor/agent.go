@@ -48,10 +48,10 @@ func (p *Pool) agent(ctx context.Context, d vm.Domain, command string, args any,
 		Return json.RawMessage `json:"return"`
 	}
 	if err := json.Unmarshal([]byte(reply), &envelope); err != nil {
-		return fmt.Errorf("%s: %s: %w: malformed reply: %v", d.Name, command, ErrAgentFailed, err)
+		return fmt.Errorf("%s: %s: %w: malformed reply: %w", d.Name, command, ErrAgentFailed, err)
 	}
 	if err := json.Unmarshal(envelope.Return, out); err != nil {
-		return fmt.Errorf("%s: %s: %w: unexpected reply: %v", d.Name, command, ErrAgentFailed, err)
+		return fmt.Errorf("%s: %s: %w: unexpected reply: %w", d.Name, command, ErrAgentFailed, err)
 	}
 	return nil
 }
@@ -106,7 +106,7 @@ func (p *Pool) ReadFile(ctx context.Context, d vm.Domain, path string) ([]byte, 
 		}
 		b, err := base64.StdEncoding.DecodeString(r.Buf)
 		if err != nil {
-			return nil, fmt.Errorf("%s: guest-file-read %s: %w: %v", d.Name, path, ErrAgentFailed, err)
+			return nil, fmt.Errorf("%s: guest-file-read %s: %w: %w", d.Name, path, ErrAgentFailed, err)
 		}
 		data = append(data, b...)
 		if len(data) > maxRead {
@@ -195,7 +195,7 @@ func (p *Pool) Exec(ctx context.Context, d vm.Domain, path string, args ...strin
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%s: %s: %w: %v", d.Name, path, ErrTimeout, ctx.Err())
+			return fmt.Errorf("%s: %s: %w: %w", d.Name, path, ErrTimeout, ctx.Err())
 		case <-time.After(delay):
 		}
 	}

@@ -154,7 +154,7 @@ func call[T any](ctx context.Context, fn func() (T, error)) (T, error) {
 		return r.v, r.err
 	case <-ctx.Done():
 		var zero T
-		return zero, fmt.Errorf("%w: %v", ErrTimeout, ctx.Err())
+		return zero, fmt.Errorf("%w: %w", ErrTimeout, ctx.Err())
 	}
 }
 

@@ -214,7 +214,7 @@ func waitFor(ctx context.Context, out io.Writer, what string, try func(context.C
 		select {
 		case <-ctx.Done():
 			fmt.Fprint(out, "\r\n")
-			return fmt.Errorf("%w: %s, after %v: %v", ErrGaveUp, what, time.Since(start).Round(time.Second), err)
+			return fmt.Errorf("%w: %s, after %v: %w", ErrGaveUp, what, time.Since(start).Round(time.Second), err)
 		case <-time.After(time.Second):
 		}
 		if time.Since(last) >= 5*time.Second {
