@@ -153,6 +153,17 @@ func (a *auditLog) find(t audit.Type, reason string) (audit.Event, bool) {
 	return audit.Event{}, false
 }
 
+// reasons lists the reasons of every event.
+func (a *auditLog) reasons() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var out []string
+	for _, e := range a.events {
+		out = append(out, e.Reason)
+	}
+	return out
+}
+
 // count is how many events of type t about vm there are.
 func (a *auditLog) count(t audit.Type, vm string) int {
 	a.mu.Lock()

@@ -82,6 +82,12 @@ type Server struct {
 	AuthFailures   int           // failed authentications a source address may make at once; 0 means 10
 	AuthRefill     time.Duration // how often a source regains one failure; 0 means 6s
 
+	// Before authentication, in OpenSSH's terms. Connections past these
+	// caps are closed before their key exchange.
+	LoginGraceTime       time.Duration // how long a connection may take to authenticate; 0 means 120s, negative means no limit
+	MaxStartups          MaxStartups   // unauthenticated connections in all; zero means DefaultMaxStartups
+	PerSourceMaxStartups int           // unauthenticated connections from one IPv4 address or IPv6 /64; 0 means 10, negative means no cap
+
 	// Commands are the bastion's own commands, run by `ssh alice@bastion
 	// NAME args...`, by NAME. A command not here gets the menu's answer.
 	Commands map[string]CommandFunc
@@ -92,6 +98,8 @@ type Server struct {
 	initOnce sync.Once
 	front    *ssh.Server
 	limiter  *failureLimiter
+	startups *startups
+	refusals everySecond // paces the log lines of refused connections
 
 	certMu sync.Mutex // protects certs
 	certs  map[string]cachedCert
@@ -130,6 +138,10 @@ type frontConn struct {
 	source  net.Addr
 	local   net.Addr
 	account Account // set by state once authenticated; read-only after
+
+	// Until it authenticates the connection holds a startup place and
+	// runs against the login grace time; authenticated ends both.
+	authenticated func()
 
 	loginOnce sync.Once // fills in conn and account
 
@@ -177,6 +189,17 @@ func (s *Server) init() {
 		refill = 6 * time.Second
 	}
 	s.limiter = newFailureLimiter(burst, refill)
+	max, perSource := s.MaxStartups, s.PerSourceMaxStartups
+	if max == (MaxStartups{}) {
+		max = DefaultMaxStartups
+	}
+	switch {
+	case perSource == 0:
+		perSource = 10
+	case perSource < 0:
+		perSource = 0
+	}
+	s.startups = newStartups(max, perSource)
 	s.front = &ssh.Server{
 		Version:              strings.TrimPrefix(s.version(), "SSH-2.0-"),
 		ServerConfigCallback: s.frontConfig,
@@ -202,15 +225,67 @@ func (s *Server) init() {
 }
 
 // accept refuses connections from sources that used up their failed
-// authentications, and attaches the connection's state.
+// authentications or past the caps on unauthenticated connections, and
+// attaches the connection's state. An admitted connection must
+// authenticate within the login grace time.
 func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
-	if s.limiter.Blocked(conn.RemoteAddr()) {
-		s.logger().Warn("refused: too many failed authentications", "source", conn.RemoteAddr().String())
-		s.audit(audit.Event{Type: audit.LoginFailed, Source: conn.RemoteAddr().String(), Reason: "rate limited"})
+	source := conn.RemoteAddr()
+	if s.limiter.Blocked(source) {
+		s.refused(source, "rate limited: too many failed authentications")
 		return nil
 	}
-	ctx.SetValue(ctxKey{}, &frontConn{ctx: ctx, source: conn.RemoteAddr(), local: conn.LocalAddr()})
-	return newBulkConn(conn)
+	release, err := s.startups.admit(source)
+	if err != nil {
+		s.refused(source, err.Error())
+		return nil
+	}
+	var grace *time.Timer
+	if d := s.loginGraceTime(); d > 0 {
+		grace = time.AfterFunc(d, func() {
+			if ok, skipped := s.refusals.allow(); ok {
+				s.logger().Info("closed: login grace time over", "source", source.String(), "grace", d, "also", skipped)
+			}
+			conn.Close()
+		})
+	}
+	var once sync.Once
+	authenticated := func() {
+		once.Do(func() {
+			if grace != nil {
+				grace.Stop()
+			}
+			release()
+		})
+	}
+	ctx.SetValue(ctxKey{}, &frontConn{ctx: ctx, source: source, local: conn.LocalAddr(), authenticated: authenticated})
+	return &frontNetConn{bulkConn: newBulkConn(conn), closed: authenticated}
+}
+
+// refused logs and audits a connection closed at accept, at most once a
+// second: a flood must not become a flood of log lines.
+func (s *Server) refused(source net.Addr, reason string) {
+	ok, skipped := s.refusals.allow()
+	if !ok {
+		return
+	}
+	detail := ""
+	if skipped > 0 {
+		detail = fmt.Sprintf("and %d more refused since the last event", skipped)
+	}
+	s.logger().Warn("refused", "source", source.String(), "reason", reason, "also", skipped)
+	s.audit(audit.Event{Type: audit.LoginFailed, Source: source.String(), Reason: reason, Detail: detail})
+}
+
+// frontNetConn is a front-door connection that gives back its startup
+// place when it closes.
+type frontNetConn struct {
+	*bulkConn
+	closed func()
+}
+
+func (c *frontNetConn) Close() error {
+	c.closed()
+	return c.bulkConn.Close()
 }
 
 // frontConfig is the front door's authentication: public keys only, each
@@ -225,6 +300,13 @@ func (s *Server) frontConfig(ctx ssh.Context) *gossh.ServerConfig {
 		},
 		PublicKeyCallback: func(meta gossh.ConnMetadata, key gossh.PublicKey) (*gossh.Permissions, error) {
 			return s.authenticate(fc, meta, key)
+		},
+		// Called after every attempt; with no error once the key's
+		// signature is verified: the connection is authenticated.
+		AuthLogCallback: func(_ gossh.ConnMetadata, _ string, err error) {
+			if err == nil {
+				fc.authenticated()
+			}
 		},
 		MaxAuthTries: 10,
 	}
@@ -423,6 +505,13 @@ func (s *Server) requestTimeout() time.Duration {
 		return 30 * time.Second
 	}
 	return s.RequestTimeout
+}
+
+func (s *Server) loginGraceTime() time.Duration {
+	if s.LoginGraceTime == 0 {
+		return 120 * time.Second
+	}
+	return s.LoginGraceTime
 }
 
 func (s *Server) connectTimeout() time.Duration {

@@ -60,6 +60,22 @@ type ServerConfig struct {
 	Audit          string   `toml:"audit"` // "stdout", "off", or a file path
 	PolicyFile     string   `toml:"policy_file"`
 	LogLevel       string   `toml:"log_level"`
+
+	LoginGraceTime       Duration    `toml:"login_grace_time"`
+	MaxStartups          MaxStartups `toml:"max_startups"`
+	PerSourceMaxStartups int         `toml:"per_source_max_startups"`
+}
+
+// MaxStartups is server.max_startups, "start:rate:full" as in sshd_config.
+type MaxStartups struct{ bastion.MaxStartups }
+
+func (m *MaxStartups) UnmarshalText(text []byte) error {
+	v, err := bastion.ParseMaxStartups(string(text))
+	if err != nil {
+		return err
+	}
+	m.MaxStartups = v
+	return nil
 }
 
 // AccountConfig is one [[account]].
@@ -95,6 +111,10 @@ func defaults() Config {
 		KeepAlive:   Duration{30 * time.Second},
 		Audit:       "stdout",
 		LogLevel:    "info",
+
+		LoginGraceTime:       Duration{120 * time.Second},
+		MaxStartups:          MaxStartups{bastion.DefaultMaxStartups},
+		PerSourceMaxStartups: 10,
 	}}
 }
 
@@ -162,6 +182,12 @@ func (c *Config) validate() error {
 	case "debug", "info", "warn", "error":
 	default:
 		return fmt.Errorf("server.log_level: %q is not one of debug, info, warn, error", c.Server.LogLevel)
+	}
+	if c.Server.LoginGraceTime.Duration < 0 {
+		return fmt.Errorf("server.login_grace_time: %v is negative (\"0s\" means no limit)", c.Server.LoginGraceTime.Duration)
+	}
+	if c.Server.PerSourceMaxStartups < 0 {
+		return fmt.Errorf("server.per_source_max_startups: %d is negative (0 means no cap per source)", c.Server.PerSourceMaxStartups)
 	}
 	for i, h := range c.Hypervisors {
 		if h.URI == "" {

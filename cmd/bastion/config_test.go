@@ -3,6 +3,7 @@ package main
 import (
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestExampleConfigIsValid(t *testing.T) {
@@ -12,6 +13,9 @@ func TestExampleConfigIsValid(t *testing.T) {
 	}
 	if c.Server.Listen != "127.0.0.1:2222" || len(c.Accounts) != 2 || len(c.policy.Rules) != 3 {
 		t.Fatalf("example decoded to %+v", c)
+	}
+	if c.Server.LoginGraceTime.Duration != 120*time.Second || c.Server.MaxStartups.String() != "10:30:100" || c.Server.PerSourceMaxStartups != 10 {
+		t.Fatalf("example's pre-authentication limits: %v %v %v", c.Server.LoginGraceTime, c.Server.MaxStartups, c.Server.PerSourceMaxStartups)
 	}
 }
 
@@ -34,6 +38,10 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		{"unknown rule key", "[[rule]]\nname = \"r\"\ngroups = [\"g\"]\nvm = [\"*\"]\n", `bastion.toml:4: unknown key rule.vm`},
 		{"rules in two places", "[server]\npolicy_file = \"p.toml\"\n[[rule]]\neffect = \"deny\"\n", `bastion.toml:3: [[rule]] tables and server.policy_file both given`},
 		{"log level", "[server]\nlog_level = \"loud\"\n", `server.log_level: "loud"`},
+		{"max startups", "[server]\n\nmax_startups = \"10:30\"\n", `bastion.toml:3: server.max_startups: "10:30" is not start:rate:full`},
+		{"max startups order", "[server]\nmax_startups = \"10:30:5\"\n", `bastion.toml:2: server.max_startups: "10:30:5" is not start:rate:full (like "10:30:100"): full must not be below start`},
+		{"negative grace", "[server]\nlogin_grace_time = \"-1s\"\n", `server.login_grace_time: -1s is negative`},
+		{"negative per source", "[server]\nper_source_max_startups = -2\n", `server.per_source_max_startups: -2 is negative`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := ParseConfig("bastion.toml", []byte(tc.toml))

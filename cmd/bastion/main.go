@@ -155,16 +155,19 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 
 	reserveHeap(heapReserve)
 	srv := &bastion.Server{
-		HostKey:        host.Key,
-		Certifier:      host,
-		Hostnames:      c.Server.Hostnames,
-		Accounts:       live,
-		Policy:         live,
-		EnvAllow:       c.Server.EnvAllow,
-		KeepAlive:      c.Server.KeepAlive.Duration,
-		ConnectTimeout: c.Server.ConnectTimeout.Duration,
-		Logger:         logger,
-		Audit:          sink,
+		HostKey:              host.Key,
+		Certifier:            host,
+		Hostnames:            c.Server.Hostnames,
+		Accounts:             live,
+		Policy:               live,
+		EnvAllow:             c.Server.EnvAllow,
+		KeepAlive:            c.Server.KeepAlive.Duration,
+		ConnectTimeout:       c.Server.ConnectTimeout.Duration,
+		LoginGraceTime:       noneIsNegative(c.Server.LoginGraceTime.Duration),
+		MaxStartups:          c.Server.MaxStartups.MaxStartups,
+		PerSourceMaxStartups: noCapIsNegative(c.Server.PerSourceMaxStartups),
+		Logger:               logger,
+		Audit:                sink,
 	}
 	ln, err := net.Listen("tcp", c.Server.Listen)
 	if err != nil {
@@ -217,6 +220,23 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		logger.Info("stopped")
 		return nil
 	}
+}
+
+// noneIsNegative turns a configuration's "0s, no limit" into the
+// server's "negative, no limit" (its zero means the default).
+func noneIsNegative(d time.Duration) time.Duration {
+	if d == 0 {
+		return -1
+	}
+	return d
+}
+
+// noCapIsNegative does the same for a count.
+func noCapIsNegative(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }
 
 // vmLocal runs `bastion vm …` at the bastion's own shell: it opens the

@@ -1,0 +1,108 @@
+package bastion
+
+import (
+	"errors"
+	"net"
+	"testing"
+)
+
+func tcp(ip string) net.Addr { return &net.TCPAddr{IP: net.ParseIP(ip), Port: 40000} }
+
+func TestParseMaxStartups(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want MaxStartups
+		ok   bool
+	}{
+		{"10:30:100", MaxStartups{10, 30, 100}, true},
+		{"5", MaxStartups{5, 100, 5}, true},
+		{"1:0:1", MaxStartups{1, 0, 1}, true},
+		{"10:30", MaxStartups{}, false},
+		{"10:130:100", MaxStartups{}, false},
+		{"10:30:5", MaxStartups{}, false},
+		{"0:30:100", MaxStartups{}, false},
+		{"a:b:c", MaxStartups{}, false},
+		{"", MaxStartups{}, false},
+		{"-1", MaxStartups{}, false},
+	} {
+		got, err := ParseMaxStartups(tc.in)
+		if (err == nil) != tc.ok || got != tc.want {
+			t.Errorf("ParseMaxStartups(%q) = %v, %v; want %v ok=%v", tc.in, got, err, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestStartupsPerSourceCap(t *testing.T) {
+	s := newStartups(MaxStartups{10, 30, 100}, 3)
+	var releases []func()
+	for i := 0; i < 3; i++ {
+		r, err := s.admit(tcp("192.0.2.1"))
+		if err != nil {
+			t.Fatalf("connection %d refused: %v", i+1, err)
+		}
+		releases = append(releases, r)
+	}
+	if _, err := s.admit(tcp("192.0.2.1")); !errors.Is(err, errSourceFull) {
+		t.Fatalf("a fourth from one address: %v, want refused", err)
+	}
+	if _, err := s.admit(tcp("192.0.2.2")); err != nil {
+		t.Fatalf("another address refused: %v", err)
+	}
+	releases[0]()
+	releases[0]() // a second release gives nothing back twice
+	if _, err := s.admit(tcp("192.0.2.1")); err != nil {
+		t.Fatalf("after one authenticated or closed: %v", err)
+	}
+	if _, err := s.admit(tcp("192.0.2.1")); !errors.Is(err, errSourceFull) {
+		t.Fatalf("a release was counted twice: %v", err)
+	}
+}
+
+func TestStartupsIPv6CountedBySlash64(t *testing.T) {
+	s := newStartups(MaxStartups{10, 30, 100}, 2)
+	s.admit(tcp("2001:db8:1:2::1"))
+	s.admit(tcp("2001:db8:1:2:ffff::9"))
+	if _, err := s.admit(tcp("2001:db8:1:2:abcd::1")); !errors.Is(err, errSourceFull) {
+		t.Fatalf("a third address of one /64: %v, want refused", err)
+	}
+	if _, err := s.admit(tcp("2001:db8:1:3::1")); err != nil {
+		t.Fatalf("the next /64: %v", err)
+	}
+	// An IPv4-mapped address is the IPv4 address.
+	s.admit(tcp("192.0.2.7"))
+	s.admit(tcp("::ffff:192.0.2.7"))
+	if _, err := s.admit(tcp("192.0.2.7")); !errors.Is(err, errSourceFull) {
+		t.Fatalf("a v4-mapped address counted apart: %v", err)
+	}
+}
+
+func TestStartupsRandomEarlyDrop(t *testing.T) {
+	s := newStartups(MaxStartups{2, 50, 4}, 0)
+	roll := 0
+	s.roll = func() int { return roll }
+	s.admit(tcp("192.0.2.1"))
+	s.admit(tcp("192.0.2.1"))
+	// Two held: at start, a roll below 50 drops a busy source...
+	roll = 49
+	if _, err := s.admit(tcp("192.0.2.1")); !errors.Is(err, errStartupsFull) {
+		t.Fatalf("roll 49 at start: %v, want dropped", err)
+	}
+	// ...and a roll of 50 or more lets it in.
+	roll = 50
+	if _, err := s.admit(tcp("192.0.2.1")); err != nil {
+		t.Fatalf("roll 50 at start: %v", err)
+	}
+	// Three held: the chance is 75%; a new source's first is spared.
+	roll = 0
+	if _, err := s.admit(tcp("192.0.2.9")); err != nil {
+		t.Fatalf("a quiet source's first connection was dropped: %v", err)
+	}
+	// Four held: full; everyone is refused.
+	roll = 99
+	if _, err := s.admit(tcp("192.0.2.10")); !errors.Is(err, errStartupsFull) {
+		t.Fatalf("at full: %v, want refused", err)
+	}
+	if total, from := s.counts(tcp("192.0.2.1")); total != 4 || from != 3 {
+		t.Fatalf("counts %d, %d; want 4 in all, 3 from the busy source", total, from)
+	}
+}
