@@ -3,6 +3,7 @@ package testenv
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -43,25 +44,29 @@ func NewClient(t testing.TB, addr, account, knownHosts string) *Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	config := fmt.Sprintf(`Host bastion
-  HostName %s
-  Port %s
-  User %s
-Host *
-  IdentityFile %s
+	config := fmt.Sprintf("Host bastion\n  HostName %s\n  Port %s\n  User %s\nHost *\n", host, port, account) +
+		ClientDefaults(c.Key, filepath.Join(dir, "known_hosts"), "INFO")
+	write(t, c.Config, []byte(config), 0o600)
+	return c
+}
+
+// ClientDefaults are the ssh_config lines, indented for a Host block, of a
+// client that reads nothing of the user's own ~/.ssh or agent: only the
+// key at identityFile, only the hosts in knownHosts (strictly), no
+// prompts, no connection sharing, and logging at logLevel.
+func ClientDefaults(identityFile, knownHosts, logLevel string) string {
+	return fmt.Sprintf(`  IdentityFile %s
   IdentitiesOnly yes
   IdentityAgent none
-  UserKnownHostsFile %s/known_hosts
+  UserKnownHostsFile %s
   GlobalKnownHostsFile /dev/null
   StrictHostKeyChecking yes
   UpdateHostKeys no
   BatchMode yes
   ControlMaster no
   ControlPath none
-  LogLevel INFO
-`, host, port, account, c.Key, dir)
-	write(t, c.Config, []byte(config), 0o600)
-	return c
+  LogLevel %s
+`, identityFile, knownHosts, logLevel)
 }
 
 // Result is what a client command left behind.
@@ -135,31 +140,35 @@ func (b *LockedBuffer) String() string {
 func RandomFile(t testing.TB, dir string, size int64) string {
 	t.Helper()
 	path := filepath.Join(dir, fmt.Sprintf("random-%d", size))
-	f, err := os.Create(path)
-	if err != nil {
+	if err := WriteRandomFile(path, size); err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	return path
+}
+
+// WriteRandomFile writes size pseudo-random bytes to a file at path: fast,
+// and incompressible enough for transfer tests.
+func WriteRandomFile(path string, size int64) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
 	buf := make([]byte, 1<<20)
 	var state uint64 = uint64(time.Now().UnixNano()) | 1
 	for written := int64(0); written < size; {
 		for i := 0; i+8 <= len(buf); i += 8 {
-			// xorshift64: fast, and incompressible enough for transfer tests.
+			// xorshift64
 			state ^= state << 13
 			state ^= state >> 7
 			state ^= state << 17
-			for j := 0; j < 8; j++ {
-				buf[i+j] = byte(state >> (8 * j))
-			}
+			binary.LittleEndian.PutUint64(buf[i:], state)
 		}
-		n := int64(len(buf))
-		if size-written < n {
-			n = size - written
-		}
+		n := min(int64(len(buf)), size-written)
 		if _, err := f.Write(buf[:n]); err != nil {
-			t.Fatal(err)
+			f.Close()
+			return err
 		}
 		written += n
 	}
-	return path
+	return f.Close()
 }

@@ -13,7 +13,11 @@ import (
 // FreeAddr returns a 127.0.0.1 address nothing listens on right now.
 func FreeAddr(t testing.TB) string {
 	t.Helper()
-	return fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	port, err := freePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf("127.0.0.1:%d", port)
 }
 
 // WaitListening waits up to a minute until something accepts on addr.
