@@ -1,12 +1,9 @@
 package main
 
 import (
-	"encoding/json"
-	"io"
 	"log/slog"
 	"net"
 	"os"
-	"sync"
 
 	gossh "golang.org/x/crypto/ssh"
 
@@ -55,9 +52,9 @@ func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login str
 		return nil, err
 	}
 	// Logs and audit events go to a file, as in production; both are per
-	// connection or per channel, never per byte.
-	var mu sync.Mutex
-	enc := json.NewEncoder(logFile)
+	// connection or per channel, never per byte. Each record is one Write
+	// (slog's handler and the audit sink each hold a lock around theirs),
+	// and an *os.File does one Write at a time: lines do not interleave.
 	b := &inProcess{host: host, fleet: bastiontest.NewFleet(), served: make(chan error, 1), logFile: logFile}
 	heapFloor = make([]byte, 64<<20) // as cmd/bastion's reserveHeap does
 	b.srv = &bastion.Server{
@@ -70,12 +67,8 @@ func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login str
 			Name: "bench", Groups: []string{"bench"}, VMs: []string{"target*", "stub"}, Logins: []string{login},
 			Channels: []policy.Channel{policy.Shell, policy.Exec, policy.SFTP},
 		}}},
-		Logger: slog.New(slog.NewTextHandler(lockedWriter{&mu, logFile}, &slog.HandlerOptions{Level: slog.LevelInfo})),
-		Audit: func(e audit.Event) {
-			mu.Lock()
-			defer mu.Unlock()
-			enc.Encode(e)
-		},
+		Logger: slog.New(slog.NewTextHandler(logFile, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		Audit:  audit.JSON(logFile),
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -90,15 +83,4 @@ func (b *inProcess) stop() {
 	b.srv.Close()
 	<-b.served
 	b.logFile.Close()
-}
-
-type lockedWriter struct {
-	mu *sync.Mutex
-	w  io.Writer
-}
-
-func (l lockedWriter) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.w.Write(p)
 }

@@ -6,9 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/bastionvm/bastion/keys"
 	"io"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"os/user"
@@ -25,6 +23,8 @@ import (
 
 	gossh "golang.org/x/crypto/ssh"
 
+	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/keys"
 )
 
 // jumpUser is the user the OpenSSH jump host lets in: an existing
@@ -173,14 +173,14 @@ func (h *harness) setup() error {
 			"the bastion holds two descriptors per session (front door and upstream), so at most about %d sessions fit", got, want, got/2)
 	}
 	var clientPEM []byte
-	if h.clientSigner, clientPEM, err = newKey(); err != nil {
+	if h.clientSigner, clientPEM, err = testenv.GenerateKey(); err != nil {
 		return err
 	}
 	h.clientKey = filepath.Join(h.dir, "id_ed25519")
 	if err := os.WriteFile(h.clientKey, clientPEM, 0o600); err != nil {
 		return err
 	}
-	if h.upstream, _, err = newKey(); err != nil {
+	if h.upstream, _, err = testenv.GenerateKey(); err != nil {
 		return err
 	}
 
@@ -208,13 +208,13 @@ func (h *harness) setup() error {
 	if err != nil {
 		return err
 	}
-	h.bastion.fleet.Set("target", keys.Upstream{Addr: h.target.addr, HostKeys: []gossh.PublicKey{h.target.hostKey}, Signer: h.upstream})
+	h.bastion.fleet.Set("target", keys.Upstream{Addr: h.target.Addr, HostKeys: []gossh.PublicKey{h.target.HostKey}, Signer: h.upstream})
 	h.idleGoroutines = runtime.NumGoroutine()
-	h.logf("target sshd %s, jump sshd %s, bastion %s", h.target.addr, h.jump.addr, h.bastion.addr)
+	h.logf("target sshd %s, jump sshd %s, bastion %s", h.target.Addr, h.jump.Addr, h.bastion.addr)
 
 	h.knownHosts = filepath.Join(h.dir, "known_hosts")
 	known := h.bastion.host.KnownHostsLine() + "\n" +
-		knownHostsLine(h.jump.addr, h.jump.hostKey) + knownHostsLine(h.target.addr, h.target.hostKey)
+		knownHostsLine(h.jump.Addr, h.jump.HostKey) + knownHostsLine(h.target.Addr, h.target.HostKey)
 	if err := os.WriteFile(h.knownHosts, []byte(known), 0o600); err != nil {
 		return err
 	}
@@ -233,7 +233,7 @@ func (h *harness) setup() error {
 	if h.opts.rows["bulk"] || h.opts.rows["cpu"] || h.opts.rows["sftp"] {
 		h.bigfile = filepath.Join(h.dir, "bigfile")
 		start := time.Now()
-		if err := writeRandomFile(h.bigfile, h.opts.size); err != nil {
+		if err := testenv.WriteRandomFile(h.bigfile, h.opts.size); err != nil {
 			return err
 		}
 		h.logf("wrote %d MiB of random data to %s in %.1fs", h.opts.size>>20, h.bigfile, time.Since(start).Seconds())
@@ -276,27 +276,15 @@ func (h *harness) writeConfig(name, cipher, kex string) (string, error) {
 	}
 	path := filepath.Join(h.dir, file)
 	bHost, bPort, _ := strings.Cut(h.bastion.addr, ":")
-	jHost, jPort, _ := strings.Cut(h.jump.addr, ":")
-	tHost, tPort, _ := strings.Cut(h.target.addr, ":")
+	jHost, jPort, _ := strings.Cut(h.jump.Addr, ":")
+	tHost, tPort, _ := strings.Cut(h.target.Addr, ":")
 	var b strings.Builder
 	fmt.Fprintf(&b, "Host bastion\n  HostName %s\n  Port %s\n  User %s\n", bHost, bPort, benchAccount)
 	fmt.Fprintf(&b, "Host jumphost\n  HostName %s\n  Port %s\n  User %s\n", jHost, jPort, jumpUser)
 	fmt.Fprintf(&b, "Host target-direct\n  HostName %s\n  Port %s\n", tHost, tPort)
-	fmt.Fprintf(&b, `Host *
-  User %s
-  IdentityFile %s
-  IdentitiesOnly yes
-  IdentityAgent none
-  UserKnownHostsFile %s
-  GlobalKnownHostsFile /dev/null
-  StrictHostKeyChecking yes
-  UpdateHostKeys no
-  BatchMode yes
-  ControlMaster no
-  ControlPath none
-  Compression no
-  LogLevel ERROR
-`, h.login, h.clientKey, h.knownHosts)
+	fmt.Fprintf(&b, "Host *\n  User %s\n", h.login)
+	b.WriteString(testenv.ClientDefaults(h.clientKey, h.knownHosts, "ERROR"))
+	b.WriteString("  Compression no\n")
 	if cipher != "" {
 		fmt.Fprintf(&b, "  Ciphers %s\n", cipher)
 	}
@@ -346,28 +334,6 @@ func (h *harness) cleanup() {
 	} else if h.dir != "" {
 		h.logf("kept %s", h.dir)
 	}
-}
-
-// writeRandomFile writes size pseudo-random (incompressible) bytes.
-func writeRandomFile(path string, size int64) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	var seed [32]byte
-	seed[0] = byte(time.Now().UnixNano())
-	r := rand.NewChaCha8(seed)
-	buf := make([]byte, 4<<20)
-	for written := int64(0); written < size; {
-		n := min(int64(len(buf)), size-written)
-		r.Read(buf[:n])
-		if _, err := f.Write(buf[:n]); err != nil {
-			f.Close()
-			return err
-		}
-		written += n
-	}
-	return f.Close()
 }
 
 // result is one run of a client command.
@@ -520,7 +486,7 @@ func (h *harness) reapOrphans() {
 func (h *harness) verify() error {
 	const n = 4 << 20
 	probe := filepath.Join(h.dir, "probe")
-	if err := writeRandomFile(probe, n); err != nil {
+	if err := testenv.WriteRandomFile(probe, n); err != nil {
 		return err
 	}
 	want, _ := os.ReadFile(probe)
@@ -578,7 +544,7 @@ func (h *harness) verify() error {
 		return err
 	}
 	defer dbg.stop()
-	h.bastion.fleet.Set("target-debug", keys.Upstream{Addr: dbg.addr, HostKeys: []gossh.PublicKey{dbg.hostKey}, Signer: h.upstream})
+	h.bastion.fleet.Set("target-debug", keys.Upstream{Addr: dbg.Addr, HostKeys: []gossh.PublicKey{dbg.HostKey}, Signer: h.upstream})
 	upstreamCiphers := map[string]bool{}
 	for _, cipher := range h.opts.ciphers {
 		args := h.sshArgs(viaBastion, cipher)
@@ -587,7 +553,7 @@ func (h *harness) verify() error {
 			return fmt.Errorf("probe of the upstream cipher: %v\n%s", err, out)
 		}
 	}
-	logData, _ := os.ReadFile(filepath.Join(dbg.dir, "sshd.log"))
+	logData, _ := os.ReadFile(dbg.Log)
 	if m := kexAlgo.FindStringSubmatch(string(logData)); m != nil {
 		h.kex["upstream"] = []string{m[1]}
 	}
@@ -792,10 +758,10 @@ func (h *harness) startIdle(via, vm, command string, n int) (*idleClient, error)
 		spec.JumpAddr, spec.JumpUser, spec.JumpHostKey = h.bastion.addr, benchAccount, ca
 		spec.Target, spec.TargetKey = vm+":22", ca
 	} else {
-		spec.JumpAddr, spec.JumpUser = h.jump.addr, jumpUser
-		spec.JumpHostKey = strings.TrimSpace(string(gossh.MarshalAuthorizedKey(h.jump.hostKey)))
-		spec.Target = h.target.addr
-		spec.TargetKey = strings.TrimSpace(string(gossh.MarshalAuthorizedKey(h.target.hostKey)))
+		spec.JumpAddr, spec.JumpUser = h.jump.Addr, jumpUser
+		spec.JumpHostKey = strings.TrimSpace(string(gossh.MarshalAuthorizedKey(h.jump.HostKey)))
+		spec.Target = h.target.Addr
+		spec.TargetKey = strings.TrimSpace(string(gossh.MarshalAuthorizedKey(h.target.HostKey)))
 	}
 	specPath := filepath.Join(h.dir, fmt.Sprintf("idle-%s-%d.json", via, n))
 	if err := writeJSON(specPath, spec); err != nil {

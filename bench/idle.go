@@ -16,6 +16,8 @@ import (
 	"time"
 
 	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/internal/testenv"
 )
 
 // idleSpec tells a client process (the harness re-executed with
@@ -270,7 +272,7 @@ func stubTargetMain(specPath string) {
 	if err != nil {
 		fatalf("stub: %v", err)
 	}
-	signer, _, err := newKey()
+	signer, _, err := testenv.GenerateKey()
 	if err != nil {
 		fatalf("stub: %v", err)
 	}

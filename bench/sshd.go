@@ -1,18 +1,12 @@
 package main
 
 import (
-	"bufio"
-	"crypto/ed25519"
-	"crypto/rand"
-	"encoding/pem"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime"
-	"strings"
 	"syscall"
 	"time"
 
@@ -20,181 +14,86 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 )
 
-// newKey returns a fresh ed25519 signer and its private key in OpenSSH's
-// PEM format.
-func newKey() (gossh.Signer, []byte, error) {
-	_, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	signer, err := gossh.NewSignerFromKey(priv)
-	if err != nil {
-		return nil, nil, err
-	}
-	block, err := gossh.MarshalPrivateKey(priv, "")
-	if err != nil {
-		return nil, nil, err
-	}
-	return signer, pem.EncodeToMemory(block), nil
-}
-
-// sshd is an OpenSSH server on 127.0.0.1, started under a reaper process
-// of this harness (see reaperMain) so that the CPU of every process it
-// forks can be accounted for, including the ones sshd itself never waits
-// for.
+// sshd is an OpenSSH server on 127.0.0.1 started by testenv, under a
+// reaper process of this harness (see reaperMain) so that the CPU of every
+// process it forks can be accounted for, including the ones sshd itself
+// never waits for.
 type sshd struct {
+	*testenv.SSHD
 	name     string
-	addr     string
-	hostKey  gossh.PublicKey
-	dir      string
-	reaper   *exec.Cmd
 	listener int // pid of `sshd -D`
-	exited   chan error
+	stopped  bool
 }
 
-// startSSHD starts sshd with extra configuration lines, letting the current
-// user in with any of authorized.
-// With public, its authorized_keys can be read by any user (sshd reads
-// it as the user logging in).
+// sshdConfig is what every sshd of the harness has on top of testenv's
+// common settings: no message of the day or last login to write, no DNS
+// lookups, and room for as many unauthenticated connections at once as the
+// idle-session rows open.
+const sshdConfig = `PrintMotd no
+PrintLastLog no
+UseDNS no
+MaxStartups 2000
+`
+
+// startSSHD starts sshd in dir with extra configuration lines (which come
+// first: for most keywords, sshd keeps the first value), letting the
+// current user in with any of authorized. With public, other users may log
+// in too (see testenv.SSHDOptions.OtherUsers).
 func startSSHD(name, dir, extra string, public bool, authorized ...gossh.PublicKey) (*sshd, error) {
-	mode, keysMode := os.FileMode(0o700), os.FileMode(0o600)
-	if public {
-		mode, keysMode = 0o711, 0o644
-	}
-	if err := os.MkdirAll(dir, mode); err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(dir, mode); err != nil {
-		return nil, err
-	}
-	if os.Geteuid() == 0 {
-		// The privilege separation directory sshd insists on.
-		if err := os.MkdirAll("/run/sshd", 0o755); err != nil {
-			return nil, err
-		}
-	}
-	signer, hostPEM, err := newKey()
-	if err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(filepath.Join(dir, "host_ed25519"), hostPEM, 0o600); err != nil {
-		return nil, err
-	}
-	var auth []byte
-	for _, k := range authorized {
-		auth = append(auth, gossh.MarshalAuthorizedKey(k)...)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "authorized_keys"), auth, keysMode); err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(filepath.Join(dir, "authorized_keys"), keysMode); err != nil {
-		return nil, err
-	}
-	// Sessions start with a home of their own: Debian's bash reads
-	// ~/.bashrc even for commands run by sshd, and the dot files of
-	// whoever runs the benchmark (root's pyenv hook here, which can wait a
-	// minute for a lock) must not run in every session.
-	home := filepath.Join(dir, "home")
-	if err := os.MkdirAll(home, 0o755); err != nil {
-		return nil, err
-	}
-	if err := os.WriteFile(filepath.Join(home, ".bashrc"), nil, 0o644); err != nil {
-		return nil, err
-	}
 	self, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
-	sshdPath := "/usr/sbin/sshd"
-	if _, err := os.Stat(sshdPath); err != nil {
-		if sshdPath, err = exec.LookPath("sshd"); err != nil {
-			return nil, fmt.Errorf("sshd is not installed: %w", err)
-		}
+	pidFile := filepath.Join(dir, "sshd.pid")
+	s, err := testenv.StartSSHDWith(testenv.SSHDOptions{
+		Dir:        dir,
+		Authorized: authorized,
+		OtherUsers: public,
+		// sshd -D writes its pid once it listens, before it accepts: the
+		// listener's pid, which the reaper it runs under does not know.
+		Config: extra + "PidFile " + pidFile + "\n" + sshdConfig,
+		Command: func(sshdPath string, args []string) *exec.Cmd {
+			cmd := exec.Command(self, append([]string{"-mode", "reaper", "--", sshdPath}, args...)...)
+			cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+			return cmd
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	for attempt := 0; ; attempt++ {
-		port, err := freePort()
-		if err != nil {
-			return nil, err
-		}
-		addr := fmt.Sprintf("127.0.0.1:%d", port)
-		// extra comes first: for most keywords, sshd keeps the first value.
-		config := fmt.Sprintf(`%sListenAddress %s
-HostKey %s/host_ed25519
-AuthorizedKeysFile %s/authorized_keys
-PidFile none
-StrictModes no
-UsePAM no
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-PermitRootLogin prohibit-password
-X11Forwarding no
-PrintMotd no
-PrintLastLog no
-UseDNS no
-MaxStartups 2000
-SetEnv HOME=%s
-LogLevel ERROR
-`, extra, addr, dir, dir, home)
-		cfgPath := filepath.Join(dir, "sshd_config")
-		if err := os.WriteFile(cfgPath, []byte(config), 0o600); err != nil {
-			return nil, err
-		}
-		logf, err := os.OpenFile(filepath.Join(dir, "sshd.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-		if err != nil {
-			return nil, err
-		}
-		cmd := exec.Command(self, "-mode", "reaper", "--", sshdPath, "-D", "-e", "-f", cfgPath)
-		cmd.Stderr = logf
-		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			return nil, err
-		}
-		if err := cmd.Start(); err != nil {
-			return nil, fmt.Errorf("start reaper for %s: %w", name, err)
-		}
-		ownChild(cmd.Process.Pid)
-		logf.Close()
-		s := &sshd{name: name, addr: addr, hostKey: signer.PublicKey(), dir: dir, reaper: cmd, exited: make(chan error, 1)}
-		line, _ := bufio.NewReader(stdout).ReadString('\n')
-		if _, err := fmt.Sscanf(line, "pid %d", &s.listener); err != nil {
-			cmd.Process.Kill()
-			cmd.Wait()
-			return nil, fmt.Errorf("reaper for %s: no pid (%q)", name, line)
-		}
-		go func() { s.exited <- cmd.Wait() }()
-		if err := testenv.WaitBanner(addr, s.exited, 10*time.Second); err != nil {
-			log, _ := os.ReadFile(filepath.Join(dir, "sshd.log"))
-			s.stop()
-			if attempt < 3 && strings.Contains(string(log), "Address already in use") {
-				continue
-			}
-			return nil, fmt.Errorf("%s did not start: %v\n%s", name, err, log)
-		}
-		return s, nil
+	ownChild(s.Pid())
+	b := &sshd{SSHD: s, name: name}
+	pid, err := os.ReadFile(pidFile)
+	if err == nil {
+		_, err = fmt.Sscan(string(pid), &b.listener)
 	}
+	if err != nil {
+		s.Stop()
+		return nil, fmt.Errorf("%s: no pid of its listener: %v", name, err)
+	}
+	return b, nil
 }
 
 // stop ends sshd and whatever is left below it, and its reaper.
 func (s *sshd) stop() {
-	if s.reaper == nil || s.reaper.Process == nil {
+	if s.stopped {
 		return
 	}
+	s.stopped = true
 	// Kill by pid: the listener first (so it forks nothing more), then
 	// what remains of the processes it forked.
+	reaper := s.Pid()
 	syscall.Kill(s.listener, syscall.SIGTERM)
-	for _, p := range descendants(s.reaper.Process.Pid, allStats()) {
-		if p.pid != s.reaper.Process.Pid {
+	for _, p := range descendants(reaper, allStats()) {
+		if p.pid != reaper {
 			syscall.Kill(p.pid, syscall.SIGKILL)
 		}
 	}
 	select {
-	case <-s.exited:
+	case <-s.Done():
 	case <-time.After(5 * time.Second):
-		s.reaper.Process.Kill()
-		<-s.exited
 	}
-	s.reaper = nil
+	s.Stop()
 }
 
 // cpuTicks returns the CPU, in ticks, of everything this sshd ran since it
@@ -204,7 +103,7 @@ func (s *sshd) stop() {
 // second result is the number of processes still alive below the listener.
 func (s *sshd) cpuTicks() (ticks, listenerOnly int64, alive int) {
 	all := allStats()
-	reaper := all[s.reaper.Process.Pid]
+	reaper := all[s.Pid()]
 	ticks = reaper.cutime + reaper.cstime
 	for _, p := range descendants(reaper.pid, all) {
 		switch p.pid {
@@ -225,7 +124,7 @@ func (s *sshd) cpuTicks() (ticks, listenerOnly int64, alive int) {
 func (s *sshd) waitQuiet(limit time.Duration) error {
 	deadline := time.Now().Add(limit)
 	for {
-		if len(descendants(s.reaper.Process.Pid, allStats())) <= 2 {
+		if len(descendants(s.Pid(), allStats())) <= 2 {
 			return nil
 		}
 		if time.Now().After(deadline) {
@@ -240,18 +139,8 @@ func (s *sshd) mem() (memInfo, int) {
 	return treeMem(s.listener)
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
 // reaperMain is the harness re-executed as `-mode reaper -- program args...`.
-// It makes itself a child subreaper, starts the program, prints its pid,
-// and reaps every process that ends up its child until none is left.
+// It makes itself a child subreaper, starts the program, and reaps every process that ends up its child until none is left.
 //
 // Why: OpenSSH's per-connection processes are not all waited for by their
 // parents. After authentication the privileged monitor forks the user's
@@ -286,8 +175,6 @@ func reaperMain(args []string) {
 		fmt.Fprintln(os.Stderr, "reaper:", err)
 		os.Exit(1)
 	}
-	fmt.Printf("pid %d\n", p.Pid)
-	os.Stdout.Close()
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	go func() {
