@@ -38,6 +38,8 @@ type fixture struct {
 	audit  *auditLog
 	login  string
 	policy *livePolicy
+	// accounts are the server's accounts; setAccounts replaces them.
+	accounts *liveAccounts
 
 	upstreamKeyPath string // the bastion's key for the VM, for direct comparisons
 }
@@ -65,16 +67,12 @@ func newFixture(t testing.TB, configure ...func(*bastion.Server)) *fixture {
 	}
 	f.addr = ln.Addr().String()
 	f.client = testenv.NewClient(t, f.addr, "alice", host.KnownHostsLine())
-	accounts, err := bastion.NewAccountSet([]bastion.Account{
-		{Name: "alice", Groups: []string{"dev"}, Keys: []gossh.PublicKey{f.client.PublicKey}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	f.accounts = &liveAccounts{}
+	f.setAccounts(bastion.Account{Name: "alice", Groups: []string{"dev"}, Keys: []gossh.PublicKey{f.client.PublicKey}})
 	f.srv = &bastion.Server{
 		HostKey:   host.Key,
 		Certifier: host,
-		Accounts:  accounts,
+		Accounts:  f.accounts,
 		VMs:       f.fleet,
 		Resolver:  f.fleet,
 		Policy:    f.policy,
@@ -106,6 +104,26 @@ func (f *fixture) devRule() policy.Rule {
 func (f *fixture) rules(rules ...policy.Rule) {
 	f.policy.set(&policy.Policy{Rules: rules})
 	f.srv.Revalidate()
+}
+
+// setAccounts replaces the accounts, as a reload does; the caller
+// revalidates.
+func (f *fixture) setAccounts(accounts ...bastion.Account) {
+	f.t.Helper()
+	set, err := bastion.NewAccountSet(accounts)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.accounts.p.Store(set)
+}
+
+// liveAccounts are accounts that can be replaced while the server runs.
+type liveAccounts struct {
+	p atomic.Pointer[bastion.AccountSet]
+}
+
+func (l *liveAccounts) Identify(key gossh.PublicKey) (bastion.Account, bool) {
+	return l.p.Load().Identify(key)
 }
 
 // livePolicy is a policy that can be replaced while the server runs.

@@ -23,12 +23,11 @@ import (
 // either the ProxyJump inner hop or a front-door connection whose user name
 // is login@vm.
 type link struct {
-	srv     *Server
-	account Account
-	source  net.Addr
-	vm      vm.Domain
-	login   string
-	log     *slog.Logger
+	srv   *Server
+	front *frontConn // the person's connection to the front door
+	vm    vm.Domain
+	login string
+	log   *slog.Logger
 
 	up      gossh.Conn
 	upChans <-chan gossh.NewChannel
@@ -40,6 +39,7 @@ type link struct {
 	limit   *time.Timer   // ends the link at maxTime; set by start
 
 	closeOnce sync.Once
+	done      chan struct{} // closed when the link has ended
 
 	mu       sync.Mutex              // protects the fields below
 	forwards map[string]bool         // remote forwards granted to the downstream, "host:port"
@@ -130,18 +130,19 @@ func (l *link) close() {
 		s.linksMu.Unlock()
 		l.log.Info("disconnected")
 		s.audit(l.event().With(audit.Disconnected, "", "", ""))
+		close(l.done)
 	})
 }
 
 // event is an audit event about this link, its type and decision fields
 // to be set (see audit.Event.With).
 func (l *link) event() audit.Event {
-	return audit.Event{Account: l.account.Name, Source: l.source.String(), VM: l.vm.Name, Login: l.login}
+	return audit.Event{Account: l.front.who().Name, Source: l.front.source.String(), VM: l.vm.Name, Login: l.login}
 }
 
 // decide asks the policy about a on this link.
 func (l *link) decide(a ask) policy.Decision {
-	return l.srv.decide(l.account, l.source, l.vm, l.login, a)
+	return l.srv.decide(l.front, l.vm, l.login, a)
 }
 
 // revalidate asks the policy again about the link and each of its channels,
@@ -167,13 +168,14 @@ func (l *link) revalidate() {
 // establish decides whether account may reach vm as login, obtains a
 // verified upstream from the resolver and logs in to the VM. Nothing is
 // sent to the VM before the policy allows it.
-func (s *Server) establish(ctx context.Context, account Account, source net.Addr, d vm.Domain, login string) (*link, error) {
-	log := s.logger().With("account", account.Name, "source", source.String(), "vm", d.Name, "login", login)
-	ev := audit.Event{Account: account.Name, Source: source.String(), VM: d.Name, Login: login}
+func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, error) {
+	account := fc.who()
+	log := s.logger().With("account", account.Name, "source", fc.source.String(), "vm", d.Name, "login", login)
+	ev := audit.Event{Account: account.Name, Source: fc.source.String(), VM: d.Name, Login: login}
 	if err := checkLogin(login); err != nil {
 		return nil, err
 	}
-	dec := s.decide(account, source, d, login, ask{kind: policy.Connect})
+	dec := s.decide(fc, d, login, ask{kind: policy.Connect})
 	if !dec.Allow {
 		log.Info("denied", "channel", policy.Connect, "rule", dec.Rule, "reason", dec.Reason)
 		s.audit(ev.With(audit.Denied, string(policy.Connect), dec.Rule, dec.Reason))
@@ -182,7 +184,7 @@ func (s *Server) establish(ctx context.Context, account Account, source net.Addr
 	if s.Resolver == nil {
 		return nil, fmt.Errorf("%w: no resolver", ErrNotVerified)
 	}
-	ctx, cancel := context.WithTimeout(ctx, s.connectTimeout())
+	ctx, cancel := context.WithTimeout(fc.ctx, s.connectTimeout())
 	defer cancel()
 	target, err := s.Resolver.Resolve(ctx, d, login)
 	if err != nil {
@@ -190,7 +192,7 @@ func (s *Server) establish(ctx context.Context, account Account, source net.Addr
 		s.audit(ev.With(audit.UpstreamFailed, "", "", err.Error()))
 		return nil, err
 	}
-	l := &link{srv: s, account: account, source: source, vm: d, login: login, log: log, maxTime: dec.MaxTime,
+	l := &link{srv: s, front: fc, vm: d, login: login, log: log, maxTime: dec.MaxTime, done: make(chan struct{}),
 		forwards: make(map[string]bool), active: make(map[*activeChannel]bool)}
 	if err := l.dial(ctx, target); err != nil {
 		log.Warn("upstream failed", "addr", target.Addr, "err", err)

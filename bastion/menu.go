@@ -40,7 +40,7 @@ func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
 			if len(args) > 0 && s.Commands[args[0]] != nil {
 				req.Reply(true, nil)
 				go gossh.DiscardRequests(reqs)
-				status := s.Commands[args[0]](fc.ctx, fc.account, fc.source, args[1:], ch)
+				status := s.Commands[args[0]](fc.ctx, fc.who(), fc.source, args[1:], ch)
 				sendExitStatus(ch, uint32(status))
 				ch.Close()
 				return
@@ -88,7 +88,7 @@ func (s *Server) choices(fc *frontConn) []choice {
 		if !d.Running {
 			continue
 		}
-		if l := s.Policy.Logins(fc.account.Name, fc.account.Groups, sourceAddr(fc.source), d, time.Now()); len(l) > 0 {
+		if l := s.Policy.Logins(fc.who().Name, fc.who().Groups, sourceAddr(fc.source), d, time.Now()); len(l) > 0 {
 			out = append(out, choice{vm: d, logins: l})
 		}
 	}
@@ -98,14 +98,14 @@ func (s *Server) choices(fc *frontConn) []choice {
 
 func (s *Server) listChoices(fc *frontConn, w io.Writer, choices []choice) {
 	if len(choices) == 0 {
-		fmt.Fprintf(w, "bastion: no VM is open to %s right now.\r\n", fc.account.Name)
+		fmt.Fprintf(w, "bastion: no VM is open to %s right now.\r\n", fc.who().Name)
 		return
 	}
-	fmt.Fprintf(w, "VMs %s may reach:\r\n", fc.account.Name)
+	fmt.Fprintf(w, "VMs %s may reach:\r\n", fc.who().Name)
 	for i, c := range choices {
 		fmt.Fprintf(w, "  %2d) %-24s %s\r\n", i+1, c.vm.Name, strings.ReplaceAll(strings.Join(c.logins, ", "), "*", "any login"))
 	}
-	fmt.Fprintf(w, "Connect with: ssh -J %s@<bastion> <login>@<vm>\r\n", fc.account.Name)
+	fmt.Fprintf(w, "Connect with: ssh -J %s@<bastion> <login>@<vm>\r\n", fc.who().Name)
 }
 
 // pick runs the interactive menu, then forwards the session to the VM.
@@ -153,7 +153,7 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 	fmt.Fprintf(ch, "Connecting to %s@%s...\r\n", login, picked.vm.Name)
 	// The link is this session's alone; other channels of the connection
 	// do not wait for it (establishing may take a whole trust check).
-	l, err := s.establish(fc.ctx, fc.account, fc.source, picked.vm, login)
+	l, err := s.establish(fc, picked.vm, login)
 	if err == nil {
 		l.start(fc.conn)
 	}

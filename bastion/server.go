@@ -104,23 +104,93 @@ type Server struct {
 	certMu sync.Mutex // protects certs
 	certs  map[string]cachedCert
 
-	linksMu sync.Mutex // protects links
+	linksMu sync.Mutex // protects links and fronts
 	links   map[*link]bool
+	fronts  map[*frontConn]bool // authenticated front-door connections
 }
 
-// Revalidate asks the policy again about every open link and channel, as
-// after a reload, and ends what it no longer allows, telling the user why.
-// What it still allows is left alone.
+// Revalidate applies new accounts and a new policy to what is open, as
+// after a reload. Every front-door connection is identified again from the
+// key it logged in with: one whose key is gone, or now belongs to another
+// account, is closed with a message to the user; the others take their
+// account's new groups. Then the policy is asked again about every link and
+// channel, and what it no longer allows ends, telling the user why. What it
+// still allows is left alone.
 func (s *Server) Revalidate() {
 	s.linksMu.Lock()
+	fronts := make([]*frontConn, 0, len(s.fronts))
+	for fc := range s.fronts {
+		fronts = append(fronts, fc)
+	}
+	s.linksMu.Unlock()
+	for _, fc := range fronts {
+		s.reidentify(fc)
+	}
+	for _, l := range s.openLinks() {
+		l.revalidate()
+	}
+}
+
+// openLinks is a snapshot of the open links.
+func (s *Server) openLinks() []*link {
+	s.linksMu.Lock()
+	defer s.linksMu.Unlock()
 	links := make([]*link, 0, len(s.links))
 	for l := range s.links {
 		links = append(links, l)
 	}
-	s.linksMu.Unlock()
-	for _, l := range links {
-		l.revalidate()
+	return links
+}
+
+// reidentify looks fc's key up again and ends fc if it no longer names
+// its account; otherwise fc takes the account as it is now.
+func (s *Server) reidentify(fc *frontConn) {
+	fc.accountMu.Lock()
+	was, key := fc.account, fc.key
+	fc.accountMu.Unlock()
+	var now Account
+	ok := false
+	if s.Accounts != nil {
+		now, ok = s.Accounts.Identify(key)
 	}
+	switch {
+	case !ok:
+		s.endFront(fc, "the key it logged in with was removed")
+	case now.Name != was.Name:
+		s.endFront(fc, fmt.Sprintf("the key it logged in with now belongs to account %q", now.Name))
+	default:
+		fc.accountMu.Lock()
+		fc.account = now
+		fc.accountMu.Unlock()
+	}
+}
+
+// endFront closes a front-door connection that lost its identity in a
+// reload: its links end first, each telling its sessions why, then the
+// connection itself.
+func (s *Server) endFront(fc *frontConn, reason string) {
+	acc := fc.who()
+	s.logger().Info("connection ended by a reload", "account", acc.Name, "source", fc.source.String(), "reason", reason)
+	s.audit(audit.Event{Type: audit.Ended, Account: acc.Name, Source: fc.source.String(), Reason: "reload: " + reason})
+	msg := "bastion: access ended: " + reason
+	var ending []*link
+	for _, l := range s.openLinks() {
+		if l.front == fc {
+			ending = append(ending, l)
+			l.end(msg)
+		}
+	}
+	go func() {
+		grace := time.NewTimer(endGrace + time.Second) // links take up to endGrace themselves
+		defer grace.Stop()
+		for _, l := range ending {
+			select {
+			case <-l.done:
+			case <-grace.C:
+			}
+		}
+		fc.raw.Close()
+	}()
 }
 
 // CommandFunc runs one of the bastion's own commands for account, writing
@@ -133,11 +203,15 @@ var ErrServerClosed = ssh.ErrServerClosed
 
 // frontConn is the state of one front-door connection.
 type frontConn struct {
-	ctx     ssh.Context
-	conn    *gossh.ServerConn // set by state
-	source  net.Addr
-	local   net.Addr
-	account Account // set by state once authenticated; read-only after
+	ctx    ssh.Context
+	raw    net.Conn          // the TCP connection, for closing it from outside
+	conn   *gossh.ServerConn // set by state
+	source net.Addr
+	local  net.Addr
+
+	accountMu sync.Mutex      // protects key and account
+	key       gossh.PublicKey // the key it authenticated with; set by loggedIn
+	account   Account         // set by loggedIn; its groups change on a reload (see who)
 
 	// Until it authenticates the connection holds a startup place and
 	// runs against the login grace time; authenticated ends both.
@@ -153,6 +227,20 @@ type frontConn struct {
 }
 
 type ctxKey struct{}
+
+// identity is who a key says a connection is, carried from the key's check
+// to the connection's state.
+type identity struct {
+	account Account
+	key     gossh.PublicKey
+}
+
+// who is the account of the connection as it is now.
+func (fc *frontConn) who() Account {
+	fc.accountMu.Lock()
+	defer fc.accountMu.Unlock()
+	return fc.account
+}
 
 // Serve accepts connections on l until Shutdown or Close.
 func (s *Server) Serve(l net.Listener) error {
@@ -257,7 +345,7 @@ func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 			release()
 		})
 	}
-	ctx.SetValue(ctxKey{}, &frontConn{ctx: ctx, source: source, local: conn.LocalAddr(), authenticated: authenticated})
+	ctx.SetValue(ctxKey{}, &frontConn{ctx: ctx, raw: conn, source: source, local: conn.LocalAddr(), authenticated: authenticated})
 	return &frontNetConn{bulkConn: newBulkConn(conn), closed: authenticated}
 }
 
@@ -301,8 +389,13 @@ func (s *Server) frontConfig(ctx ssh.Context) *gossh.ServerConfig {
 		PublicKeyCallback: func(meta gossh.ConnMetadata, key gossh.PublicKey) (*gossh.Permissions, error) {
 			return s.authenticate(fc, meta, key)
 		},
-		// Called after every attempt; with no error once the key's
-		// signature is verified: the connection is authenticated.
+		// Called once a key is accepted and its signature verified.
+		VerifiedPublicKeyCallback: func(meta gossh.ConnMetadata, _ gossh.PublicKey, perms *gossh.Permissions, _ string) (*gossh.Permissions, error) {
+			s.loggedIn(fc, perms.ExtraData[ctxKey{}].(identity), meta.User())
+			return perms, nil
+		},
+		// Called after every attempt; with no error once the connection
+		// is authenticated.
 		AuthLogCallback: func(_ gossh.ConnMetadata, _ string, err error) {
 			if err == nil {
 				fc.authenticated()
@@ -338,19 +431,37 @@ func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.
 	} else if user != account.Name {
 		return fail(fmt.Sprintf("key of account %q offered for user %q", account.Name, user))
 	}
-	return &gossh.Permissions{ExtraData: map[any]any{ctxKey{}: account}}, nil
+	return &gossh.Permissions{ExtraData: map[any]any{ctxKey{}: identity{account, key}}}, nil
 }
 
-// state returns the front-door state of conn. The first call after
-// authentication fills in the account, audits the login and starts the
-// connection's keepalives.
+// loggedIn records who fc is once its key's signature is verified, audits
+// the login, and counts fc among the connections a reload identifies
+// again, until it closes.
+func (s *Server) loggedIn(fc *frontConn, id identity, user string) {
+	fc.accountMu.Lock()
+	fc.key, fc.account = id.key, id.account
+	fc.accountMu.Unlock()
+	s.logger().Info("login", "account", id.account.Name, "source", fc.source.String(), "user", user)
+	s.audit(audit.Event{Type: audit.Login, Account: id.account.Name, Source: fc.source.String()})
+	s.linksMu.Lock()
+	if s.fronts == nil {
+		s.fronts = make(map[*frontConn]bool)
+	}
+	s.fronts[fc] = true
+	s.linksMu.Unlock()
+	context.AfterFunc(fc.ctx, func() {
+		s.linksMu.Lock()
+		delete(s.fronts, fc)
+		s.linksMu.Unlock()
+	})
+}
+
+// state returns the front-door state of conn. The first call, with the
+// first channel or request, starts the connection's keepalives.
 func (s *Server) state(ctx ssh.Context, conn *gossh.ServerConn) *frontConn {
 	fc := ctx.Value(ctxKey{}).(*frontConn)
 	fc.loginOnce.Do(func() {
 		fc.conn = conn
-		fc.account = conn.Permissions.ExtraData[ctxKey{}].(Account)
-		s.logger().Info("login", "account", fc.account.Name, "source", fc.source.String(), "user", conn.User())
-		s.audit(audit.Event{Type: audit.Login, Account: fc.account.Name, Source: fc.source.String()})
 		s.keepalive(conn)
 	})
 	return fc
@@ -413,7 +524,7 @@ func (s *Server) frontLink(fc *frontConn, conn *gossh.ServerConn) (*link, error)
 		fc.linkErr = err
 		return nil, err
 	}
-	fc.link, fc.linkErr = s.establish(fc.ctx, fc.account, fc.source, d, t.Login)
+	fc.link, fc.linkErr = s.establish(fc, d, t.Login)
 	if fc.link != nil {
 		fc.link.start(conn)
 	}
@@ -467,12 +578,13 @@ func (a ask) detail() string {
 	return ""
 }
 
-func (s *Server) decide(account Account, source net.Addr, d vm.Domain, login string, a ask) policy.Decision {
+func (s *Server) decide(fc *frontConn, d vm.Domain, login string, a ask) policy.Decision {
 	if s.Policy == nil {
 		return policy.Decision{Reason: "no policy"}
 	}
+	account := fc.who()
 	return s.Policy.Decide(policy.Request{
-		Account: account.Name, Groups: account.Groups, Source: sourceAddr(source), VM: d, Login: login,
+		Account: account.Name, Groups: account.Groups, Source: sourceAddr(fc.source), VM: d, Login: login,
 		Channel: a.kind, Command: a.command, Host: a.host, Port: a.port, Time: time.Now(),
 	})
 }

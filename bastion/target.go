@@ -68,10 +68,10 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 		newCh.Reject(gossh.ConnectionFailed, "bastion: malformed direct-tcpip request")
 		return
 	}
-	log := s.logger().With("account", fc.account.Name, "source", fc.source.String(), "dest", net.JoinHostPort(dest.Host, fmt.Sprint(dest.Port)))
+	log := s.logger().With("account", fc.who().Name, "source", fc.source.String(), "dest", net.JoinHostPort(dest.Host, fmt.Sprint(dest.Port)))
 	refuse := func(msg string, err error) {
 		log.Info("jump refused", "err", err)
-		s.audit(audit.Event{Type: audit.Denied, Account: fc.account.Name, Source: fc.source.String(),
+		s.audit(audit.Event{Type: audit.Denied, Account: fc.who().Name, Source: fc.source.String(),
 			VM: dest.Host, Channel: "jump", Reason: err.Error()})
 		newCh.Reject(gossh.Prohibited, msg)
 	}
@@ -85,7 +85,7 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 		refuse(userMessage(dest.Host, err), err)
 		return
 	}
-	if dec := s.decide(fc.account, fc.source, d, "", ask{kind: policy.Connect}); !dec.Allow {
+	if dec := s.decide(fc, d, "", ask{kind: policy.Connect}); !dec.Allow {
 		refuse(userMessage(d.Name, ErrDenied), fmt.Errorf("%w: %s", ErrDenied, dec.Reason))
 		return
 	}
@@ -117,7 +117,7 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 			return nil, nil
 		}
 		tried = true
-		lk, lkErr = s.establish(fc.ctx, fc.account, fc.source, d, meta.User())
+		lk, lkErr = s.establish(fc, d, meta.User())
 		if lkErr != nil {
 			return nil, &gossh.BannerError{Err: lkErr, Message: userMessage(d.Name, lkErr) + "\r\n"}
 		}
