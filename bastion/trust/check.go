@@ -6,7 +6,6 @@ import (
 	"crypto/rand"
 	"fmt"
 	"net"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -43,12 +42,9 @@ func (m *Manager) check(ctx context.Context, d vm.Domain, login string) (*Trust,
 		port = 22
 	}
 	addr := net.JoinHostPort(address.IP.String(), strconv.Itoa(port))
-	// 3. Its host keys, read out of band.
+	// 3. Its host keys, read out of band: what the guest claims.
 	hostKeys, err := m.readHostKeys(ctx, d)
 	if err != nil {
-		return fail("host keys", err)
-	}
-	if err := m.checkClones(ctx, d, hostKeys); err != nil {
 		return fail("host keys", err)
 	}
 	// 4. A fresh key for this epoch, installed for login out of band, with
@@ -73,12 +69,18 @@ func (m *Manager) check(ctx context.Context, d vm.Domain, login string) (*Trust,
 		}
 	}()
 	// 5. An SSH connection as login with the epoch key, which must present
-	// a host key read in step 3.
-	client, err := m.dialInBand(ctx, t)
+	// a host key read in step 3. The handshake proves the sshd holds that
+	// key: from here on it is the only one pinned, and the one compared
+	// with other VMs' to find clones.
+	client, proven, err := m.dialInBand(ctx, t)
 	if err != nil {
 		return fail("in-band connection", err)
 	}
 	defer client.Close()
+	t.HostKeys = []ssh.PublicKey{proven}
+	if err := m.checkClones(ctx, d, proven); err != nil {
+		return fail("host keys", err)
+	}
 	// 6. The nonce round trips over it.
 	modes := m.Modes
 	if len(modes) == 0 {
@@ -131,26 +133,26 @@ func (m *Manager) readHostKeys(ctx context.Context, d vm.Domain) ([]ssh.PublicKe
 	return keys, nil
 }
 
-// checkClones refuses a VM presenting a host key that another existing VM
-// has presented: overlays of one image share keys, and the bastion cannot
-// tell which of them answers on the network. The other VM's trusts are
-// dropped too.
-func (m *Manager) checkClones(ctx context.Context, d vm.Domain, keys []ssh.PublicKey) error {
+// checkClones refuses a VM whose sshd proved it holds a host key that
+// another existing VM's sshd has proved it holds: overlays of one image
+// share keys, and the bastion cannot tell which of them answers on the
+// network. The other VM's trusts are dropped too. Only proven keys count:
+// a guest that merely lists another VM's public key in /etc/ssh fails its
+// own handshake and touches nobody else's trust.
+func (m *Manager) checkClones(ctx context.Context, d vm.Domain, proven ssh.PublicKey) error {
+	fp := ssh.FingerprintSHA256(proven)
 	m.mu.Lock()
 	if m.hostKeys == nil {
 		m.hostKeys = make(map[string]map[string]bool)
 	}
+	if m.hostKeys[fp] == nil {
+		m.hostKeys[fp] = make(map[string]bool)
+	}
+	m.hostKeys[fp][d.UUID] = true
 	var others []string
-	for _, k := range keys {
-		fp := ssh.FingerprintSHA256(k)
-		if m.hostKeys[fp] == nil {
-			m.hostKeys[fp] = make(map[string]bool)
-		}
-		m.hostKeys[fp][d.UUID] = true
-		for uuid := range m.hostKeys[fp] {
-			if uuid != d.UUID && !slices.Contains(others, uuid) {
-				others = append(others, uuid)
-			}
+	for uuid := range m.hostKeys[fp] {
+		if uuid != d.UUID {
+			others = append(others, uuid)
 		}
 	}
 	m.mu.Unlock()

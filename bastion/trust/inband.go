@@ -20,25 +20,37 @@ import (
 )
 
 // dialInBand connects to the VM's sshd as the login with the epoch key,
-// accepting only a host key read out of band.
-func (m *Manager) dialInBand(ctx context.Context, t *Trust) (*ssh.Client, error) {
+// accepting only a host key read out of band, and returns the key the
+// sshd proved it holds.
+func (m *Manager) dialInBand(ctx context.Context, t *Trust) (*ssh.Client, ssh.PublicKey, error) {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "tcp", t.Addr)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrInBand, err)
+		return nil, nil, fmt.Errorf("%w: %w", ErrInBand, err)
 	}
 	if deadline, ok := ctx.Deadline(); ok {
 		conn.SetDeadline(deadline)
 	}
-	c, chans, reqs, err := ssh.NewClientConn(conn, t.Addr, t.Upstream().ClientConfig(t.Login, "SSH-2.0-bastion-trust"))
+	config := t.Upstream().ClientConfig(t.Login, "SSH-2.0-bastion-trust")
+	pinned := config.HostKeyCallback
+	var proven ssh.PublicKey
+	config.HostKeyCallback = func(host string, remote net.Addr, key ssh.PublicKey) error {
+		if err := pinned(host, remote, key); err != nil {
+			return err
+		}
+		proven = key // x/crypto calls this after checking the server's signature with key
+		return nil
+	}
+	c, chans, reqs, err := ssh.NewClientConn(conn, t.Addr, config)
 	if err != nil {
 		conn.Close()
 		if errors.Is(err, keys.ErrHostKeyMismatch) {
-			return nil, err
+			return nil, nil, err
 		}
-		return nil, fmt.Errorf("%w: %w", ErrInBand, err)
+		return nil, nil, fmt.Errorf("%w: %w", ErrInBand, err)
 	}
-	return ssh.NewClient(c, chans, reqs), nil
+	conn.SetDeadline(time.Time{})
+	return ssh.NewClient(c, chans, reqs), proven, nil
 }
 
 // roundTrip writes a nonce through one channel and reads it back through

@@ -31,6 +31,7 @@ type localGuest struct {
 
 	mu          sync.Mutex
 	hostKey     ssh.PublicKey // reported as the guest's host key
+	extraKey    ssh.PublicKey // if set, reported as a second host key the sshd does not hold
 	pingErr     error
 	corruptOB   bool // write a different nonce than asked
 	corruptRead bool // read back a different nonce than is there
@@ -77,6 +78,9 @@ func (g *localGuest) ReadFile(_ context.Context, _ vm.Domain, path string) ([]by
 	defer g.mu.Unlock()
 	if path == hostKeyFiles[0] {
 		return ssh.MarshalAuthorizedKey(g.hostKey), nil
+	}
+	if path == hostKeyFiles[1] && g.extraKey != nil {
+		return ssh.MarshalAuthorizedKey(g.extraKey), nil
 	}
 	if strings.HasPrefix(path, "/etc/ssh/") {
 		return nil, errors.New("no such file")
