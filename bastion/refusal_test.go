@@ -2,6 +2,9 @@ package bastion_test
 
 import (
 	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -164,5 +167,41 @@ func TestKnownHostsLineAvoidsPrompt(t *testing.T) {
 	res = bare.Run(nil, "ssh", "-i", f.client.Key, "bastion", "true")
 	if res.Exit != 255 || !strings.Contains(res.Stderr, "Host key verification failed") {
 		t.Fatalf("without the line: got %v", res)
+	}
+}
+
+// TestSHA1AndDSASignaturesRefused: like OpenSSH, the bastion takes an RSA
+// key's signature only with SHA-2, and no DSA at all.
+func TestSHA1AndDSASignaturesRefused(t *testing.T) {
+	f := newFixture(t)
+	testenv.Need(t, "ssh-keygen")
+	newKey := func(kind string) (string, gossh.PublicKey) {
+		path := filepath.Join(t.TempDir(), "id_"+kind)
+		if out, err := exec.Command("ssh-keygen", "-q", "-t", kind, "-N", "", "-f", path).CombinedOutput(); err != nil {
+			t.Fatalf("ssh-keygen -t %s: %v\n%s", kind, err, out)
+		}
+		text, err := os.ReadFile(path + ".pub")
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, _, _, _, err := gossh.ParseAuthorizedKey(text)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return path, pub
+	}
+	rsaKey, rsaPub := newKey("rsa")
+	dsaKey, dsaPub := newKey("dsa")
+	f.setAccounts(bastion.Account{Name: "alice", Groups: []string{"dev"}, Keys: []gossh.PublicKey{f.client.PublicKey, rsaPub, dsaPub}})
+	login := func(key, algos string) testenv.Result {
+		return f.ssh(nil, "-i", key, "-o", "IdentitiesOnly=yes", "-o", "PubkeyAcceptedAlgorithms="+algos, "bastion", "true")
+	}
+	if res := login(rsaKey, "rsa-sha2-512,rsa-sha2-256"); res.Exit != 0 {
+		t.Fatalf("an RSA key with SHA-2 signatures: %v", res)
+	}
+	for _, tc := range []struct{ key, algos string }{{rsaKey, "ssh-rsa"}, {dsaKey, "ssh-dss"}} {
+		if res := login(tc.key, tc.algos); res.Exit != 255 || !strings.Contains(res.Stderr, "Permission denied") {
+			t.Errorf("a %s signature: %v, want it refused", tc.algos, res)
+		}
 	}
 }

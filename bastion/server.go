@@ -226,6 +226,13 @@ type frontConn struct {
 	linkErr error
 }
 
+// userKeyAlgorithms are the signatures a person may log in with.
+var userKeyAlgorithms = []string{
+	gossh.KeyAlgoED25519, gossh.KeyAlgoSKED25519, gossh.KeyAlgoSKECDSA256,
+	gossh.KeyAlgoECDSA256, gossh.KeyAlgoECDSA384, gossh.KeyAlgoECDSA521,
+	gossh.KeyAlgoRSASHA256, gossh.KeyAlgoRSASHA512,
+}
+
 type ctxKey struct{}
 
 // identity is who a key says a connection is, carried from the key's check
@@ -401,7 +408,9 @@ func (s *Server) frontConfig(ctx ssh.Context) *gossh.ServerConfig {
 				fc.authenticated()
 			}
 		},
-		MaxAuthTries: 10,
+		// As OpenSSH: no SHA-1 RSA signatures (ssh-rsa), no DSA.
+		PublicKeyAuthAlgorithms: userKeyAlgorithms,
+		MaxAuthTries:            10,
 	}
 }
 
