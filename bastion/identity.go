@@ -3,6 +3,7 @@ package bastion
 import (
 	"fmt"
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -58,16 +59,22 @@ func (s *AccountSet) Identify(key gossh.PublicKey) (Account, bool) {
 	return *a, true
 }
 
-// failureLimiter counts failed authentication attempts per source address
-// with a token bucket: burst failures at once, then one per refill. The zero
-// value is not usable; see newFailureLimiter.
+// failureLimiter counts connections that failed to authenticate, per
+// source (an IPv4 address or an IPv6 /64), with a token bucket: burst
+// failures at once, then one per refill. A source out of tokens is slowed
+// down, not shut out: its next connection waits for a token (see Delay),
+// so one noisy neighbour behind a shared address costs the others seconds,
+// not access. It remembers at most maxSources sources. The zero value is
+// not usable; see newFailureLimiter.
 type failureLimiter struct {
-	burst  float64
-	refill time.Duration
-	now    func() time.Time
+	burst      float64
+	refill     time.Duration
+	maxSources int
+	now        func() time.Time
 
-	mu      sync.Mutex // protects buckets
-	buckets map[string]*bucket
+	mu        sync.Mutex // protects buckets and lastPrune
+	buckets   map[netip.Prefix]*bucket
+	lastPrune time.Time
 }
 
 type bucket struct {
@@ -76,48 +83,47 @@ type bucket struct {
 }
 
 func newFailureLimiter(burst int, refill time.Duration) *failureLimiter {
-	return &failureLimiter{burst: float64(burst), refill: refill, now: time.Now, buckets: make(map[string]*bucket)}
+	return &failureLimiter{burst: float64(burst), refill: refill, maxSources: 10000, now: time.Now,
+		buckets: make(map[netip.Prefix]*bucket)}
 }
 
-func hostOf(addr net.Addr) string {
-	if tcp, ok := addr.(*net.TCPAddr); ok {
-		return tcp.IP.String()
-	}
-	host, _, err := net.SplitHostPort(addr.String())
-	if err != nil {
-		return addr.String()
-	}
-	return host
-}
-
-// Blocked reports whether addr has used up its failures.
-func (l *failureLimiter) Blocked(addr net.Addr) bool {
+// Delay is how long a new connection from addr waits before its key
+// exchange: until its source has a failure to spend again; 0 for most.
+func (l *failureLimiter) Delay(addr net.Addr) time.Duration {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	b := l.take(hostOf(addr))
-	return b.tokens < 1
+	b := l.take(sourceOf(addr))
+	if b.tokens >= 1 {
+		return 0
+	}
+	return time.Duration((1 - b.tokens) * float64(l.refill))
 }
 
-// Fail records one failed attempt from addr.
+// Fail records that a connection from addr ended without authenticating
+// after at least one refused attempt.
 func (l *failureLimiter) Fail(addr net.Addr) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	b := l.take(hostOf(addr))
-	if b.tokens >= 1 {
-		b.tokens--
-	}
+	b := l.take(sourceOf(addr))
+	b.tokens = max(0, b.tokens-1)
 }
 
-// take returns host's bucket refilled to now. l.mu must be held.
-func (l *failureLimiter) take(host string) *bucket {
+// take returns src's bucket refilled to now. A source seen for the first
+// time while maxSources are remembered gets a full bucket that is not
+// kept, once forgetting the full buckets has not made room; that scan
+// runs at most once a refill, so a spray of sources costs no more than
+// one scan per refill. l.mu must be held.
+func (l *failureLimiter) take(src netip.Prefix) *bucket {
 	now := l.now()
-	b, ok := l.buckets[host]
+	b, ok := l.buckets[src]
 	if !ok {
-		if len(l.buckets) > 10000 {
+		b = &bucket{tokens: l.burst, last: now}
+		if len(l.buckets) >= l.maxSources && now.Sub(l.lastPrune) >= l.refill {
 			l.prune(now)
 		}
-		b = &bucket{tokens: l.burst, last: now}
-		l.buckets[host] = b
+		if len(l.buckets) < l.maxSources {
+			l.buckets[src] = b
+		}
 		return b
 	}
 	b.tokens = min(l.burst, b.tokens+float64(now.Sub(b.last))/float64(l.refill))
@@ -125,12 +131,13 @@ func (l *failureLimiter) take(host string) *bucket {
 	return b
 }
 
-// prune drops buckets that have refilled completely. l.mu must be held.
+// prune forgets buckets that have refilled completely. l.mu must be held.
 func (l *failureLimiter) prune(now time.Time) {
+	l.lastPrune = now
 	full := time.Duration(l.burst) * l.refill
-	for host, b := range l.buckets {
+	for src, b := range l.buckets {
 		if now.Sub(b.last) >= full {
-			delete(l.buckets, host)
+			delete(l.buckets, src)
 		}
 	}
 }

@@ -2,6 +2,7 @@ package bastion_test
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -137,22 +138,76 @@ func TestPolicyDeniesChannel(t *testing.T) {
 	}
 }
 
-func TestFailedAuthenticationsRateLimited(t *testing.T) {
+// TestFailedAuthenticationsSlowTheSourceDown: a source whose connections
+// keep failing to authenticate waits before its next key exchange; a
+// person behind the same address with a good key still gets in, later.
+func TestFailedAuthenticationsSlowTheSourceDown(t *testing.T) {
 	f := newFixture(t, func(s *bastion.Server) {
 		s.AuthFailures = 3
-		s.AuthRefill = time.Hour
+		s.AuthRefill = 2 * time.Second
 	})
 	stranger := testenv.NewClient(t, f.addr, "alice", f.host.KnownHostsLine())
 	for i := 0; i < 3; i++ {
-		stranger.Run(nil, "ssh", "bastion", "true")
+		if res := stranger.Run(nil, "ssh", "bastion", "true"); res.Exit != 255 || !strings.Contains(res.Stderr, "Permission denied") {
+			t.Fatalf("an unknown key: %v", res)
+		}
 	}
-	// The source is now refused before authentication, even with a good key.
 	res := f.ssh(nil, "bastion", "true")
-	if res.Exit != 255 || strings.Contains(res.Stderr, "Permission denied") {
-		t.Fatalf("after 3 failures: got %v, want the connection closed", res)
+	if res.Exit != 0 {
+		t.Fatalf("a good key from the same address after 3 failures: %v, want it in after a wait", res)
 	}
-	if _, ok := f.audit.find(audit.LoginFailed, "rate limited"); !ok {
-		t.Error("no audit event for the rate limit")
+	if _, ok := f.audit.find(audit.LoginFailed, "rate limited: too many failed authentications; delayed"); !ok {
+		t.Error("no audit event for the delay")
+	}
+}
+
+// TestManyKeysInAnAgentDoNotLockOut: a client that offers several keys the
+// bastion does not know before the right one logs in every time; the keys
+// it tried are not failures of its source.
+func TestManyKeysInAnAgentDoNotLockOut(t *testing.T) {
+	f := newFixture(t, func(s *bastion.Server) {
+		s.AuthFailures = 3
+		s.AuthRefill = time.Hour // a counted failure would show as an hour's wait
+	})
+	var args []string
+	for i := 0; i < 5; i++ {
+		other := testenv.NewClient(t, f.addr, "alice", "")
+		args = append(args, "-i", other.Key)
+	}
+	args = append(args, "-i", f.client.Key, "bastion", "true")
+	for i := 0; i < 5; i++ {
+		start := time.Now()
+		if res := f.ssh(nil, args...); res.Exit != 0 {
+			t.Fatalf("login %d, offering 5 unknown keys first: %v", i+1, res)
+		}
+		if d := time.Since(start); d > time.Minute {
+			t.Fatalf("login %d waited %v", i+1, d)
+		}
+	}
+}
+
+// TestHugeUserNameDoesNotFloodTheLog: what a client sends before it
+// authenticates reaches the log cut short, and failures are paced.
+func TestHugeUserNameDoesNotFloodTheLog(t *testing.T) {
+	var logged testenv.LockedBuffer
+	f := newFixture(t, func(s *bastion.Server) {
+		s.Logger = slog.New(slog.NewTextHandler(&logged, nil))
+		s.AuthFailures = 100 // not slowed down: this is about the log
+	})
+	stranger, _ := testenv.NewKey(t)
+	for i := 0; i < 20; i++ {
+		c, err := gossh.Dial("tcp", f.addr, &gossh.ClientConfig{User: strings.Repeat("u", 200<<10),
+			Auth: []gossh.AuthMethod{gossh.PublicKeys(stranger)}, HostKeyCallback: gossh.InsecureIgnoreHostKey(), Timeout: 10 * time.Second})
+		if err == nil {
+			c.Close()
+			t.Fatal("a stranger logged in")
+		}
+	}
+	if n := len(logged.String()); n > 8<<10 {
+		t.Fatalf("20 attempts with a 200 KiB user name wrote %d bytes of log", n)
+	}
+	if !strings.Contains(logged.String(), "(204800 bytes)") {
+		t.Fatalf("the log does not say how long the name was:\n%s", logged.String())
 	}
 }
 

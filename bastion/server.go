@@ -8,8 +8,10 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gliderlabs/ssh"
@@ -100,6 +102,7 @@ type Server struct {
 	limiter  *failureLimiter
 	startups *startups
 	refusals everySecond // paces the log lines of refused connections
+	failures everySecond // and those of refused keys
 
 	certMu sync.Mutex // protects certs
 	certs  map[string]cachedCert
@@ -216,6 +219,8 @@ type frontConn struct {
 	// Until it authenticates the connection holds a startup place and
 	// runs against the login grace time; authenticated ends both.
 	authenticated func()
+	authed        atomic.Bool // it authenticated
+	refused       atomic.Bool // a key it offered was refused
 
 	loginOnce sync.Once // fills in conn and account
 
@@ -319,21 +324,24 @@ func (s *Server) init() {
 	s.front.AddHostKey(s.HostKey)
 }
 
-// accept refuses connections from sources that used up their failed
-// authentications or past the caps on unauthenticated connections, and
-// attaches the connection's state. An admitted connection must
+// accept refuses connections past the caps on unauthenticated
+// connections, slows down sources that failed to authenticate too often,
+// and attaches the connection's state. An admitted connection must
 // authenticate within the login grace time.
 func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 	source := conn.RemoteAddr()
-	if s.limiter.Blocked(source) {
-		s.refused(source, "rate limited: too many failed authentications")
-		return nil
-	}
 	release, err := s.startups.admit(source)
 	if err != nil {
 		s.refused(source, err.Error())
 		return nil
 	}
+	if d := s.limiter.Delay(source); d > 0 {
+		// Before the grace time starts; the startup place is held, so the
+		// waiting connections of one source stay within its cap.
+		s.refused(source, fmt.Sprintf("rate limited: too many failed authentications; delayed %v", d.Round(time.Millisecond)))
+		time.Sleep(d)
+	}
+	fc := &frontConn{ctx: ctx, raw: conn, source: source, local: conn.LocalAddr()}
 	var grace *time.Timer
 	if d := s.loginGraceTime(); d > 0 {
 		grace = time.AfterFunc(d, func() {
@@ -344,16 +352,25 @@ func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 		})
 	}
 	var once sync.Once
-	authenticated := func() {
+	fc.authenticated = func() {
 		once.Do(func() {
+			fc.authed.Store(true)
 			if grace != nil {
 				grace.Stop()
 			}
 			release()
 		})
 	}
-	ctx.SetValue(ctxKey{}, &frontConn{ctx: ctx, raw: conn, source: source, local: conn.LocalAddr(), authenticated: authenticated})
-	return &frontNetConn{bulkConn: newBulkConn(conn), closed: authenticated}
+	ctx.SetValue(ctxKey{}, fc)
+	return &frontNetConn{bulkConn: newBulkConn(conn), closed: func() {
+		// A connection that leaves without authenticating, after a key
+		// was refused, is one failure of its source, however many keys
+		// it tried.
+		if !fc.authed.Load() && fc.refused.Load() {
+			s.limiter.Fail(source)
+		}
+		fc.authenticated()
+	}}
 }
 
 // refused logs and audits a connection closed at accept, at most once a
@@ -416,14 +433,17 @@ func (s *Server) frontConfig(ctx ssh.Context) *gossh.ServerConfig {
 
 func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.PublicKey) (*gossh.Permissions, error) {
 	fail := func(reason string) (*gossh.Permissions, error) {
-		s.limiter.Fail(fc.source)
-		s.logger().Info("authentication failed", "source", fc.source.String(), "user", meta.User(),
-			"key", gossh.FingerprintSHA256(key), "reason", reason)
-		s.audit(audit.Event{Type: audit.LoginFailed, Source: fc.source.String(), Reason: reason})
+		fc.refused.Store(true)
+		if ok, skipped := s.failures.allow(); ok {
+			s.logger().Info("authentication failed", "source", fc.source.String(), "user", clip(meta.User()),
+				"key", gossh.FingerprintSHA256(key), "reason", reason, "also", skipped)
+			detail := ""
+			if skipped > 0 {
+				detail = fmt.Sprintf("and %d more failed attempts since the last event", skipped)
+			}
+			s.audit(audit.Event{Type: audit.LoginFailed, Source: fc.source.String(), Reason: reason, Detail: detail})
+		}
 		return nil, errors.New(reason)
-	}
-	if s.limiter.Blocked(fc.source) {
-		return fail("rate limited")
 	}
 	if s.Accounts == nil {
 		return fail("no accounts")
@@ -438,9 +458,19 @@ func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.
 			return nil, &gossh.BannerError{Err: err, Message: "bastion: " + err.Error() + "\r\n"}
 		}
 	} else if user != account.Name {
-		return fail(fmt.Sprintf("key of account %q offered for user %q", account.Name, user))
+		return fail(fmt.Sprintf("key of account %q offered for user %s", account.Name, clip(user)))
 	}
 	return &gossh.Permissions{ExtraData: map[any]any{ctxKey{}: identity{account, key}}}, nil
+}
+
+// clip is text a client chose (a user name), quoted and cut to a length
+// fit for a log line.
+func clip(s string) string {
+	const max = 64
+	if len(s) <= max {
+		return strconv.Quote(s)
+	}
+	return fmt.Sprintf("%q… (%d bytes)", s[:max], len(s))
 }
 
 // loggedIn records who fc is once its key's signature is verified, audits

@@ -26,20 +26,20 @@ var loginPattern = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$`)
 func ParseTarget(user string) (Target, error) {
 	login, name, ok := strings.Cut(user, "@")
 	if !ok {
-		return Target{}, fmt.Errorf("%w: %q is not login@vm", ErrBadTarget, user)
+		return Target{}, fmt.Errorf("%w: %s is not login@vm", ErrBadTarget, clip(user))
 	}
 	if err := checkLogin(login); err != nil {
 		return Target{}, err
 	}
 	if err := vm.CheckName(name); err != nil {
-		return Target{}, fmt.Errorf("%w: %w", ErrBadTarget, err)
+		return Target{}, fmt.Errorf("%w: %s: %w", ErrBadTarget, clip(name), vm.ErrBadName)
 	}
 	return Target{Login: login, VM: name}, nil
 }
 
 func checkLogin(login string) error {
 	if !loginPattern.MatchString(login) {
-		return fmt.Errorf("%w: login %q is not a valid user name", ErrBadTarget, login)
+		return fmt.Errorf("%w: login %s is not a valid user name", ErrBadTarget, clip(login))
 	}
 	return nil
 }
