@@ -123,8 +123,13 @@ func (rt *ruleTOML) compile(i int) (Rule, error) {
 		}
 		r.Channels = append(r.Channels, Channel(c))
 	}
-	if len(r.Commands) > 0 && !slices.Contains(r.Channels, Exec) && !slices.Contains(r.Channels, SCP) && len(r.Channels) > 0 {
+	if len(r.Commands) > 0 && len(r.Channels) > 0 && !slices.ContainsFunc(r.Channels, func(c Channel) bool { return c == Exec || c == SCP || c == SCPRead }) {
 		return fail("commands apply to exec and scp, which channels does not list")
+	}
+	for _, c := range r.Commands {
+		if err := checkPattern(c); err != nil {
+			return fail("commands: pattern %q: %v", c, err)
+		}
 	}
 	for _, s := range rt.ForwardPorts {
 		pr, err := parsePortRange(s)
@@ -250,7 +255,17 @@ func (p *Policy) Explain(r Request) string {
 	if d.Allow {
 		verdict = "ALLOW"
 	}
+	asked := r.Channel
+	if r.Channel == Exec || r.Channel == SCP {
+		r.Channel = CommandKind(r.Command)
+	}
 	fmt.Fprintf(&b, "%s %s as %s on %s: %s\n", verdict, r.Account, r.Login, r.VM.Name, r.Channel)
+	if asked == SCP && r.Channel != SCP {
+		b.WriteString("kind:   exec, as the command is not one of the forms legacy scp sends\n")
+	}
+	if _, err := Words(r.Command); r.Channel == Exec && r.Command != "" && err != nil {
+		fmt.Fprintf(&b, "command: %v;\n         no allow rule's commands match it, every deny rule's commands do\n", err)
+	}
 	if d.Rule != "" {
 		for _, rule := range p.Rules {
 			if rule.Name == d.Rule {

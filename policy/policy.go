@@ -25,7 +25,8 @@ const (
 	Connect       Channel = "connect"
 	Shell         Channel = "shell"
 	Exec          Channel = "exec"
-	SCP           Channel = "scp"       // legacy scp (-O): an exec of "scp -t" or "scp -f"
+	SCP           Channel = "scp"       // legacy scp (-O): an exec of "scp -t" or "scp -f" in the forms scp sends (ParseSCP)
+	SCPRead       Channel = "scp-read"  // in a rule: legacy scp that may only copy from the VM (scp -f)
 	SFTP          Channel = "sftp"      // the sftp subsystem, also used by scp's default mode
 	SFTPRead      Channel = "sftp-read" // in a rule: sftp that may only read
 	LocalForward  Channel = "local-forward"
@@ -37,7 +38,7 @@ const (
 )
 
 // Kinds lists the channel kinds a rule may name.
-var Kinds = []Channel{Shell, Exec, SCP, SFTP, SFTPRead, LocalForward, RemoteForward, Agent, X11, Dispense, Destroy}
+var Kinds = []Channel{Shell, Exec, SCP, SCPRead, SFTP, SFTPRead, LocalForward, RemoteForward, Agent, X11, Dispense, Destroy}
 
 // vmKinds are about VMs themselves, not logins on them.
 var vmKinds = []Channel{Dispense, Destroy}
@@ -57,7 +58,7 @@ type Request struct {
 	VM      vm.Domain
 	Login   string
 	Channel Channel
-	Command string // for exec and scp
+	Command string // for exec and scp; Decide classifies it itself (CommandKind)
 	Host    string // for forwards: the destination (local) or bind address (remote)
 	Port    uint32
 	Time    time.Time
@@ -97,7 +98,7 @@ type Rule struct {
 
 	Logins   []string  // exact, or "*"
 	Channels []Channel // see Kinds
-	Commands []string  // exec and scp command globs ("*" matches anything, "/" included)
+	Commands []string  // exec and scp command patterns, word by word (see docs/policy.md)
 
 	ForwardHosts []string    // forward destinations (-L, -D) or bind addresses (-R); empty means the VM's loopback
 	ForwardPorts []PortRange // empty means any port
@@ -140,7 +141,14 @@ var (
 
 // Decide returns the decision for r: the first deny rule that matches, or
 // else the first allow rule that matches, or else a deny.
+//
+// An exec or scp request is classified by its command, whichever of the
+// two it says it is: scp only in the forms legacy scp sends (ParseSCP),
+// everything else exec.
 func (p *Policy) Decide(r Request) Decision {
+	if r.Channel == Exec || r.Channel == SCP {
+		r.Channel = CommandKind(r.Command)
+	}
 	for i := range p.Rules {
 		rule := &p.Rules[i]
 		if rule.Effect == Deny && rule.matches(r) {
@@ -157,7 +165,11 @@ func (p *Policy) Decide(r Request) Decision {
 			return d
 		}
 	}
-	return Decision{Reason: fmt.Sprintf("%v: %s as %s on %s for %s", ErrNoRule, r.Account, r.Login, r.VM.Name, r.Channel)}
+	reason := fmt.Sprintf("%v: %s as %s on %s for %s", ErrNoRule, r.Account, r.Login, r.VM.Name, r.Channel)
+	if _, err := Words(r.Command); r.Channel == Exec && r.Command != "" && err != nil {
+		reason += " (" + ErrNotPlain.Error() + ")"
+	}
+	return Decision{Reason: reason}
 }
 
 // Logins lists the logins rules would let account (in groups) use on vm
@@ -253,14 +265,15 @@ func (rule *Rule) matchesChannel(r Request) bool {
 	channels := rule.channels()
 	if len(channels) > 0 {
 		want := r.Channel
-		ok := slices.Contains(channels, want) || (want == SFTP && slices.Contains(channels, SFTPRead))
+		ok := slices.Contains(channels, want) || (want == SFTP && slices.Contains(channels, SFTPRead)) ||
+			(want == SCP && slices.Contains(channels, SCPRead) && scpDownload(r.Command))
 		if !ok {
 			return false
 		}
 	}
 	switch r.Channel {
 	case Exec, SCP:
-		if len(rule.Commands) > 0 && !slices.ContainsFunc(rule.Commands, func(g string) bool { return Glob(g, r.Command) }) {
+		if !rule.matchesCommand(r.Command) {
 			return false
 		}
 	case LocalForward, RemoteForward:
@@ -276,6 +289,26 @@ func (rule *Rule) matchesChannel(r Request) bool {
 		}
 	}
 	return true
+}
+
+// matchesCommand reports whether the rule's commands patterns, if any,
+// match command. An allow rule's match only a plain command, word for word.
+// A deny rule's match a command that is not plain (so that it cannot be
+// sidestepped by quoting or substitution), and otherwise one in which the
+// pattern appears starting at any word (see matchDeny).
+func (rule *Rule) matchesCommand(command string) bool {
+	if len(rule.Commands) == 0 {
+		return true
+	}
+	words, err := Words(command)
+	if err != nil {
+		return rule.Effect == Deny
+	}
+	match := matchAllow
+	if rule.Effect == Deny {
+		match = matchDeny
+	}
+	return slices.ContainsFunc(rule.Commands, func(p string) bool { return match(patternWords(p), words) })
 }
 
 // contains reports whether t falls in the window; a nil window is always.
