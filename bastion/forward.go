@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"path"
-	"strings"
 	"sync"
 
 	gossh "golang.org/x/crypto/ssh"
@@ -171,7 +170,7 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		if gossh.Unmarshal(req.Payload, &cmd) != nil {
 			return false, ""
 		}
-		f.start = ask{kind: execKind(cmd.Command), command: cmd.Command}
+		f.start = ask{kind: policy.CommandKind(cmd.Command), command: cmd.Command}
 		if !l.allow(f.start).Allow {
 			return false, f.start.kind
 		}
@@ -226,21 +225,6 @@ func (f *sessionForward) end(msg string) {
 	fmt.Fprintf(f.down.Stderr(), "\r\n%s\r\n", msg)
 	sendExitStatus(f.down, 255)
 	f.up.Close()
-}
-
-// execKind tells legacy scp (scp -O), which runs "scp -t" or "scp -f" on
-// the far side, from other commands.
-func execKind(command string) policy.Channel {
-	fields := strings.Fields(command)
-	if len(fields) < 2 || (fields[0] != "scp" && !strings.HasSuffix(fields[0], "/scp")) {
-		return policy.Exec
-	}
-	for _, f := range fields[1:] {
-		if f == "-t" || f == "-f" {
-			return policy.SCP
-		}
-	}
-	return policy.Exec
 }
 
 // refuse ends a session whose shell, command or subsystem the policy

@@ -15,7 +15,7 @@ func TestPolicyExecPatterns(t *testing.T) {
 	f := newFixture(t)
 	rule := f.devRule()
 	rule.Channels = []policy.Channel{policy.Exec}
-	rule.Commands = []string{"echo allowed *"}
+	rule.Commands = []string{"echo allowed **"}
 	f.rules(rule)
 	if res := f.jump(nil, "echo allowed to run"); res.Exit != 0 || string(res.Stdout) != "allowed to run\n" {
 		t.Fatalf("a command matching the pattern: %v %q", res, res.Stdout)
