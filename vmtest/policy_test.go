@@ -32,7 +32,7 @@ groups = ["dev"]
 vms = ["bt-*"]
 logins = ["user"]
 channels = ["exec", "sftp-read", "local-forward"]
-commands = ["echo *", "sleep *"]
+commands = ["echo **", "sleep *"]
 forward_ports = ["22"]
 `
 
