@@ -261,10 +261,14 @@ func (p *Policy) Explain(r Request) string {
 	}
 	fmt.Fprintf(&b, "%s %s as %s on %s: %s\n", verdict, r.Account, r.Login, r.VM.Name, r.Channel)
 	if asked == SCP && r.Channel != SCP {
-		b.WriteString("kind:   exec, as the command is not one of the forms legacy scp sends\n")
+		b.WriteString("kind:   exec: the command is not one of the forms legacy scp sends\n")
 	}
-	if _, err := Words(r.Command); r.Channel == Exec && r.Command != "" && err != nil {
-		fmt.Fprintf(&b, "command: %v;\n         no allow rule's commands match it, every deny rule's commands do\n", err)
+	if c, ok := ParseSCP(r.Command); r.Channel == SCP && ok {
+		direction := "to the VM (-t)"
+		if c.Download {
+			direction = "from the VM (-f, as scp-read allows)"
+		}
+		fmt.Fprintf(&b, "scp:    copies %s: %s\n", direction, c.Path)
 	}
 	if d.Rule != "" {
 		for _, rule := range p.Rules {
@@ -276,6 +280,9 @@ func (p *Policy) Explain(r Request) string {
 		b.WriteString("rule:   none (the default is deny)\n")
 	}
 	fmt.Fprintf(&b, "reason: %s\n", d.Reason)
+	if _, err := Words(r.Command); r.Channel == Exec && r.Command != "" && err != nil {
+		fmt.Fprintf(&b, "cmd:    %v;\n        allow rules' commands never match it, deny rules' commands always do\n", err)
+	}
 	if d.ReadOnly {
 		b.WriteString("sftp:   read-only\n")
 	}

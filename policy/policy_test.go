@@ -180,6 +180,10 @@ func TestExplainGolden(t *testing.T) {
 		{Account: "carol", Groups: []string{"dev"}, VM: webPrd, Login: "root", Channel: Shell, Time: workday},
 		{Account: "ann", Groups: []string{"auditors"}, VM: db1, Login: "audit", Channel: SFTP, Time: workday},
 		{Account: "mallory", VM: web1, Login: "root", Channel: Exec, Command: "id", Time: workday},
+		{Account: "ann", Groups: []string{"auditors"}, VM: db1, Login: "audit", Channel: Exec, Command: "systemctl status nginx", Time: workday},
+		{Account: "ann", Groups: []string{"auditors"}, VM: db1, Login: "audit", Channel: Exec, Command: "systemctl status nginx; id", Time: workday},
+		{Account: "ann", Groups: []string{"auditors"}, VM: db1, Login: "audit", Channel: SCP, Command: "scp -f /etc/passwd; id", Time: workday},
+		{Account: "oscar", Groups: []string{"ops"}, Source: office, VM: db1, Login: "root", Channel: Exec, Command: "scp -v -f /etc/hostname", Time: workday},
 	} {
 		b.WriteString(p.Explain(r))
 		b.WriteString("\n")

@@ -122,6 +122,8 @@ func TestPolicyTestGolden(t *testing.T) {
 		{"--account", "bob", "--vm", "db1", "--login", "root", "--channel", "shell", "--label", "env=prod"},
 		{"--account", "bob", "--vm", "db1", "--login", "root", "--channel", "sftp", "--time", "2026-11-25T12:00:00Z"},
 		{"--account", "bob", "--vm", "db1", "--login", "root", "--channel", "sftp", "--time", "2026-11-29T12:00:00Z"},
+		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "scp", "--command", "scp -f /etc/hostname"},
+		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "scp", "--command", "scp -f /etc/hostname; id"},
 	} {
 		fmt.Fprintf(&out, "$ bastion policy test %s\n", strings.Join(args, " "))
 		if err := run(append([]string{"policy", "test", "--config", "../../bastion.toml.example"}, args...), &out, &out); err != nil {

@@ -60,7 +60,7 @@ func (q *policyQuery) flags(fs *flag.FlagSet) {
 	fs.StringVar(&q.vm, "vm", "", "VM name")
 	fs.StringVar(&q.login, "login", "", "login on the VM")
 	fs.StringVar(&q.channel, "channel", "shell", "connect, shell, exec, scp, sftp, local-forward, remote-forward, agent or x11")
-	fs.StringVar(&q.command, "command", "", "command, for exec and scp")
+	fs.StringVar(&q.command, "command", "", "command, for exec and scp (which of the two it is, the policy decides from the command)")
 	fs.StringVar(&q.host, "host", "localhost", "forward destination (local-forward) or bind address (remote-forward)")
 	fs.UintVar(&q.port, "port", 0, "forward port")
 	fs.StringVar(&q.source, "source", "127.0.0.1", "client address")
@@ -113,7 +113,7 @@ func (q *policyQuery) run(configPath string, out io.Writer) error {
 
 func isKind(ch policy.Channel) bool {
 	for _, k := range policy.Kinds {
-		if k == ch && k != policy.SFTPRead {
+		if k == ch && k != policy.SFTPRead && k != policy.SCPRead {
 			return true
 		}
 	}
