@@ -79,7 +79,8 @@ func special(c byte) string {
 // Words splits command into its words if it is a plain command: one or
 // more words of plain characters (letters, digits and - _ . / : , + @ % =)
 // separated by spaces or tabs, with no "=" in the first word (there it
-// would be a variable assignment, and the program would be the next word).
+// would be a variable assignment, and the program would be the next word)
+// nor at the start of any word (zsh expands "=name" to a path).
 // A shell splits such a line into exactly these words and expands none of
 // them. Anything else is refused with an error wrapping ErrNotPlain that
 // names the first offending byte.
@@ -100,6 +101,9 @@ func Words(command string) ([]string, error) {
 		}
 		if c == '=' && len(words) == 0 {
 			return nil, fmt.Errorf("%w: \"=\" at byte %d is in the first word, which makes it a variable assignment", ErrNotPlain, i)
+		}
+		if c == '=' && start < 0 {
+			return nil, fmt.Errorf("%w: \"=\" at byte %d starts a word, which zsh expands to a program's path", ErrNotPlain, i)
 		}
 		if start < 0 {
 			start = i
@@ -170,7 +174,7 @@ func baseName(word string) string {
 
 // checkPattern reports why a commands pattern could never match, or is
 // malformed: it is empty, a word has a character no plain word has, "="
-// is in its first word, or "**" is not its last word.
+// is in its first word or starts a word, or "**" is not its last word.
 func checkPattern(pattern string) error {
 	words := patternWords(pattern)
 	if len(words) == 0 {
@@ -188,6 +192,8 @@ func checkPattern(pattern string) error {
 				return fmt.Errorf("%q can never match: a plain command has no %q (%s)", w, string([]byte{c}), special(c))
 			case c == '=' && i == 0:
 				return fmt.Errorf("%q can never match: a plain command has no \"=\" in its first word", w)
+			case c == '=' && j == 0:
+				return fmt.Errorf("%q can never match: no word of a plain command starts with \"=\"", w)
 			}
 		}
 	}

@@ -69,6 +69,7 @@ func TestWordsRefusesWhatAShellWouldInterpret(t *testing.T) {
 		{"systemctl status n\xc3\xa9", "not ASCII"},
 		{"PATH=/tmp systemctl status x", "variable assignment"},
 		{"LD_PRELOAD=/tmp/x.so id", "variable assignment"},
+		{"echo =ls", "zsh expands"},
 	} {
 		got, err := Words(tc.command)
 		if err == nil || !errors.Is(err, ErrNotPlain) || !strings.Contains(err.Error(), tc.want) {
@@ -357,6 +358,7 @@ func TestParseCommandPatterns(t *testing.T) {
 		{`["echo a\nb"]`, "line break"},
 		{`["cat ~/x"]`, "tilde"},
 		{`["X=1 ls"]`, `"X=1" can never match: a plain command has no "=" in its first word`},
+		{`["echo =*"]`, `"=*" can never match: no word of a plain command starts with "="`},
 		{`["ls ** -l"]`, `"**" is only a pattern word at the end`},
 		{`["** ls"]`, `"**" is only a pattern word at the end`},
 	} {
@@ -407,8 +409,8 @@ func FuzzWords(f *testing.F) {
 					t.Fatalf("Words(%q): word %q has %q", command, w, w[j])
 				}
 			}
-			if i == 0 && strings.Contains(w, "=") {
-				t.Fatalf("Words(%q): \"=\" in the first word", command)
+			if (i == 0 && strings.Contains(w, "=")) || w[0] == '=' {
+				t.Fatalf("Words(%q): \"=\" in the first word or starting one", command)
 			}
 		}
 		again, err := Words(strings.Join(words, " "))
