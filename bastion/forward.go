@@ -6,6 +6,7 @@ import (
 	"io"
 	"path"
 	"sync"
+	"time"
 
 	gossh "golang.org/x/crypto/ssh"
 
@@ -47,9 +48,10 @@ type sessionForward struct {
 	down gossh.Channel
 
 	// Owned by the goroutine handling downstream requests:
-	start    ask    // the shell, command or subsystem asked for
-	untrack  func() // set once it has started
-	readOnly bool   // sftp the policy allows only to read; read after started closes
+	start    ask           // the shell, command or subsystem asked for
+	limit    time.Duration // how long the rule that allowed it lets it run; 0 means no limit
+	untrack  func()        // set once it has started
+	readOnly bool          // sftp the policy allows only to read; read after started closes
 }
 
 // run copies data and requests both ways until both sides are done.
@@ -162,18 +164,22 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		}
 	case "shell":
 		f.start = ask{kind: policy.Shell}
-		if !l.allow(f.start).Allow {
+		d := l.allow(f.start)
+		if !d.Allow {
 			return false, policy.Shell
 		}
+		f.limit = d.MaxTime
 	case "exec":
 		var cmd struct{ Command string }
 		if gossh.Unmarshal(req.Payload, &cmd) != nil {
 			return false, ""
 		}
 		f.start = ask{kind: policy.CommandKind(cmd.Command), command: cmd.Command}
-		if !l.allow(f.start).Allow {
+		d := l.allow(f.start)
+		if !d.Allow {
 			return false, f.start.kind
 		}
+		f.limit = d.MaxTime
 	case "subsystem":
 		var sub struct{ Name string }
 		if gossh.Unmarshal(req.Payload, &sub) != nil {
@@ -188,7 +194,7 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		if !d.Allow {
 			return false, kind
 		}
-		f.readOnly = d.ReadOnly
+		f.readOnly, f.limit = d.ReadOnly, d.MaxTime
 	case "auth-agent-req@openssh.com":
 		if !l.allow(ask{kind: policy.Agent}).Allow {
 			return false, ""
@@ -214,17 +220,24 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 	switch req.Type {
 	case "shell", "exec", "subsystem":
 		if ok && f.untrack == nil {
-			f.untrack = l.track(f.start, f.end)
+			f.untrack = l.track(f.start, f.limit, f.end)
 		}
 	}
 	return ok, ""
 }
 
 // end ends a running session, telling the user msg on its stderr.
+//
+// The user's side ends at once: the message, exit status 255, and the
+// close. The VM's side is asked to end its command (SIGTERM) and closed:
+// sshd keeps a command without a terminal running after its channel
+// closes, until it exits by itself.
 func (f *sessionForward) end(msg string) {
 	fmt.Fprintf(f.down.Stderr(), "\r\n%s\r\n", msg)
 	sendExitStatus(f.down, 255)
+	f.up.SendRequest("signal", false, gossh.Marshal(struct{ Signal string }{"TERM"}))
 	f.up.Close()
+	f.down.Close()
 }
 
 // refuse ends a session whose shell, command or subsystem the policy
@@ -255,8 +268,9 @@ func (s *Server) envAllowed(name string) bool {
 // bridge opens a channel like newCh on other and, once other accepts,
 // accepts newCh and copies both ways. It serves direct-tcpip,
 // forwarded-tcpip, agent and X11 channels, whose requests are hop-by-hop.
-// The channel is tracked as a, so a policy change can end it.
-func (l *link) bridge(a ask, newCh gossh.NewChannel, other gossh.Conn) {
+// The channel is tracked as a, so a policy change (or limit, if above 0)
+// can end it.
+func (l *link) bridge(a ask, limit time.Duration, newCh gossh.NewChannel, other gossh.Conn) {
 	to, toReqs, err := other.OpenChannel(newCh.ChannelType(), newCh.ExtraData())
 	if err != nil {
 		reject(newCh, "", err)
@@ -269,7 +283,7 @@ func (l *link) bridge(a ask, newCh gossh.NewChannel, other gossh.Conn) {
 	}
 	go gossh.DiscardRequests(toReqs)
 	go gossh.DiscardRequests(fromReqs)
-	defer l.track(a, func(string) { from.Close(); to.Close() })()
+	defer l.track(a, limit, func(string) { from.Close(); to.Close() })()
 	done := make(chan error, 2)
 	go copier{dst: to, src: from, closeWrite: to.CloseWrite}.run(done)
 	go copier{dst: from, src: to, closeWrite: from.CloseWrite}.run(done)

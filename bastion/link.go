@@ -35,9 +35,6 @@ type link struct {
 
 	down gossh.Conn // set by start, before any channel is handled
 
-	maxTime time.Duration // from the deciding rule; 0 means no limit
-	limit   *time.Timer   // ends the link at maxTime; set by start
-
 	closeOnce sync.Once
 	done      chan struct{} // closed when the link has ended
 
@@ -61,14 +58,28 @@ type activeChannel struct {
 }
 
 // track records a channel in use until the returned function is called.
-func (l *link) track(a ask, end func(msg string)) (untrack func()) {
+// A limit above 0, from the rule that allowed the channel, ends it then.
+func (l *link) track(a ask, limit time.Duration, end func(msg string)) (untrack func()) {
 	c := &activeChannel{a: a, end: end, done: make(chan struct{})}
 	l.mu.Lock()
 	l.active[c] = true
 	l.mu.Unlock()
+	var timer *time.Timer
+	if limit > 0 {
+		timer = time.AfterFunc(limit, func() {
+			l.log.Info("session time limit reached", "channel", a.kind, "limit", limit)
+			ev := l.event().With(audit.Ended, string(a.kind), "", fmt.Sprintf("time limit %v", limit))
+			ev.Detail = a.detail()
+			l.srv.audit(ev)
+			end(fmt.Sprintf("bastion: %s: session time limit (%v) reached", l.vm.Name, limit))
+		})
+	}
 	var once sync.Once
 	return func() {
 		once.Do(func() {
+			if timer != nil {
+				timer.Stop()
+			}
 			l.mu.Lock()
 			delete(l.active, c)
 			l.mu.Unlock()
@@ -120,9 +131,6 @@ func (l *link) close() {
 		l.up.Close()
 		if l.down != nil {
 			l.down.Close()
-		}
-		if l.limit != nil {
-			l.limit.Stop()
 		}
 		s := l.srv
 		s.linksMu.Lock()
@@ -192,7 +200,7 @@ func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, err
 		s.audit(ev.With(audit.UpstreamFailed, "", "", err.Error()))
 		return nil, err
 	}
-	l := &link{srv: s, front: fc, vm: d, login: login, log: log, maxTime: dec.MaxTime, done: make(chan struct{}),
+	l := &link{srv: s, front: fc, vm: d, login: login, log: log, done: make(chan struct{}),
 		forwards: make(map[string]bool), active: make(map[*activeChannel]bool)}
 	if err := l.dial(ctx, target); err != nil {
 		log.Warn("upstream failed", "addr", target.Addr, "err", err)
@@ -249,13 +257,6 @@ func (l *link) start(down gossh.Conn) {
 	}
 	s.links[l] = true
 	s.linksMu.Unlock()
-	if l.maxTime > 0 {
-		l.limit = time.AfterFunc(l.maxTime, func() {
-			l.log.Info("session time limit reached", "limit", l.maxTime)
-			s.audit(l.event().With(audit.Ended, "", "", fmt.Sprintf("time limit %v", l.maxTime)))
-			l.end(fmt.Sprintf("bastion: %s: session time limit (%v) reached", l.vm.Name, l.maxTime))
-		})
-	}
 	go l.upstream()
 	s.keepalive(l.up) // the front door keeps its own connections alive
 	go func() {
@@ -302,11 +303,12 @@ func (l *link) channel(newCh gossh.NewChannel) {
 			return
 		}
 		a := ask{kind: policy.LocalForward, host: dest.Host, port: dest.Port}
-		if !l.allow(a).Allow {
+		d := l.allow(a)
+		if !d.Allow {
 			newCh.Reject(gossh.Prohibited, l.denial(policy.LocalForward))
 			return
 		}
-		l.bridge(a, newCh, l.up)
+		l.bridge(a, d.MaxTime, newCh, l.up)
 	default:
 		newCh.Reject(gossh.UnknownChannelType, "bastion: unsupported channel type "+newCh.ChannelType())
 	}
@@ -434,7 +436,7 @@ func (l *link) upstreamChannel(newCh gossh.NewChannel) {
 		newCh.Reject(gossh.Prohibited, "not requested")
 		return
 	}
-	go l.bridge(ask{kind: channelKind(newCh)}, newCh, l.down)
+	go l.bridge(ask{kind: channelKind(newCh)}, 0, newCh, l.down)
 }
 
 // channelKind is the policy kind of a channel the VM opens.

@@ -162,7 +162,8 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 		sendExitStatus(ch, 255)
 		return
 	}
-	if d := l.allow(ask{kind: policy.Shell}); !d.Allow {
+	d := l.allow(ask{kind: policy.Shell})
+	if !d.Allow {
 		fmt.Fprintf(ch, "%s\r\n", l.denial(policy.Shell))
 		sendExitStatus(ch, 255)
 		return
@@ -188,8 +189,8 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 			return
 		}
 	}
-	f := &sessionForward{link: l, up: up, down: ch, start: ask{kind: policy.Shell}}
-	f.untrack = l.track(f.start, f.end)
+	f := &sessionForward{link: l, up: up, down: ch, start: ask{kind: policy.Shell}, limit: d.MaxTime}
+	f.untrack = l.track(f.start, f.limit, f.end)
 	f.runStarted(upReqs, reqs)
 }
 

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/policy"
 )
 
@@ -182,4 +183,24 @@ func port(addr string) uint32 {
 		n = n*10 + uint32(c-'0')
 	}
 	return n
+}
+
+// TestMaxSessionComesFromTheRuleThatAllowsTheChannel: a forwarding rule
+// with no limit, listed first, does not lift the limit of the rule that
+// allows shells and commands.
+func TestMaxSessionComesFromTheRuleThatAllowsTheChannel(t *testing.T) {
+	f := newFixture(t)
+	forwards := policy.Rule{Name: "forwards", Effect: policy.Allow, Groups: []string{"dev"}, VMs: []string{"web*"},
+		Logins: []string{f.login}, Channels: []policy.Channel{policy.LocalForward}}
+	sessions := f.devRule()
+	sessions.Channels = []policy.Channel{policy.Shell, policy.Exec}
+	sessions.MaxTime = 1500 * time.Millisecond
+	f.rules(forwards, sessions)
+	res := f.jump(nil, "sleep 20; echo finished")
+	if res.Exit != 255 || !strings.Contains(res.Stderr, "session time limit (1.5s) reached") || strings.Contains(string(res.Stdout), "finished") {
+		t.Fatalf("a command under a 1.5s rule, a limitless forwarding rule listed first: %v %q", res, res.Stdout)
+	}
+	if _, ok := f.audit.find(audit.Ended, "time limit 1.5s"); !ok {
+		t.Error("no audit event for the limit")
+	}
 }
