@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bastionvm/bastion/internal/testenv"
 	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/internal/testenv"
 	"github.com/bastionvm/bastion/policy"
 )
 

@@ -10,8 +10,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/bastionvm/bastion/internal/testenv"
 	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/internal/testenv"
 )
 
 // sshd is an OpenSSH server on 127.0.0.1 started by testenv, under a
