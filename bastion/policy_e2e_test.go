@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/internal/testenv"
 	"github.com/bastionvm/bastion/policy"
@@ -202,5 +203,28 @@ func TestMaxSessionComesFromTheRuleThatAllowsTheChannel(t *testing.T) {
 	}
 	if _, ok := f.audit.find(audit.Ended, "time limit 1.5s"); !ok {
 		t.Error("no audit event for the limit")
+	}
+}
+
+// TestSessionEndsWhenItsTimeWindowCloses: a time window that closes ends
+// the sessions it allowed, without a reload.
+func TestSessionEndsWhenItsTimeWindowCloses(t *testing.T) {
+	f := newFixture(t, func(s *bastion.Server) { s.PolicyTick = time.Second })
+	now := time.Now().UTC()
+	since := time.Duration(now.Hour())*time.Hour + time.Duration(now.Minute())*time.Minute + time.Duration(now.Second())*time.Second
+	if since > 24*time.Hour-10*time.Second {
+		time.Sleep(15 * time.Second) // not across midnight
+		now = time.Now().UTC()
+		since = time.Duration(now.Hour())*time.Hour + time.Duration(now.Minute())*time.Minute + time.Duration(now.Second())*time.Second
+	}
+	rule := f.devRule()
+	rule.Window = &policy.Window{From: 0, To: since + 3*time.Second, Zone: time.UTC}
+	f.rules(rule)
+	s := f.startSession(t, "-J", "bastion", f.login+"@web1", "echo started; sleep 30; echo finished")
+	if code := s.ended(t); code != 255 || !strings.Contains(s.stderr.String(), "access ended by a policy change") {
+		t.Fatalf("after its window closed: exit %d, stderr %q", code, s.stderr.String())
+	}
+	if _, ok := f.audit.find(audit.Ended, "policy change"); !ok {
+		t.Error("no audit event")
 	}
 }

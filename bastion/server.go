@@ -81,6 +81,7 @@ type Server struct {
 	KeepAlive      time.Duration // keepalive interval on every hop; 0 means 30s, negative turns them off
 	RequestTimeout time.Duration // how long a peer may take to answer a request; 0 means 30s
 	ConnectTimeout time.Duration // verifying and logging in to a VM; 0 means 2 minutes
+	PolicyTick     time.Duration // how often open sessions are checked against the policy's time windows; 0 means every minute, on the minute
 	AuthFailures   int           // failed authentications a source address may make at once; 0 means 10
 	AuthRefill     time.Duration // how often a source regains one failure; 0 means 6s
 
@@ -101,8 +102,10 @@ type Server struct {
 	front    *ssh.Server
 	limiter  *failureLimiter
 	startups *startups
-	refusals everySecond // paces the log lines of refused connections
-	failures everySecond // and those of refused keys
+	stopOnce sync.Once
+	stopped  chan struct{} // closed by Shutdown and Close
+	refusals everySecond   // paces the log lines of refused connections
+	failures everySecond   // and those of refused keys
 
 	certMu sync.Mutex // protects certs
 	certs  map[string]cachedCert
@@ -263,10 +266,34 @@ func (s *Server) Serve(l net.Listener) error {
 	return s.front.Serve(l)
 }
 
+// watchWindows asks the policy again about everything open at every
+// PolicyTick, aligned to the clock, so that a time window closing ends
+// what it allowed when it closes. Windows are written to the minute, so
+// the default tick of a minute meets every boundary.
+func (s *Server) watchWindows() {
+	tick := s.PolicyTick
+	if tick <= 0 {
+		tick = time.Minute
+	}
+	for {
+		// Just past the boundary, so that the policy sees the new time.
+		next := time.Now().Truncate(tick).Add(tick + 10*time.Millisecond)
+		select {
+		case <-time.After(time.Until(next)):
+			if len(s.openLinks()) > 0 {
+				s.Revalidate()
+			}
+		case <-s.stopped:
+			return
+		}
+	}
+}
+
 // Shutdown stops accepting connections and waits for open ones to end
 // until ctx is done; then it closes those that remain.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.initOnce.Do(s.init)
+	s.stopOnce.Do(func() { close(s.stopped) })
 	err := s.front.Shutdown(ctx)
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 		s.front.Close()
@@ -277,6 +304,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 // Close closes the listeners and every connection at once.
 func (s *Server) Close() error {
 	s.initOnce.Do(s.init)
+	s.stopOnce.Do(func() { close(s.stopped) })
 	return s.front.Close()
 }
 
@@ -300,6 +328,8 @@ func (s *Server) init() {
 		perSource = 0
 	}
 	s.startups = newStartups(max, perSource)
+	s.stopped = make(chan struct{})
+	go s.watchWindows()
 	s.front = &ssh.Server{
 		Version:              strings.TrimPrefix(s.version(), "SSH-2.0-"),
 		ServerConfigCallback: s.frontConfig,
