@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -171,6 +172,7 @@ func (l *link) revalidate() {
 			c.end(fmt.Sprintf("bastion: %s: %s ended by a policy change", l.vm.Name, c.a.kind))
 		}
 	}
+	l.revalidateGrants()
 }
 
 // establish decides whether account may reach vm as login, obtains a
@@ -411,13 +413,16 @@ func (l *link) upstream() {
 }
 
 // upstreamChannel accepts a channel the VM opens if the downstream asked
-// for it.
+// for it and the policy, asked again now, still allows it: a reload that
+// withdraws agent, X11 or remote forwarding stops what the VM opens later.
 func (l *link) upstreamChannel(newCh gossh.NewChannel) {
+	a := ask{kind: channelKind(newCh)}
 	var wanted bool
 	switch newCh.ChannelType() {
 	case "forwarded-tcpip":
 		var p directTCPIP
 		if gossh.Unmarshal(newCh.ExtraData(), &p) == nil {
+			a.host, a.port = p.Host, p.Port
 			l.mu.Lock()
 			wanted = l.forwards[net.JoinHostPort(p.Host, fmt.Sprint(p.Port))] || l.forwards[net.JoinHostPort(p.Host, "0")]
 			l.mu.Unlock()
@@ -436,7 +441,59 @@ func (l *link) upstreamChannel(newCh gossh.NewChannel) {
 		newCh.Reject(gossh.Prohibited, "not requested")
 		return
 	}
-	go l.bridge(ask{kind: channelKind(newCh)}, 0, newCh, l.down)
+	d := l.allow(a)
+	if !d.Allow {
+		newCh.Reject(gossh.Prohibited, "denied by policy")
+		return
+	}
+	go l.bridge(a, d.MaxTime, newCh, l.down)
+}
+
+// revalidateGrants withdraws what the downstream was granted and the policy
+// no longer allows: remote forwards are cancelled on the VM, so its sshd
+// stops listening; agent and X11 forwarding end for channels to come.
+func (l *link) revalidateGrants() {
+	l.mu.Lock()
+	var forwards []string
+	for f := range l.forwards {
+		forwards = append(forwards, f)
+	}
+	agent, x11 := l.agent, l.x11
+	l.mu.Unlock()
+	for _, f := range forwards {
+		host, portText, _ := net.SplitHostPort(f)
+		port, _ := strconv.ParseUint(portText, 10, 32)
+		a := ask{kind: policy.RemoteForward, host: host, port: uint32(port)}
+		d := l.decide(a)
+		if d.Allow {
+			continue
+		}
+		l.mu.Lock()
+		delete(l.forwards, f)
+		l.mu.Unlock()
+		l.log.Info("remote forward cancelled by a policy change", "forward", f, "reason", d.Reason)
+		ev := l.event().With(audit.Ended, string(policy.RemoteForward), d.Rule, "policy change: "+d.Reason)
+		ev.Detail = f
+		l.srv.audit(ev)
+		if port != 0 {
+			l.srv.sendRequest(l.up, "cancel-tcpip-forward", true, gossh.Marshal(tcpipForward{Host: host, Port: uint32(port)}))
+		}
+	}
+	for _, g := range []struct {
+		kind policy.Channel
+		on   bool
+		off  func()
+	}{
+		{policy.Agent, agent, func() { l.agent = false }},
+		{policy.X11, x11, func() { l.x11 = false }},
+	} {
+		if g.on && !l.decide(ask{kind: g.kind}).Allow {
+			l.mu.Lock()
+			g.off()
+			l.mu.Unlock()
+			l.log.Info("forwarding withdrawn by a policy change", "channel", g.kind)
+		}
+	}
 }
 
 // channelKind is the policy kind of a channel the VM opens.

@@ -3,6 +3,8 @@ package bastion_test
 import (
 	"bufio"
 	"context"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,11 +17,13 @@ import (
 	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/policy"
 )
 
 // session is an ssh command running in the background.
 type session struct {
 	cmd    *exec.Cmd
+	stdout *testenv.LockedBuffer // what follows "started"
 	stderr *testenv.LockedBuffer
 	done   chan error
 }
@@ -30,7 +34,7 @@ func (f *fixture) startSession(t *testing.T, args ...string) *session {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
-	s := &session{cmd: f.client.Command(ctx, "ssh", args...), stderr: &testenv.LockedBuffer{}, done: make(chan error, 1)}
+	s := &session{cmd: f.client.Command(ctx, "ssh", args...), stdout: &testenv.LockedBuffer{}, stderr: &testenv.LockedBuffer{}, done: make(chan error, 1)}
 	s.cmd.Stderr = s.stderr
 	out, err := s.cmd.StdoutPipe()
 	if err != nil {
@@ -39,11 +43,15 @@ func (f *fixture) startSession(t *testing.T, args ...string) *session {
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	line, err := bufio.NewReader(out).ReadString('\n')
+	r := bufio.NewReader(out)
+	line, err := r.ReadString('\n')
 	if err != nil || line != "started\n" {
 		t.Fatalf("the session did not start: %q %v; stderr %s", line, err, s.stderr.String())
 	}
-	go func() { s.done <- s.cmd.Wait() }()
+	go func() {
+		io.Copy(s.stdout, r)
+		s.done <- s.cmd.Wait()
+	}()
 	return s
 }
 
@@ -123,5 +131,75 @@ func TestReloadRefreshesGroupsBeforeAskingThePolicy(t *testing.T) {
 	res := f.jump(nil, "true")
 	if res.Exit != 255 || !strings.Contains(res.Stderr, "denied by policy") {
 		t.Fatalf("a new connection after the reload: %v", res)
+	}
+}
+
+// TestReloadWithdrawingRemoteForwardCancelsIt: a reload that withdraws
+// remote-forward makes the VM stop listening on an -R already granted; the
+// session goes on.
+func TestReloadWithdrawingRemoteForwardCancelsIt(t *testing.T) {
+	f := newFixture(t)
+	echo := startEcho(t)
+	remote := testenv.FreeAddr(t) // bound by the VM's sshd, which here shares the host's loopback
+	s := f.startSession(t, "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-R", remote+":"+echo.addr, f.login+"@web1",
+		"echo started; sleep 60")
+	testenv.WaitListening(t, remote)
+	echoThrough(t, dial(t, remote))
+	reached := echo.count()
+	rule := f.devRule()
+	rule.Channels = []policy.Channel{policy.Shell, policy.Exec}
+	f.rules(rule)
+	waitFor(t, func() bool {
+		c, err := net.Dial("tcp", remote)
+		if err != nil {
+			return true
+		}
+		c.Close()
+		return false
+	}, func() string { return "the VM still listens on the withdrawn forward " + remote })
+	if echo.count() != reached {
+		t.Fatal("a connection reached the client through the withdrawn forward")
+	}
+	select {
+	case <-s.done:
+		t.Fatalf("the session ended with its forward: %s", s.stderr.String())
+	default:
+	}
+	if _, ok := f.audit.find(audit.Ended, "policy change"); !ok {
+		t.Error("no audit event for the cancelled forward")
+	}
+}
+
+// TestReloadWithdrawingAgentStopsTheVMsAgentChannels: after a reload that
+// withdraws agent forwarding, the VM's ssh-add no longer reaches the
+// client's agent, though the session that asked for it goes on.
+func TestReloadWithdrawingAgentStopsTheVMsAgentChannels(t *testing.T) {
+	f := newFixture(t)
+	rule := f.devRule()
+	rule.Channels = append(rule.Channels, policy.Agent)
+	f.rules(rule)
+	sock := filepath.Join(t.TempDir(), "agent.sock")
+	agent := exec.Command("ssh-agent", "-D", "-a", sock)
+	if err := agent.Start(); err != nil {
+		t.Fatalf("ssh-agent: %v", err)
+	}
+	defer func() { agent.Process.Kill(); agent.Wait() }()
+	testenv.WaitUnix(t, sock)
+	add := exec.Command("ssh-add", f.client.Key)
+	add.Env = append(os.Environ(), "SSH_AUTH_SOCK="+sock)
+	if out, err := add.CombinedOutput(); err != nil {
+		t.Fatalf("ssh-add: %v %s", err, out)
+	}
+	marker := filepath.Join(t.TempDir(), "reloaded")
+	s := f.startSession(t, "-A", "-o", "IdentityAgent="+sock, "-J", "bastion", f.login+"@web1",
+		"echo started; ssh-add -l >/dev/null && echo before=listed; while [ ! -e "+marker+" ]; do sleep 0.1; done; ssh-add -l >/dev/null; echo after=$?")
+	waitFor(t, func() bool { return strings.Contains(s.stdout.String(), "before=listed") },
+		func() string {
+			return "the agent was not reachable before the reload: " + s.stdout.String() + s.stderr.String()
+		})
+	f.rules(f.devRule()) // no agent
+	os.WriteFile(marker, nil, 0o600)
+	if code := s.ended(t); code != 0 || strings.Contains(s.stdout.String(), "after=0") || !strings.Contains(s.stdout.String(), "after=") {
+		t.Fatalf("after the reload: exit %d, stdout %q; want ssh-add to fail and the session to finish", code, s.stdout.String())
 	}
 }
