@@ -18,13 +18,14 @@ var (
 	ErrUpstreamUnreachable = errors.New("the VM's sshd cannot be reached")
 	ErrNotVerified         = errors.New("the VM could not be verified")
 	ErrBadTarget           = errors.New("bad target")
+	ErrBusy                = errors.New("too many connections to VMs are being set up for this account; try again")
 )
 
 // userMessage is what the person at the client is told about err: short,
 // with no internal detail. The full error goes to the log and audit stream.
 // Errors from a Resolver may say it themselves with a UserMessage method.
 func userMessage(name string, err error) string {
-	for _, known := range []error{vm.ErrNoSuchVM, ErrDenied, keys.ErrHostKeyMismatch, ErrUpstreamAuth, ErrUpstreamUnreachable, ErrBadTarget} {
+	for _, known := range []error{vm.ErrNoSuchVM, ErrDenied, keys.ErrHostKeyMismatch, ErrUpstreamAuth, ErrUpstreamUnreachable, ErrBadTarget, ErrBusy} {
 		if errors.Is(err, known) {
 			return fmt.Sprintf("bastion: %s: %v", name, known)
 		}

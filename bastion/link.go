@@ -38,6 +38,7 @@ type link struct {
 
 	closeOnce sync.Once
 	done      chan struct{} // closed when the link has ended
+	open      counter       // channels open on the inner hop
 
 	mu       sync.Mutex              // protects the fields below
 	forwards map[string]bool         // remote forwards granted to the downstream, "host:port"
@@ -185,6 +186,13 @@ func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, err
 	if err := checkLogin(login); err != nil {
 		return nil, err
 	}
+	done, ok := s.beginPending(account.Name)
+	if !ok {
+		log.Warn("refused: too many links being set up", "limit", s.maxPending())
+		s.audit(ev.With(audit.Denied, string(policy.Connect), "", ErrBusy.Error()))
+		return nil, ErrBusy
+	}
+	defer done()
 	dec := s.decide(fc, d, login, ask{kind: policy.Connect})
 	if !dec.Allow {
 		log.Info("denied", "channel", policy.Connect, "rule", dec.Rule, "reason", dec.Reason)
@@ -212,6 +220,27 @@ func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, err
 	log.Info("connected", "addr", target.Addr)
 	s.audit(ev.With(audit.Connected, "", "", ""))
 	return l, nil
+}
+
+// beginPending counts one more link being set up for account, unless it
+// has MaxPending already; done counts it off.
+func (s *Server) beginPending(account string) (done func(), ok bool) {
+	s.linksMu.Lock()
+	defer s.linksMu.Unlock()
+	if s.pending[account] >= s.maxPending() {
+		return nil, false
+	}
+	if s.pending == nil {
+		s.pending = make(map[string]int)
+	}
+	s.pending[account]++
+	return func() {
+		s.linksMu.Lock()
+		defer s.linksMu.Unlock()
+		if s.pending[account]--; s.pending[account] <= 0 {
+			delete(s.pending, account)
+		}
+	}, true
 }
 
 // dial connects to the VM's sshd, requiring one of the pinned host keys,
@@ -281,7 +310,14 @@ func (l *link) serve(down gossh.Conn, chans <-chan gossh.NewChannel, reqs <-chan
 				chans = nil
 				continue
 			}
-			go l.channel(ch)
+			if !l.open.take(l.srv.maxChannels()) {
+				ch.Reject(gossh.ResourceShortage, "bastion: too many channels open on this connection")
+				continue
+			}
+			go func() {
+				defer l.open.give()
+				l.channel(ch)
+			}()
 		case req, ok := <-reqs:
 			if !ok {
 				reqs = nil

@@ -82,6 +82,8 @@ type Server struct {
 	RequestTimeout time.Duration // how long a peer may take to answer a request; 0 means 30s
 	ConnectTimeout time.Duration // verifying and logging in to a VM; 0 means 2 minutes
 	PolicyTick     time.Duration // how often open sessions are checked against the policy's time windows; 0 means every minute, on the minute
+	MaxChannels    int           // channels open at once on one connection (the ProxyJump inner hop counts its own); 0 means 100
+	MaxPending     int           // links to VMs one account may be setting up at once; 0 means 10
 	AuthFailures   int           // failed authentications a source address may make at once; 0 means 10
 	AuthRefill     time.Duration // how often a source regains one failure; 0 means 6s
 
@@ -110,9 +112,10 @@ type Server struct {
 	certMu sync.Mutex // protects certs
 	certs  map[string]cachedCert
 
-	linksMu sync.Mutex // protects links and fronts
+	linksMu sync.Mutex // protects links, fronts and pending
 	links   map[*link]bool
 	fronts  map[*frontConn]bool // authenticated front-door connections
+	pending map[string]int      // links being set up, by account
 }
 
 // Revalidate applies new accounts and a new policy to what is open, as
@@ -224,6 +227,8 @@ type frontConn struct {
 	authenticated func()
 	authed        atomic.Bool // it authenticated
 	refused       atomic.Bool // a key it offered was refused
+
+	channels counter // channels open on it
 
 	loginOnce sync.Once // fills in conn and account
 
@@ -541,6 +546,11 @@ func (s *Server) state(ctx ssh.Context, conn *gossh.ServerConn) *frontConn {
 // the ProxyJump inner hop and a session gets the bastion's own answer.
 func (s *Server) frontChannel(_ *ssh.Server, conn *gossh.ServerConn, newCh gossh.NewChannel, ctx ssh.Context) {
 	fc := s.state(ctx, conn)
+	if !fc.channels.take(s.maxChannels()) {
+		newCh.Reject(gossh.ResourceShortage, "bastion: too many channels open on this connection")
+		return
+	}
+	defer fc.channels.give()
 	if strings.Contains(conn.User(), "@") {
 		l, err := s.frontLink(fc, conn)
 		if err != nil {
@@ -686,6 +696,20 @@ func (s *Server) requestTimeout() time.Duration {
 		return 30 * time.Second
 	}
 	return s.RequestTimeout
+}
+
+func (s *Server) maxChannels() int {
+	if s.MaxChannels <= 0 {
+		return 100
+	}
+	return s.MaxChannels
+}
+
+func (s *Server) maxPending() int {
+	if s.MaxPending <= 0 {
+		return 10
+	}
+	return s.MaxPending
 }
 
 func (s *Server) loginGraceTime() time.Duration {

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -152,6 +153,22 @@ func sourceOf(addr net.Addr) netip.Prefix {
 	p, _ := ip.Prefix(bits)
 	return p
 }
+
+// counter counts things in use against a cap. The zero value counts from
+// zero.
+type counter struct{ n atomic.Int64 }
+
+// take counts one more unless max are in use already.
+func (c *counter) take(max int) bool {
+	if c.n.Add(1) > int64(max) {
+		c.n.Add(-1)
+		return false
+	}
+	return true
+}
+
+// give counts one fewer.
+func (c *counter) give() { c.n.Add(-1) }
 
 // everySecond lets a repeated log line through at most once a second and
 // says how many were held back meanwhile: a flood of refused connections

@@ -132,7 +132,14 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 		ServerVersion: s.version(),
 	}
 	config.AddHostKey(hostKey)
+	// The handshake, a trust check included, has a deadline: a client that
+	// opens the hop and says nothing does not hold it.
+	deadline := time.AfterFunc(s.connectTimeout()+s.requestTimeout(), func() {
+		log.Info("inner handshake took too long; closing the hop")
+		ch.Close()
+	})
 	down, chans, greqs, err := gossh.NewServerConn(newChannelConn(ch, fc.local, fc.source), config)
+	deadline.Stop()
 	if err != nil {
 		if lk != nil {
 			lk.close() // established, never started: ended here, and audited

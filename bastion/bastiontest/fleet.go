@@ -6,6 +6,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/vm"
@@ -15,8 +16,16 @@ import (
 // verified: the front door's VMs and Resolver where the stand-in VM is an
 // sshd on 127.0.0.1. Safe for concurrent use.
 type Fleet struct {
-	mu  sync.Mutex
-	vms map[string]keys.Upstream
+	mu    sync.Mutex
+	vms   map[string]keys.Upstream
+	delay time.Duration
+}
+
+// SetDelay makes every Resolve take d first, as a trust check does.
+func (f *Fleet) SetDelay(d time.Duration) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.delay = d
 }
 
 // NewFleet returns a Fleet that knows no VM yet.
@@ -53,7 +62,15 @@ func (f *Fleet) List(context.Context) ([]vm.Domain, error) {
 }
 
 // Resolve returns the upstream set for d, whatever the login.
-func (f *Fleet) Resolve(_ context.Context, d vm.Domain, _ string) (keys.Upstream, error) {
+func (f *Fleet) Resolve(ctx context.Context, d vm.Domain, _ string) (keys.Upstream, error) {
+	f.mu.Lock()
+	delay := f.delay
+	f.mu.Unlock()
+	select {
+	case <-time.After(delay):
+	case <-ctx.Done():
+		return keys.Upstream{}, ctx.Err()
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	up, ok := f.vms[d.Name]

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -112,5 +113,70 @@ func TestOnlyTheProvenHostKeyIsPinned(t *testing.T) {
 	}
 	if len(tr.HostKeys) != 1 || string(tr.HostKeys[0].Marshal()) != string(g.sshd.HostKey.Marshal()) {
 		t.Fatalf("pinned %d keys; want only the sshd's own", len(tr.HostKeys))
+	}
+}
+
+// gate is an out-of-band channel whose Ping waits to be let through, and
+// which counts how many wait at once: how many checks run.
+type gate struct {
+	guests
+	mu      sync.Mutex
+	waiting int
+	most    int
+	let     chan struct{}
+}
+
+func (g *gate) Ping(ctx context.Context, d vm.Domain) error {
+	g.mu.Lock()
+	g.waiting++
+	g.most = max(g.most, g.waiting)
+	g.mu.Unlock()
+	defer func() {
+		g.mu.Lock()
+		g.waiting--
+		g.mu.Unlock()
+	}()
+	select {
+	case <-g.let:
+		return errors.New("stopped here: the test counts checks, it does not finish them")
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// TestChecksRunAtMostMaxChecksAtOnce: checks of many VMs at once wait for
+// a turn beyond MaxChecks.
+func TestChecksRunAtMostMaxChecksAtOnce(t *testing.T) {
+	g := newLocalGuest(t)
+	gs := guests{}
+	for i := 0; i < 6; i++ {
+		gs[fmt.Sprintf("uuid-%d", i)] = g
+	}
+	gt := &gate{guests: gs, let: make(chan struct{})}
+	m := &Manager{OOB: gt, Instance: "test", MaxChecks: 2, Timeout: 30 * time.Second}
+	var wg sync.WaitGroup
+	for uuid := range gs {
+		d, _ := gs.Find(context.Background(), uuid)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m.Get(context.Background(), d, "root")
+		}()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		gt.mu.Lock()
+		waiting := gt.waiting
+		gt.mu.Unlock()
+		if waiting == 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond) // room for a third, if the cap did not hold
+	close(gt.let)
+	wg.Wait()
+	if gt.most != 2 {
+		t.Fatalf("%d checks ran at once, want MaxChecks = 2", gt.most)
 	}
 }

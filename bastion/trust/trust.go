@@ -99,8 +99,12 @@ type Manager struct {
 	TTL      time.Duration // 0 means 10 minutes
 	Modes    []Mode        // nil means both, OB-IB then IB-OB
 	SSHPort  int           // 0 means 22
-	// Timeout bounds one whole check; 0 means 90 seconds.
+	// Timeout bounds one whole check, its wait for a turn included; 0
+	// means 90 seconds.
 	Timeout time.Duration
+	// MaxChecks is how many checks run at once over all VMs; 0 means 16.
+	// The others wait their turn.
+	MaxChecks int
 	// StateDir, if set, holds trust.json, rewritten whole on every change
 	// of the set of trusts (see state.go).
 	StateDir string
@@ -108,6 +112,7 @@ type Manager struct {
 	Audit    audit.Sink   // receives trust_verified, trust_failed and trust_dropped; if nil, they are dropped
 
 	mu       sync.Mutex
+	turns    chan struct{} // one token per running check; made with the first
 	trusts   map[key]*Trust
 	inflight map[key]*flight
 	hostKeys map[string]map[string]bool // host key fingerprint → UUIDs seen presenting it
@@ -231,11 +236,27 @@ func (m *Manager) startFlight(k key, d vm.Domain, login string) *flight {
 	}
 	f := &flight{done: make(chan struct{})}
 	m.inflight[k] = f
+	if m.turns == nil {
+		n := m.MaxChecks
+		if n <= 0 {
+			n = 16
+		}
+		m.turns = make(chan struct{}, n)
+	}
+	turns := m.turns
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), m.timeout())
 		defer cancel()
 		start := time.Now()
-		t, err := m.check(ctx, d, login)
+		var t *Trust
+		var err error
+		select {
+		case turns <- struct{}{}:
+			t, err = m.check(ctx, d, login)
+			<-turns
+		case <-ctx.Done():
+			err = &Error{VM: d.Name, Step: "waiting for a turn to check", Err: fmt.Errorf("%w: %d checks running", ctx.Err(), cap(turns))}
+		}
 		m.outcome(d.Name, login, t, time.Since(start), err)
 		m.mu.Lock()
 		delete(m.inflight, k)

@@ -45,6 +45,7 @@ type TrustConfig struct {
 	Modes        []string `toml:"modes"`
 	SSHPort      int      `toml:"ssh_port"`
 	CheckTimeout Duration `toml:"check_timeout"`
+	MaxChecks    int      `toml:"max_checks"`
 	Instance     string   `toml:"instance"`
 }
 
@@ -60,6 +61,9 @@ type ServerConfig struct {
 	Audit          string   `toml:"audit"` // "stdout", "off", or a file path
 	PolicyFile     string   `toml:"policy_file"`
 	LogLevel       string   `toml:"log_level"`
+
+	MaxChannels int `toml:"max_channels"`
+	MaxPending  int `toml:"max_pending"`
 
 	LoginGraceTime       Duration    `toml:"login_grace_time"`
 	MaxStartups          MaxStartups `toml:"max_startups"`
@@ -104,6 +108,7 @@ func defaults() Config {
 		Modes:        []string{"ob-ib", "ib-ob"},
 		SSHPort:      22,
 		CheckTimeout: Duration{90 * time.Second},
+		MaxChecks:    16,
 	}, Server: ServerConfig{
 		Listen:      "127.0.0.1:2222",
 		StateDir:    "/var/lib/bastion",
@@ -115,6 +120,8 @@ func defaults() Config {
 		LoginGraceTime:       Duration{120 * time.Second},
 		MaxStartups:          MaxStartups{bastion.DefaultMaxStartups},
 		PerSourceMaxStartups: 10,
+		MaxChannels:          100,
+		MaxPending:           10,
 	}}
 }
 
@@ -185,6 +192,14 @@ func (c *Config) validate() error {
 	}
 	if c.Server.LoginGraceTime.Duration < 0 {
 		return fmt.Errorf("server.login_grace_time: %v is negative (\"0s\" means no limit)", c.Server.LoginGraceTime.Duration)
+	}
+	for _, n := range []struct {
+		key string
+		v   int
+	}{{"server.max_channels", c.Server.MaxChannels}, {"server.max_pending", c.Server.MaxPending}, {"trust.max_checks", c.Trust.MaxChecks}} {
+		if n.v < 1 {
+			return fmt.Errorf("%s: %d is not at least 1", n.key, n.v)
+		}
 	}
 	if c.Server.PerSourceMaxStartups < 0 {
 		return fmt.Errorf("server.per_source_max_startups: %d is negative (0 means no cap per source)", c.Server.PerSourceMaxStartups)

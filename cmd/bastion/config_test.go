@@ -41,6 +41,8 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		{"max startups", "[server]\n\nmax_startups = \"10:30\"\n", `bastion.toml:3: server.max_startups: "10:30" is not start:rate:full`},
 		{"max startups order", "[server]\nmax_startups = \"10:30:5\"\n", `bastion.toml:2: server.max_startups: "10:30:5" is not start:rate:full (like "10:30:100"): full must not be below start`},
 		{"negative grace", "[server]\nlogin_grace_time = \"-1s\"\n", `server.login_grace_time: -1s is negative`},
+		{"no channels", "[server]\nmax_channels = 0\n", `server.max_channels: 0 is not at least 1`},
+		{"no checks", "[trust]\nmax_checks = -1\n", `trust.max_checks: -1 is not at least 1`},
 		{"negative per source", "[server]\nper_source_max_startups = -2\n", `server.per_source_max_startups: -2 is negative`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -166,6 +166,8 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		LoginGraceTime:       noneIsNegative(c.Server.LoginGraceTime.Duration),
 		MaxStartups:          c.Server.MaxStartups.MaxStartups,
 		PerSourceMaxStartups: noCapIsNegative(c.Server.PerSourceMaxStartups),
+		MaxChannels:          c.Server.MaxChannels,
+		MaxPending:           c.Server.MaxPending,
 		Logger:               logger,
 		Audit:                sink,
 	}

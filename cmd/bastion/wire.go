@@ -57,13 +57,14 @@ func openFleet(c *Config, logger *slog.Logger, sink audit.Sink) (*fleet, error) 
 		modes = append(modes, trust.Mode(m))
 	}
 	manager := &trust.Manager{
-		Instance: instance,
-		TTL:      c.Trust.TTL.Duration,
-		Modes:    modes,
-		SSHPort:  c.Trust.SSHPort,
-		Timeout:  c.Trust.CheckTimeout.Duration,
-		Logger:   logger,
-		Audit:    sink,
+		Instance:  instance,
+		TTL:       c.Trust.TTL.Duration,
+		Modes:     modes,
+		SSHPort:   c.Trust.SSHPort,
+		Timeout:   c.Trust.CheckTimeout.Duration,
+		MaxChecks: c.Trust.MaxChecks,
+		Logger:    logger,
+		Audit:     sink,
 	}
 	pool, err := hypervisor.Open(uris, hypervisor.Options{Logger: logger, OnEvent: manager.HandleEvent})
 	if err != nil {
