@@ -4,10 +4,13 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
 	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/policy"
 )
 
 // Account is a person who may log in to the bastion.
@@ -15,6 +18,108 @@ type Account struct {
 	Name   string
 	Groups []string
 	Keys   []gossh.PublicKey
+	// KeyOptions holds the options a key was listed with, by the key's
+	// SHA256 fingerprint; a key without an entry has none.
+	KeyOptions map[string]KeyOptions
+}
+
+// KeyOptions are the authorized_keys options the bastion honours on an
+// account's key (ParseKeyOptions refuses the others).
+type KeyOptions struct {
+	// From is OpenSSH's from= pattern list, by address only: CIDR
+	// prefixes and address globs ("*", "?"), each negated by a leading
+	// "!". A negated match refuses; otherwise one match lets the key in.
+	// Empty means from anywhere.
+	From []string
+	// Expires is expiry-time=: the key is refused from then on. Zero
+	// means never.
+	Expires time.Time
+}
+
+// Allows reports why the key may not log in from source at now, or nil.
+func (o KeyOptions) Allows(source netip.Addr, now time.Time) error {
+	if !o.Expires.IsZero() && !now.Before(o.Expires) {
+		return fmt.Errorf("key expired at %s", o.Expires.UTC().Format(time.RFC3339))
+	}
+	if len(o.From) == 0 {
+		return nil
+	}
+	source = source.Unmap()
+	allowed := false
+	for _, p := range o.From {
+		negated := strings.HasPrefix(p, "!")
+		if matchFrom(strings.TrimPrefix(p, "!"), source) {
+			if negated {
+				return fmt.Errorf("key refused from %s by from=%q", source, p)
+			}
+			allowed = true
+		}
+	}
+	if !allowed {
+		return fmt.Errorf("key not allowed from %s (from=%q)", source, strings.Join(o.From, ","))
+	}
+	return nil
+}
+
+// matchFrom matches one from= pattern (not negated) against an address.
+func matchFrom(pattern string, addr netip.Addr) bool {
+	if prefix, err := netip.ParsePrefix(pattern); err == nil {
+		return prefix.Masked().Contains(addr)
+	}
+	return policy.Glob(strings.ToLower(pattern), addr.String())
+}
+
+// ParseKeyOptions reads the options of an authorized_keys line as the
+// bastion honours them: from= (addresses and prefixes only: the bastion
+// does not resolve names) and expiry-time=. Any other option would be a
+// promise the bastion does not keep (command=, restrict, no-pty,
+// permitopen=, cert-authority, ...), so it is an error.
+func ParseKeyOptions(options []string) (KeyOptions, error) {
+	var o KeyOptions
+	for _, opt := range options {
+		name, value, hasValue := strings.Cut(opt, "=")
+		value = strings.Trim(value, `"`)
+		switch {
+		case strings.EqualFold(name, "from") && hasValue:
+			for _, p := range strings.Split(value, ",") {
+				bare := strings.TrimPrefix(p, "!")
+				if _, err := netip.ParsePrefix(bare); err == nil {
+					o.From = append(o.From, p)
+					continue
+				}
+				if bare == "" || strings.Trim(strings.ToLower(bare), "0123456789abcdef.:*?") != "" {
+					return KeyOptions{}, fmt.Errorf("from=: %q is not an address, a prefix or an address pattern (the bastion does not resolve host names)", p)
+				}
+				o.From = append(o.From, p)
+			}
+		case strings.EqualFold(name, "expiry-time") && hasValue:
+			t, err := parseExpiryTime(value)
+			if err != nil {
+				return KeyOptions{}, err
+			}
+			o.Expires = t
+		default:
+			return KeyOptions{}, fmt.Errorf("option %s is not supported on account keys (only from= and expiry-time= are)", name)
+		}
+	}
+	return o, nil
+}
+
+// parseExpiryTime reads expiry-time= as sshd does: YYYYMMDD or
+// YYYYMMDDHHMM[SS], in local time unless it ends in Z.
+func parseExpiryTime(v string) (time.Time, error) {
+	loc := time.Local
+	if strings.HasSuffix(v, "Z") || strings.HasSuffix(v, "z") {
+		v, loc = v[:len(v)-1], time.UTC
+	}
+	for _, layout := range []string{"20060102", "200601021504", "20060102150405"} {
+		if len(v) == len(layout) {
+			if t, err := time.ParseInLocation(layout, v, loc); err == nil {
+				return t, nil
+			}
+		}
+	}
+	return time.Time{}, fmt.Errorf("expiry-time=%q is not YYYYMMDD[HHMM[SS]][Z]", v)
 }
 
 // AccountSet maps public keys to accounts. It is immutable once built.
@@ -45,6 +150,11 @@ func NewAccountSet(accounts []Account) (*AccountSet, error) {
 		}
 	}
 	return set, nil
+}
+
+// Options are the options key was listed with in a.
+func (a Account) Options(key gossh.PublicKey) KeyOptions {
+	return a.KeyOptions[gossh.FingerprintSHA256(key)]
 }
 
 // Identify returns the account holding key.

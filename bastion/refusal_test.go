@@ -260,3 +260,32 @@ func TestSHA1AndDSASignaturesRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestKeyOptionsFromAndExpiryEnforced: from= and expiry-time= on an
+// account's key are honoured at login, with real OpenSSH.
+func TestKeyOptionsFromAndExpiryEnforced(t *testing.T) {
+	f := newFixture(t)
+	fp := gossh.FingerprintSHA256(f.client.PublicKey)
+	login := func(opts bastion.KeyOptions, args ...string) testenv.Result {
+		f.setAccounts(bastion.Account{Name: "alice", Groups: []string{"dev"}, Keys: []gossh.PublicKey{f.client.PublicKey},
+			KeyOptions: map[string]bastion.KeyOptions{fp: opts}})
+		return f.ssh(nil, append(args, "bastion", "true")...)
+	}
+	for _, tc := range []struct {
+		name string
+		opts bastion.KeyOptions
+		args []string
+		ok   bool
+	}{
+		{"from the allowed range", bastion.KeyOptions{From: []string{"127.0.0.0/8", "!127.0.0.2"}}, nil, true},
+		{"from a negated address", bastion.KeyOptions{From: []string{"127.0.0.0/8", "!127.0.0.2"}}, []string{"-o", "BindAddress=127.0.0.2"}, false},
+		{"from outside the range", bastion.KeyOptions{From: []string{"10.0.0.0/8"}}, nil, false},
+		{"before its expiry", bastion.KeyOptions{Expires: time.Now().Add(time.Hour)}, nil, true},
+		{"after its expiry", bastion.KeyOptions{Expires: time.Now().Add(-time.Minute)}, nil, false},
+	} {
+		res := login(tc.opts, tc.args...)
+		if ok := res.Exit == 0; ok != tc.ok || (!ok && !strings.Contains(res.Stderr, "Permission denied")) {
+			t.Errorf("%s: %v, want ok=%v", tc.name, res, tc.ok)
+		}
+	}
+}

@@ -162,9 +162,15 @@ func (s *Server) reidentify(fc *frontConn) {
 	if s.Accounts != nil {
 		now, ok = s.Accounts.Identify(key)
 	}
+	var refused error
+	if ok {
+		refused = now.Options(key).Allows(sourceAddr(fc.source), time.Now())
+	}
 	switch {
 	case !ok:
 		s.endFront(fc, "the key it logged in with was removed")
+	case refused != nil && now.Name == was.Name:
+		s.endFront(fc, "the key it logged in with: "+refused.Error())
 	case now.Name != was.Name:
 		s.endFront(fc, fmt.Sprintf("the key it logged in with now belongs to account %q", now.Name))
 	default:
@@ -486,6 +492,9 @@ func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.
 	account, ok := s.Accounts.Identify(key)
 	if !ok {
 		return fail("unknown key")
+	}
+	if err := account.Options(key).Allows(sourceAddr(fc.source), time.Now()); err != nil {
+		return fail(err.Error())
 	}
 	user := meta.User()
 	if strings.Contains(user, "@") {

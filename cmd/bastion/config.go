@@ -31,7 +31,8 @@ type Config struct {
 	Trust       TrustConfig        `toml:"trust"`
 	Templates   []TemplateConfig   `toml:"template"`
 
-	policy *policy.Policy // compiled from Rules or PolicyFile
+	policy       *policy.Policy // compiled from Rules or PolicyFile
+	accountLines []int          // where each [[account]] starts, for messages
 }
 
 // HypervisorConfig is one [[hypervisor]]: a libvirt connection URI.
@@ -147,7 +148,14 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 	if err := tomlpos.Undecoded(name, data, md, func(table string) bool { return table != "rule" }); err != nil {
 		return nil, err
 	}
+	for i := range c.Accounts {
+		c.accountLines = append(c.accountLines, tomlpos.TableLine(data, "account", i))
+	}
 	if err := c.validate(); err != nil {
+		var le *lineError
+		if errors.As(err, &le) {
+			return nil, fmt.Errorf("%s:%d: %w", name, le.line, le.err)
+		}
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	if c.policy, err = c.loadPolicy(name, data); err != nil {
@@ -236,16 +244,45 @@ func (c *Config) accounts() (*bastion.AccountSet, error) {
 	for i, a := range c.Accounts {
 		acc := bastion.Account{Name: a.Name, Groups: a.Groups}
 		for j, line := range a.Keys {
-			key, _, _, _, err := gossh.ParseAuthorizedKey([]byte(line))
+			fail := func(err error) (*bastion.AccountSet, error) {
+				err = fmt.Errorf("account %s: keys[%d]: %w", accountName(a.Name, i), j, err)
+				if i < len(c.accountLines) {
+					err = &lineError{line: c.accountLines[i], err: err}
+				}
+				return nil, err
+			}
+			key, _, options, rest, err := gossh.ParseAuthorizedKey([]byte(line))
 			if err != nil {
-				return nil, fmt.Errorf("account %s: keys[%d]: %v", accountName(a.Name, i), j, err)
+				return fail(err)
+			}
+			if len(strings.TrimSpace(string(rest))) > 0 {
+				return fail(errors.New("one key per entry"))
+			}
+			opts, err := bastion.ParseKeyOptions(options)
+			if err != nil {
+				return fail(err)
 			}
 			acc.Keys = append(acc.Keys, key)
+			if len(options) > 0 {
+				if acc.KeyOptions == nil {
+					acc.KeyOptions = make(map[string]bastion.KeyOptions)
+				}
+				acc.KeyOptions[gossh.FingerprintSHA256(key)] = opts
+			}
 		}
 		accounts = append(accounts, acc)
 	}
 	return bastion.NewAccountSet(accounts)
 }
+
+// lineError is an error at a line of the configuration file.
+type lineError struct {
+	line int
+	err  error
+}
+
+func (e *lineError) Error() string { return fmt.Sprintf("%d: %v", e.line, e.err) }
+func (e *lineError) Unwrap() error { return e.err }
 
 func accountName(name string, i int) string {
 	if name == "" {
