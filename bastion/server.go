@@ -70,7 +70,7 @@ var DefaultEnvAllow = []string{"LANG", "LC_*", "LANGUAGE", "TZ", "COLORTERM", "T
 type Server struct {
 	HostKey   gossh.Signer  // required
 	Certifier HostCertifier // issues host certificates; if nil, plain host keys only
-	Hostnames []string      // principals of the front door's own certificate; if empty, valid for any name
+	Hostnames []string      // principals of the front door's own certificate (names and addresses users reach it by); if empty, valid for any name
 
 	Accounts Identifier // if nil, nobody can log in
 	VMs      VMs        // if nil, no VM is known
@@ -354,9 +354,12 @@ func (s *Server) init() {
 		},
 	}
 	if s.Certifier != nil {
-		// A certificate valid for ten years: the host CA is what users
-		// trust, and the key inside never changes.
-		if cert, err := s.Certifier.HostCertSigner(s.Hostnames, 10*365*24*time.Hour); err == nil {
+		// A certificate for the bastion's names, valid for a week and
+		// renewed before it ends: the host CA is what users trust.
+		cert, err := newRenewingCert(func(validity time.Duration) (gossh.Signer, error) {
+			return s.Certifier.HostCertSigner(s.Hostnames, validity)
+		}, s.logger())
+		if err == nil {
 			s.front.AddHostKey(cert)
 		} else {
 			s.logger().Error("front door certificate", "err", err)

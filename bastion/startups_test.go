@@ -1,9 +1,15 @@
 package bastion
 
 import (
+	"crypto/ed25519"
+	"crypto/rand"
 	"errors"
+	"log/slog"
 	"net"
 	"testing"
+	"time"
+
+	gossh "golang.org/x/crypto/ssh"
 )
 
 func tcp(ip string) net.Addr { return &net.TCPAddr{IP: net.ParseIP(ip), Port: 40000} }
@@ -104,5 +110,28 @@ func TestStartupsRandomEarlyDrop(t *testing.T) {
 	}
 	if total, from := s.counts(tcp("192.0.2.1")); total != 4 || from != 3 {
 		t.Fatalf("counts %d, %d; want 4 in all, 3 from the busy source", total, from)
+	}
+}
+
+func TestRenewingCertRenewsNearItsEnd(t *testing.T) {
+	issued := 0
+	r, err := newRenewingCert(func(v time.Duration) (gossh.Signer, error) {
+		issued++
+		if v != frontCertValidity {
+			t.Errorf("validity %v, want %v", v, frontCertValidity)
+		}
+		_, priv, _ := ed25519.GenerateKey(rand.Reader)
+		return gossh.NewSignerFromKey(priv)
+	}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := r.PublicKey()
+	if issued != 1 || string(r.PublicKey().Marshal()) != string(first.Marshal()) {
+		t.Fatalf("issued %d; the key changed before its renewal", issued)
+	}
+	r.renewAt = time.Now().Add(-time.Second)
+	if r.PublicKey(); issued != 2 {
+		t.Fatalf("issued %d after the renewal time, want 2", issued)
 	}
 }

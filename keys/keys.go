@@ -18,6 +18,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -95,11 +96,21 @@ func create(path, comment string) (ssh.Signer, error) {
 	return ssh.NewSignerFromKey(priv)
 }
 
-// KnownHostsLine is the line users add to ~/.ssh/known_hosts once to trust
-// the bastion and every VM reached through it.
-func (h *Host) KnownHostsLine() string {
+// KnownHostsLine is a known_hosts line trusting the host CA for any host.
+// Users are better given KnownHostsLineFor the names they reach.
+func (h *Host) KnownHostsLine() string { return h.KnownHostsLineFor(nil) }
+
+// KnownHostsLineFor is the line users add to ~/.ssh/known_hosts once to
+// trust the bastion and the VMs reached through it: the host CA, for the
+// host patterns given (known_hosts patterns: "*", "?", "[host]:port").
+// With none, it is for any host.
+func (h *Host) KnownHostsLineFor(patterns []string) string {
+	hosts := "*"
+	if len(patterns) > 0 && !slices.Contains(patterns, "*") {
+		hosts = strings.Join(patterns, ",")
+	}
 	ca := strings.TrimSpace(string(ssh.MarshalAuthorizedKey(h.CA.PublicKey())))
-	return "@cert-authority * " + ca + " bastion-host-ca"
+	return "@cert-authority " + hosts + " " + ca + " bastion-host-ca"
 }
 
 // HostCertSigner returns a signer presenting a host certificate for the

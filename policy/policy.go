@@ -198,6 +198,29 @@ func (p *Policy) Logins(account string, groups []string, source netip.Addr, d vm
 	return out
 }
 
+// VMNamePatterns are the names VMs may be reached by under the allow
+// rules: their name globs and UUIDs, for the known_hosts line users add.
+// A rule that selects VMs otherwise (by label or hypervisor only, or not
+// at all) makes it "*": any name.
+func (p *Policy) VMNamePatterns() []string {
+	var out []string
+	for i := range p.Rules {
+		rule := &p.Rules[i]
+		if rule.Effect == Deny || slices.Equal(rule.Channels, []Channel{Dispense}) {
+			continue
+		}
+		if len(rule.VMs) == 0 && len(rule.UUIDs) == 0 {
+			return []string{"*"}
+		}
+		for _, n := range slices.Concat(rule.VMs, rule.UUIDs) {
+			if !slices.Contains(out, n) {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
+}
+
 func (rule *Rule) channels() []Channel {
 	if len(rule.Channels) == 0 && rule.Effect != Deny {
 		return sessionKinds

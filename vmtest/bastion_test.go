@@ -83,6 +83,13 @@ groups = ["dev"]
 keys = [%q]
 `, state, b.audit, strings.TrimSpace(string(gossh.MarshalAuthorizedKey(b.client.PublicKey))))
 	write(t, b.config, b.base+rules)
+	// Now that the policy names its VMs, the line users are given is scoped
+	// to the bastion's names and those VMs: the client trusts that one.
+	scoped, err := exec.Command(binary, "keys", "known-hosts", "--config", b.config).Output()
+	if err != nil {
+		t.Fatalf("bastion keys known-hosts: %v", err)
+	}
+	write(t, filepath.Join(b.client.Dir, "known_hosts"), string(scoped))
 
 	cmd := exec.Command(binary, "serve", "--config", b.config)
 	pipe, err := cmd.StderrPipe()

@@ -106,7 +106,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		fmt.Fprintln(stdout, host.KnownHostsLine())
+		fmt.Fprintln(stdout, host.KnownHostsLineFor(knownHostsPatterns(c)))
 		return nil
 	case "trust ls":
 		c, err := LoadConfig(*configPath)
@@ -157,7 +157,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	srv := &bastion.Server{
 		HostKey:              host.Key,
 		Certifier:            host,
-		Hostnames:            c.Server.Hostnames,
+		Hostnames:            bastionNames(c),
 		Accounts:             live,
 		Policy:               live,
 		EnvAllow:             c.Server.EnvAllow,
@@ -196,7 +196,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		srv.Commands = map[string]bastion.CommandFunc{"vm": vm.Run}
 	}
 	fmt.Fprintf(stderr, "bastion: listening on %s\n", ln.Addr())
-	fmt.Fprintf(stderr, "bastion: users add this line to ~/.ssh/known_hosts:\n%s\n", host.KnownHostsLine())
+	fmt.Fprintf(stderr, "bastion: users add this line to ~/.ssh/known_hosts:\n%s\n", host.KnownHostsLineFor(knownHostsPatterns(c)))
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)

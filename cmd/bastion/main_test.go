@@ -13,6 +13,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/internal/testenv"
 )
 
 // buildBastion builds this command into a temporary directory.
@@ -204,4 +208,84 @@ func (l *lockedLog) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// TestFrontDoorCertificateNamesTheBastion: with no server.hostnames, the
+// front door's certificate names this machine (its host name, localhost,
+// the listen address), so a client that calls it by another name
+// (HostKeyAlias=github.com) is refused even with the CA trusted for any
+// host; and the known_hosts line printed is scoped to the bastion's names
+// and the policy's VM names.
+func TestFrontDoorCertificateNamesTheBastion(t *testing.T) {
+	bin := buildBastion(t)
+	dir := t.TempDir()
+	client := testenv.NewClient(t, "127.0.0.1:1", "alice", "")
+	config := fmt.Sprintf(`[server]
+listen = "127.0.0.1:0"
+state_dir = "state"
+audit = "off"
+
+[[account]]
+name = "alice"
+groups = ["dev"]
+keys = [%q]
+
+[[rule]]
+name = "dev"
+groups = ["dev"]
+vms = ["web*"]
+logins = ["root"]
+`, strings.TrimSpace(string(gossh.MarshalAuthorizedKey(client.PublicKey))))
+	os.WriteFile(filepath.Join(dir, "bastion.toml"), []byte(config), 0o600)
+	cmd := exec.Command(bin, "serve", "--config", "bastion.toml")
+	cmd.Dir = dir
+	var logs lockedLog
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	var addr string
+	deadline := time.Now().Add(30 * time.Second)
+	for addr == "" {
+		if m := regexp.MustCompile(`bastion: listening on (\S+)`).FindStringSubmatch(logs.String()); m != nil {
+			addr = m[1]
+		} else if time.Now().After(deadline) {
+			t.Fatalf("serve did not start:\n%s", logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	keysCmd := exec.Command(bin, "keys", "known-hosts", "--config", "bastion.toml")
+	keysCmd.Dir = dir
+	out, err := keysCmd.Output()
+	line := strings.TrimSpace(string(out))
+	if err != nil || strings.HasPrefix(line, "@cert-authority * ") || !strings.Contains(line, "[127.0.0.1]:*") || !strings.Contains(line, ",web* ") {
+		t.Fatalf("known-hosts line %q, %v; want it scoped to the bastion's names and web*", line, err)
+	}
+	anyHost := regexp.MustCompile(`^@cert-authority \S+ `).ReplaceAllString(line, "@cert-authority * ")
+	for _, tc := range []struct {
+		known string
+		args  []string
+		ok    bool
+	}{
+		{line, nil, true},
+		{line, []string{"-o", "HostKeyAlias=github.com"}, false},
+		{anyHost, []string{"-o", "HostKeyAlias=github.com"}, false}, // the certificate names the bastion only
+	} {
+		c := testenv.NewClient(t, addr, "alice", tc.known)
+		os.WriteFile(c.Key, mustRead(t, client.Key), 0o600)
+		res := c.Run(nil, "ssh", append(tc.args, "bastion", "true")...)
+		if (res.Exit == 0) != tc.ok || (!tc.ok && !strings.Contains(res.Stderr, "Host key verification failed")) {
+			t.Errorf("known_hosts %.40q… %v: %v, want ok=%v", tc.known, tc.args, res, tc.ok)
+		}
+	}
+}
+
+func mustRead(t *testing.T, path string) []byte {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
 }

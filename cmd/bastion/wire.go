@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/bastionvm/bastion/bastion"
@@ -109,4 +111,50 @@ func openAudit(dest string, stdout io.Writer) (audit.Sink, func(), error) {
 		}
 		return audit.JSON(f), func() { f.Close() }, nil
 	}
+}
+
+// bastionNames are the names and addresses users reach the front door by,
+// the principals of its certificate: server.hostnames, or else this
+// machine's host name, "localhost" and the listen address (every address
+// of this machine's interfaces when it listens on all).
+func bastionNames(c *Config) []string {
+	if len(c.Server.Hostnames) > 0 {
+		return c.Server.Hostnames
+	}
+	var names []string
+	add := func(n string) {
+		if n != "" && !slices.Contains(names, n) {
+			names = append(names, n)
+		}
+	}
+	if h, err := os.Hostname(); err == nil {
+		add(h)
+	}
+	add("localhost")
+	host, _, _ := net.SplitHostPort(c.Server.Listen)
+	if ip := net.ParseIP(host); host != "" && (ip == nil || !ip.IsUnspecified()) {
+		add(host)
+	} else if addrs, err := net.InterfaceAddrs(); err == nil {
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok && !ipn.IP.IsLinkLocalUnicast() {
+				add(ipn.IP.String())
+			}
+		}
+	}
+	return names
+}
+
+// knownHostsPatterns are the hosts the line users add trusts the host CA
+// for: the bastion's names on any port, and the names VMs may be reached
+// by under the policy. While the policy names no VM at all, any host.
+func knownHostsPatterns(c *Config) []string {
+	vms := c.policy.VMNamePatterns()
+	if len(vms) == 0 {
+		return nil
+	}
+	var patterns []string
+	for _, n := range bastionNames(c) {
+		patterns = append(patterns, n, "["+n+"]:*")
+	}
+	return append(patterns, vms...)
 }
