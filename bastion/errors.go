@@ -32,7 +32,7 @@ func userMessage(name string, err error) string {
 	}
 	var m interface{ UserMessage() string }
 	if errors.As(err, &m) {
-		return fmt.Sprintf("bastion: %s: %s", name, m.UserMessage())
+		return fmt.Sprintf("bastion: %s: %s", name, vm.Printable(m.UserMessage())) // it may quote the guest
 	}
 	return fmt.Sprintf("bastion: %s: %v", name, ErrNotVerified)
 }

@@ -3,6 +3,7 @@ package hypervisor
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"slices"
 	"strings"
@@ -16,13 +17,16 @@ import (
 // against the hypervisor's own view (DHCP lease, then ARP table) where it
 // has one. An interface the domain's XML does not declare is ignored.
 // When the hypervisor knows addresses for the VM's interfaces and none is
-// one the agent reports, the result is ErrAddressesDisagree.
+// one the agent reports, the result is ErrAddressesDisagree; when it knows
+// none, ErrAddressUnconfirmed: the agent speaks for the guest, and an
+// address only the guest vouches for could be anyone's. Addresses of the
+// bastion's own machine are never a VM's.
 func (p *Pool) Address(ctx context.Context, d vm.Domain) (vm.Address, error) {
 	agent, err := p.interfaces(ctx, d, libvirt.DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT)
 	if err != nil {
 		return vm.Address{}, err
 	}
-	candidates := addressesOn(agent, d.MACs)
+	candidates := slices.DeleteFunc(addressesOn(agent, d.MACs), isLocal)
 	if len(candidates) == 0 {
 		return vm.Address{}, fmt.Errorf("%s: %w on its declared interfaces %v", d.Name, ErrNoAddress, d.MACs)
 	}
@@ -46,7 +50,23 @@ func (p *Pool) Address(ctx context.Context, d vm.Domain) (vm.Address, error) {
 		}
 		return vm.Address{}, fmt.Errorf("%s: %w: the guest agent reports %v, the %s table %v", d.Name, ErrAddressesDisagree, candidates, source.name, known)
 	}
-	return vm.Address{IP: candidates[0]}, nil
+	return vm.Address{}, fmt.Errorf("%s: %w: the guest agent reports %v", d.Name, ErrAddressUnconfirmed, candidates)
+}
+
+// isLocal reports whether ip is an address of this machine.
+func isLocal(ip netip.Addr) bool {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return false
+	}
+	for _, a := range addrs {
+		if ipn, ok := a.(*net.IPNet); ok {
+			if local, ok := netip.AddrFromSlice(ipn.IP); ok && local.Unmap() == ip {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func (p *Pool) interfaces(ctx context.Context, d vm.Domain, src libvirt.DomainInterfaceAddressesSource) ([]libvirt.DomainInterface, error) {
@@ -75,7 +95,8 @@ func addressesOn(ifaces []libvirt.DomainInterface, macs []string) []netip.Addr {
 		}
 		for _, a := range iface.Addrs {
 			ip, err := netip.ParseAddr(a.Addr)
-			if err != nil || !ip.Is4() || ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsMulticast() {
+			if err != nil || !ip.Is4() || ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsMulticast() || ip.IsUnspecified() ||
+				ip == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
 				continue
 			}
 			if !slices.Contains(out, ip) {

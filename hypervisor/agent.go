@@ -77,15 +77,16 @@ func (p *Pool) Ping(ctx context.Context, d vm.Domain) error {
 
 // readChunk is how much one guest-file-read asks for: far below libvirt's
 // 10 MiB cap on one agent reply, with base64's third on top.
-const readChunk = 1 << 20
+const readChunk = maxRead + 1
 
 // writeChunk is how much one guest-file-write carries. Measured with qemu-ga
 // 7.2 under libvirt 9.0: a request carrying 128 KiB returns in 60 ms, one
 // carrying 192 KiB never returns and leaves the agent unavailable.
 const writeChunk = 48 << 10
 
-// maxRead bounds ReadFile; the bastion reads keys and nonces, not data.
-const maxRead = 16 << 20
+// maxRead bounds ReadFile; the bastion reads keys and nonces, not data, and
+// what a guest puts in them is the guest's choice.
+const maxRead = 64 << 10
 
 // ReadFile reads path in the guest through the agent.
 func (p *Pool) ReadFile(ctx context.Context, d vm.Domain, path string) ([]byte, error) {
@@ -110,7 +111,7 @@ func (p *Pool) ReadFile(ctx context.Context, d vm.Domain, path string) ([]byte, 
 		}
 		data = append(data, b...)
 		if len(data) > maxRead {
-			return nil, fmt.Errorf("%s: %s is larger than %d bytes", d.Name, path, maxRead)
+			return nil, fmt.Errorf("%s: %w: %s is larger than %d bytes", d.Name, ErrAgentFailed, path, maxRead)
 		}
 		if r.EOF || r.Count == 0 {
 			return data, nil

@@ -24,16 +24,17 @@ import (
 
 // Errors. Their text is fit to show a user; detail is wrapped around them.
 var (
-	ErrAmbiguous         = errors.New("VM name exists on more than one hypervisor")
-	ErrAgentNotConnected = errors.New("guest agent is not connected")
-	ErrAgentSilent       = errors.New("guest agent is not responding")
-	ErrCommandDisabled   = errors.New("guest agent command is disabled in the guest")
-	ErrAgentFailed       = errors.New("guest agent command failed")
-	ErrTimeout           = errors.New("hypervisor did not answer in time")
-	ErrNoAddress         = errors.New("VM reports no address")
-	ErrAddressesDisagree = errors.New("VM addresses disagree")
-	ErrUnavailable       = errors.New("hypervisor is unreachable")
-	ErrNoSuchUser        = errors.New("no such user in the guest")
+	ErrAmbiguous          = errors.New("VM name exists on more than one hypervisor")
+	ErrAgentNotConnected  = errors.New("guest agent is not connected")
+	ErrAgentSilent        = errors.New("guest agent is not responding")
+	ErrCommandDisabled    = errors.New("guest agent command is disabled in the guest")
+	ErrAgentFailed        = errors.New("guest agent command failed")
+	ErrTimeout            = errors.New("hypervisor did not answer in time")
+	ErrNoAddress          = errors.New("VM reports no address")
+	ErrAddressesDisagree  = errors.New("VM addresses disagree")
+	ErrAddressUnconfirmed = errors.New("the hypervisor does not confirm the address the guest agent reports")
+	ErrUnavailable        = errors.New("hypervisor is unreachable")
+	ErrNoSuchUser         = errors.New("no such user in the guest")
 )
 
 // Pool is a set of libvirt connections, one per configured URI.

@@ -3,6 +3,7 @@ package hypervisor
 import (
 	"encoding/xml"
 	"errors"
+	"net"
 	"net/netip"
 	"testing"
 
@@ -34,12 +35,27 @@ func TestClassify(t *testing.T) {
 func TestAddressesOn(t *testing.T) {
 	ifaces := []libvirt.DomainInterface{
 		{Name: "lo", Hwaddr: "00:00:00:00:00:00", Addrs: []libvirt.DomainIPAddress{{Addr: "127.0.0.1"}}},
-		{Name: "eth0", Hwaddr: "52:54:00:B7:00:00", Addrs: []libvirt.DomainIPAddress{{Addr: "192.168.214.10"}, {Addr: "fe80::1"}}},
+		{Name: "eth0", Hwaddr: "52:54:00:B7:00:00", Addrs: []libvirt.DomainIPAddress{{Addr: "192.168.214.10"}, {Addr: "fe80::1"},
+			{Addr: "0.0.0.0"}, {Addr: "255.255.255.255"}, {Addr: "127.0.0.2"}, {Addr: "224.0.0.1"}}},
 		{Name: "docker0", Hwaddr: "02:42:ac:11:00:01", Addrs: []libvirt.DomainIPAddress{{Addr: "172.17.0.1"}}},
 	}
 	got := addressesOn(ifaces, []string{"52:54:00:b7:00:00"})
 	if len(got) != 1 || got[0] != netip.MustParseAddr("192.168.214.10") {
-		t.Fatalf("addressesOn = %v; want only the declared interface's IPv4", got)
+		t.Fatalf("addressesOn = %v; want only the declared interface's unicast IPv4", got)
+	}
+}
+
+func TestIsLocal(t *testing.T) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil || len(addrs) == 0 {
+		t.Fatalf("this machine's addresses: %v %v", addrs, err)
+	}
+	own, _ := netip.AddrFromSlice(addrs[0].(*net.IPNet).IP)
+	if !isLocal(own.Unmap()) {
+		t.Errorf("%v, this machine's own, is not local", own)
+	}
+	if isLocal(netip.MustParseAddr("192.0.2.77")) {
+		t.Error("a documentation address is local")
 	}
 }
 

@@ -130,3 +130,20 @@ func Cause(err error) error {
 	}
 	return err
 }
+
+// Printable is text from a guest (an agent's error description, a file)
+// made fit to show a person: control and non-ASCII bytes become '?', and
+// it is cut to 200 bytes.
+func Printable(s string) string {
+	const max = 200
+	b := []byte(s)
+	if len(b) > max {
+		b = append(b[:max:max], "..."...)
+	}
+	for i, c := range b {
+		if c < ' ' || c > '~' {
+			b[i] = '?'
+		}
+	}
+	return string(b)
+}

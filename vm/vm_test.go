@@ -57,3 +57,12 @@ func TestCause(t *testing.T) {
 		t.Error("Cause(nil) is not nil")
 	}
 }
+
+func TestPrintable(t *testing.T) {
+	if got := Printable("agent said: \x1b[2Jgone\r\nroot# "); got != "agent said: ?[2Jgone??root# " {
+		t.Errorf("Printable = %q", got)
+	}
+	if got := Printable(strings.Repeat("x", 300)); len(got) != 203 {
+		t.Errorf("Printable of 300 bytes is %d long", len(got))
+	}
+}

@@ -3,10 +3,12 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/BurntSushi/toml"
@@ -130,11 +132,37 @@ func defaults() Config {
 // or an invalid value is an error naming the file, and the line and key
 // where it can be known.
 func LoadConfig(path string) (*Config, error) {
-	data, err := os.ReadFile(path)
+	data, err := readTrusted(path)
 	if err != nil {
 		return nil, err
 	}
 	return ParseConfig(path, data)
+}
+
+// readTrusted reads a file that says who may do what, after checking, as
+// sshd's StrictModes does, that nobody but its owner could have changed
+// it: a regular file, owned by root or by the user running the bastion,
+// not writable by group or others.
+func readTrusted(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !info.Mode().IsRegular() {
+		return nil, fmt.Errorf("%s: not a regular file", path)
+	}
+	if perm := info.Mode().Perm(); perm&0o022 != 0 {
+		return nil, fmt.Errorf("%s: mode %04o lets others change it (chmod go-w %s)", path, perm, path)
+	}
+	if st, ok := info.Sys().(*syscall.Stat_t); ok && st.Uid != 0 && int(st.Uid) != os.Getuid() {
+		return nil, fmt.Errorf("%s: owned by uid %d, neither root nor the bastion's user", path, st.Uid)
+	}
+	return io.ReadAll(io.LimitReader(f, 16<<20))
 }
 
 // ParseConfig decodes data, read from the file called name.
@@ -179,7 +207,7 @@ func (c *Config) loadPolicy(name string, data []byte) (*policy.Policy, error) {
 		path = filepath.Join(filepath.Dir(name), path)
 	}
 	c.Server.PolicyFile = path
-	pdata, err := os.ReadFile(path)
+	pdata, err := readTrusted(path)
 	if err != nil {
 		return nil, fmt.Errorf("%s: server.policy_file: %w", name, err)
 	}

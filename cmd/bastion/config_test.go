@@ -1,6 +1,7 @@
 package main
 
 import (
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -73,4 +74,50 @@ func FuzzParseConfig(f *testing.F) {
 			t.Fatalf("error does not name the file: %v", err)
 		}
 	})
+}
+
+func TestConfigFileOthersCouldChangeIsRefused(t *testing.T) {
+	dir := t.TempDir()
+	path := dir + "/bastion.toml"
+	if err := os.WriteFile(path, []byte("[server]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadConfig(path); err != nil {
+		t.Fatalf("a 0600 file: %v", err)
+	}
+	os.Chmod(path, 0o666)
+	if _, err := LoadConfig(path); err == nil || !strings.Contains(err.Error(), "mode 0666 lets others change it") {
+		t.Fatalf("a 0666 file: %v", err)
+	}
+	os.Chmod(path, 0o620)
+	if _, err := LoadConfig(path); err == nil || !strings.Contains(err.Error(), "lets others change it") {
+		t.Fatalf("a group-writable file: %v", err)
+	}
+	os.Chmod(path, 0o600)
+	if os.Geteuid() == 0 { // only root can give the file away
+		if err := os.Chown(path, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := LoadConfig(path); err == nil || !strings.Contains(err.Error(), "owned by uid 65534") {
+			t.Fatalf("a file owned by nobody: %v", err)
+		}
+	}
+}
+
+func TestAuditFileNotThroughASymlink(t *testing.T) {
+	dir := t.TempDir()
+	target := dir + "/elsewhere"
+	os.WriteFile(target, nil, 0o600)
+	link := dir + "/audit.jsonl"
+	if err := os.Symlink(target, link); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := openAudit(link, nil); err == nil {
+		t.Fatal("the audit file was opened through a symbolic link")
+	}
+	sink, closeAudit, err := openAudit(dir+"/real.jsonl", nil)
+	if err != nil || sink == nil {
+		t.Fatalf("a plain audit file: %v", err)
+	}
+	closeAudit()
 }

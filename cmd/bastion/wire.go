@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"syscall"
 	"time"
 
 	"github.com/bastionvm/bastion/bastion"
@@ -105,9 +106,15 @@ func openAudit(dest string, stdout io.Writer) (audit.Sink, func(), error) {
 	case "stdout", "":
 		return audit.JSON(stdout), func() {}, nil
 	default:
-		f, err := os.OpenFile(dest, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		// Not through a symbolic link: whoever could plant one would choose
+		// where the trail goes.
+		f, err := os.OpenFile(dest, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
 		if err != nil {
 			return nil, nil, fmt.Errorf("audit: %w", err)
+		}
+		if info, err := f.Stat(); err != nil || !info.Mode().IsRegular() {
+			f.Close()
+			return nil, nil, fmt.Errorf("audit: %s is not a regular file", dest)
 		}
 		return audit.JSON(f), func() { f.Close() }, nil
 	}
