@@ -131,6 +131,11 @@ func (rt *ruleTOML) compile(i int) (Rule, error) {
 			return fail("commands: pattern %q: %v", c, err)
 		}
 	}
+	for _, h := range r.ForwardHosts {
+		if _, err := parseHostEntry(h); err != nil {
+			return fail("forward_hosts: %v", err)
+		}
+	}
 	for _, s := range rt.ForwardPorts {
 		pr, err := parsePortRange(s)
 		if err != nil {

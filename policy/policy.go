@@ -47,8 +47,8 @@ var vmKinds = []Channel{Dispense, Destroy}
 var sessionKinds = []Channel{Shell, Exec, SCP, SFTP}
 
 // loopback is where forwards may go when a rule names no forward hosts:
-// the VM's own loopback.
-var loopback = []string{"localhost", "127.0.0.1", "::1"}
+// the VM's own loopback, in every form (see parseHostEntry).
+var loopback = []string{"localhost"}
 
 // Request is what is being asked.
 type Request struct {
@@ -59,7 +59,7 @@ type Request struct {
 	Login   string
 	Channel Channel
 	Command string // for exec and scp; Decide classifies it itself (CommandKind)
-	Host    string // for forwards: the destination (local) or bind address (remote)
+	Host    string // for forwards: the destination (local) or bind address (remote), as the client sent it
 	Port    uint32
 	Time    time.Time
 }
@@ -100,7 +100,7 @@ type Rule struct {
 	Channels []Channel // see Kinds
 	Commands []string  // exec and scp command patterns, word by word (see docs/policy.md)
 
-	ForwardHosts []string    // forward destinations (-L, -D) or bind addresses (-R); empty means the VM's loopback
+	ForwardHosts []string    // forward destinations (-L, -D) or bind addresses (-R): addresses, CIDR prefixes, "localhost", "*" or name globs; empty means the VM's loopback
 	ForwardPorts []PortRange // empty means any port
 
 	Sources []netip.Prefix // client address ranges
@@ -149,15 +149,23 @@ func (p *Policy) Decide(r Request) Decision {
 	if r.Channel == Exec || r.Channel == SCP {
 		r.Channel = CommandKind(r.Command)
 	}
-	for i := range p.Rules {
-		rule := &p.Rules[i]
-		if rule.Effect == Deny && rule.matches(r) {
-			return Decision{Rule: rule.Name, Reason: fmt.Sprintf("%v: rule %s", ErrDenyRule, rule.Name)}
-		}
+	var t target
+	if r.Channel == LocalForward || r.Channel == RemoteForward {
+		t = newTarget(r)
 	}
 	for i := range p.Rules {
 		rule := &p.Rules[i]
-		if rule.Effect != Deny && rule.matches(r) {
+		if rule.Effect == Deny && rule.matches(r, t) {
+			return Decision{Rule: rule.Name, Reason: fmt.Sprintf("%v: rule %s", ErrDenyRule, rule.Name)}
+		}
+	}
+	if t.err != nil {
+		// Refused outright: no allow rule may let it through.
+		return Decision{Reason: t.err.Error()}
+	}
+	for i := range p.Rules {
+		rule := &p.Rules[i]
+		if rule.Effect != Deny && rule.matches(r, t) {
 			d := Decision{Allow: true, Rule: rule.Name, Reason: "allowed by rule " + rule.Name, MaxTime: rule.MaxTime}
 			if r.Channel == SFTP && !slices.Contains(rule.channels(), SFTP) {
 				d.ReadOnly = true
@@ -179,7 +187,7 @@ func (p *Policy) Logins(account string, groups []string, source netip.Addr, d vm
 	reach := Request{Account: account, Groups: groups, Source: source, VM: d, Channel: Connect, Time: t}
 	for i := range p.Rules {
 		rule := &p.Rules[i]
-		if rule.Effect == Deny || !rule.matches(reach) {
+		if rule.Effect == Deny || !rule.matches(reach, target{}) {
 			continue
 		}
 		for _, login := range rule.Logins {
@@ -228,9 +236,11 @@ func (rule *Rule) channels() []Channel {
 	return rule.Channels
 }
 
-func (rule *Rule) matches(r Request) bool {
+// matches reports whether the rule matches r, whose forward host, for a
+// forward, has been read as t.
+func (rule *Rule) matches(r Request, t target) bool {
 	return rule.matchesSubject(r) && rule.matchesVM(r.VM) && rule.matchesLogin(r) &&
-		rule.matchesSource(r.Source) && rule.Window.contains(r.Time) && rule.matchesChannel(r)
+		rule.matchesSource(r.Source) && rule.Window.contains(r.Time) && rule.matchesChannel(r, t)
 }
 
 func (rule *Rule) matchesSubject(r Request) bool {
@@ -279,7 +289,7 @@ func (rule *Rule) matchesSource(source netip.Addr) bool {
 	return slices.ContainsFunc(rule.Sources, func(p netip.Prefix) bool { return p.Contains(source.Unmap()) })
 }
 
-func (rule *Rule) matchesChannel(r Request) bool {
+func (rule *Rule) matchesChannel(r Request, t target) bool {
 	if r.Channel == Connect {
 		// Reaching the VM: allow rules are about what may be done there;
 		// a deny rule stops it only when it names no channels.
@@ -301,11 +311,19 @@ func (rule *Rule) matchesChannel(r Request) bool {
 		}
 	case LocalForward, RemoteForward:
 		hosts := rule.ForwardHosts
-		if len(hosts) == 0 && rule.Effect != Deny {
-			hosts = loopback
-		}
-		if len(hosts) > 0 && !slices.ContainsFunc(hosts, func(g string) bool { return Glob(g, r.Host) }) {
-			return false
+		switch {
+		case rule.Effect == Deny:
+			if len(hosts) > 0 && !t.deniedBy(hosts) {
+				return false
+			}
+		case len(hosts) == 0:
+			if !t.allowedBy(loopback) {
+				return false
+			}
+		default:
+			if !t.allowedBy(hosts) {
+				return false
+			}
 		}
 		if len(rule.ForwardPorts) > 0 && !slices.ContainsFunc(rule.ForwardPorts, func(pr PortRange) bool { return pr.From <= r.Port && r.Port <= pr.To }) {
 			return false
