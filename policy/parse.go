@@ -265,6 +265,29 @@ func (p *Policy) Explain(r Request) string {
 		r.Channel = CommandKind(r.Command)
 	}
 	fmt.Fprintf(&b, "%s %s as %s on %s: %s\n", verdict, r.Account, r.Login, r.VM.Name, r.Channel)
+	if r.Channel == LocalForward || r.Channel == RemoteForward {
+		t := newTarget(r)
+		switch {
+		case t.err != nil:
+			fmt.Fprintf(&b, "host:   %v; refused whatever the rules say\n", t.err)
+		case t.host.All:
+			b.WriteString("host:   * (every address of the VM)\n")
+		default:
+			fmt.Fprintf(&b, "host:   %s", t.host)
+			switch {
+			case t.host.surelyLoopback():
+				b.WriteString(" (the VM's loopback)")
+			case t.host.Loopback():
+				b.WriteString(" (loopback to deny rules; to allow rules a name the VM resolves)")
+			case t.host.Name != "":
+				b.WriteString(" (a name: the VM resolves it)")
+			}
+			if t.host.String() != r.Host {
+				fmt.Fprintf(&b, ", as sent %q", r.Host)
+			}
+			b.WriteString("\n")
+		}
+	}
 	if asked == SCP && r.Channel != SCP {
 		b.WriteString("kind:   exec: the command is not one of the forms legacy scp sends\n")
 	}

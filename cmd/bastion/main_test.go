@@ -123,6 +123,9 @@ func TestPolicyTestGolden(t *testing.T) {
 	for _, args := range [][]string{
 		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "local-forward", "--port", "8080"},
 		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "local-forward", "--port", "22"},
+		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "local-forward", "--host", "0x7f000001", "--port", "8080"},
+		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "local-forward", "--host", "10.0.attacker.example", "--port", "8080"},
+		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "local-forward", "--host", "127.0.0.1 ", "--port", "8080"},
 		{"--account", "bob", "--vm", "db1", "--login", "root", "--channel", "shell", "--label", "env=prod"},
 		{"--account", "bob", "--vm", "db1", "--login", "root", "--channel", "sftp", "--time", "2026-11-25T12:00:00Z"},
 		{"--account", "bob", "--vm", "db1", "--login", "root", "--channel", "sftp", "--time", "2026-11-29T12:00:00Z"},
