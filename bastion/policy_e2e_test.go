@@ -1,6 +1,7 @@
 package bastion_test
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -226,5 +227,57 @@ func TestSessionEndsWhenItsTimeWindowCloses(t *testing.T) {
 	}
 	if _, ok := f.audit.find(audit.Ended, "policy change"); !ok {
 		t.Error("no audit event")
+	}
+}
+
+// TestPolicyForwardHostSpellingsOfLoopback checks that the policy judges
+// the address the VM connects to, not the text the client sent: the
+// default rule (the VM's loopback) lets a hexadecimal spelling of
+// 127.0.0.1 through, and a deny rule on 127.0.0.0/8 stops every spelling.
+func TestPolicyForwardHostSpellingsOfLoopback(t *testing.T) {
+	f := newFixture(t)
+	echo := startEcho(t)
+	echoPort := fmt.Sprint(port(echo.addr))
+
+	// The fixture's rule names no forward hosts: loopback in every form.
+	local := testenv.FreeAddr(t)
+	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-L", local+":0x7f000001:"+echoPort, f.login+"@web1")
+	testenv.WaitListening(t, local)
+	echoThrough(t, dial(t, local))
+	reached := echo.count()
+	if reached == 0 {
+		t.Fatal("the echo server saw no connection through -L to 0x7f000001")
+	}
+
+	anywhere := f.devRule()
+	anywhere.ForwardHosts = []string{"*"}
+	deny := policy.Rule{Name: "no-loopback", Effect: policy.Deny, Channels: []policy.Channel{policy.LocalForward}, ForwardHosts: []string{"127.0.0.0/8"}}
+	f.rules(anywhere, deny)
+	var args []string
+	var locals []string
+	for _, host := range []string{"2130706433", "127.1", "LOCALHOST", "[::ffff:127.0.0.1]"} {
+		l := testenv.FreeAddr(t)
+		locals = append(locals, l)
+		args = append(args, "-L", l+":"+host+":"+echoPort)
+	}
+	stderr := f.background(append(append([]string{"-N", "-J", "bastion"}, args...), f.login+"@web1")...)
+	for i, l := range locals {
+		testenv.WaitListening(t, l)
+		c := dial(t, l)
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		c.Write([]byte("x")) // echoed back if the forward went through
+		if n, _ := c.Read(make([]byte, 1)); n != 0 {
+			t.Fatalf("-L %s reached the echo server under a deny on 127.0.0.0/8", args[2*i+1])
+		}
+		c.Close()
+	}
+	waitFor(t, func() bool {
+		return strings.Count(stderr.String(), "local-forward denied by policy") >= 2*len(locals)
+	}, func() string { return "ssh did not report every open as denied: " + stderr.String() })
+	if n := echo.count(); n != reached {
+		t.Fatalf("the echo server saw %d connections under the deny rule", n-reached)
+	}
+	if e, ok := f.audit.find("denied", "deny rule"); !ok || e.Rule != "no-loopback" {
+		t.Fatalf("audit: %+v", e)
 	}
 }
