@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	gossh "golang.org/x/crypto/ssh"
@@ -244,11 +246,44 @@ func (s *Server) beginPending(account string) (done func(), ok bool) {
 }
 
 // dial connects to the VM's sshd, requiring one of the pinned host keys,
-// and logs in with the upstream's signer.
+// and logs in with the upstream's signer. At most UpstreamHandshakes run
+// against one VM at once, the others waiting their turn within ctx: every
+// upstream connection comes from the bastion's address, and sshd drops
+// unauthenticated connections past its MaxStartups. One that sshd resets
+// before authentication all the same is tried again, with a growing pause.
 func (l *link) dial(ctx context.Context, target keys.Upstream) error {
 	if len(target.HostKeys) == 0 {
 		return fmt.Errorf("%w: no host key is pinned", ErrNotVerified)
 	}
+	turn, err := l.srv.upstreamTurn(ctx, target.Addr)
+	if err != nil {
+		return fmt.Errorf("%w: waiting for a turn to connect: %w", ErrUpstreamUnreachable, err)
+	}
+	defer turn()
+	pause := 50 * time.Millisecond
+	for {
+		err := l.handshake(ctx, target)
+		if err == nil || !droppedBeforeAuth(err) {
+			return err
+		}
+		l.log.Debug("the VM's sshd dropped the connection before authentication; trying again", "pause", pause, "err", err)
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
+			return err
+		}
+		pause = min(2*pause, 2*time.Second)
+	}
+}
+
+// droppedBeforeAuth reports whether a handshake error is sshd closing or
+// resetting a connection it would not start, as it does past MaxStartups.
+func droppedBeforeAuth(err error) bool {
+	return errors.Is(err, ErrUpstreamUnreachable) && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF))
+}
+
+// handshake is one attempt of dial.
+func (l *link) handshake(ctx context.Context, target keys.Upstream) error {
 	var d net.Dialer
 	tcp, err := d.DialContext(ctx, "tcp", target.Addr)
 	if err != nil {
@@ -275,6 +310,43 @@ func (l *link) dial(ctx context.Context, target keys.Upstream) error {
 	nc.SetDeadline(time.Time{})
 	l.up, l.upChans, l.upReqs = conn, chans, reqs
 	return nil
+}
+
+// upstreamTurn waits, within ctx, for one of the UpstreamHandshakes turns
+// of the VM at addr; done gives it back.
+func (s *Server) upstreamTurn(ctx context.Context, addr string) (done func(), err error) {
+	s.linksMu.Lock()
+	if s.turns == nil {
+		s.turns = make(map[string]*turns)
+	}
+	t := s.turns[addr]
+	if t == nil {
+		t = &turns{c: make(chan struct{}, s.upstreamHandshakes())}
+		s.turns[addr] = t
+	}
+	t.users++
+	s.linksMu.Unlock()
+	leave := func() {
+		s.linksMu.Lock()
+		if t.users--; t.users == 0 {
+			delete(s.turns, addr)
+		}
+		s.linksMu.Unlock()
+	}
+	select {
+	case t.c <- struct{}{}:
+		return func() { <-t.c; leave() }, nil
+	case <-ctx.Done():
+		leave()
+		return nil, ctx.Err()
+	}
+}
+
+// turns are the handshakes with one VM allowed at once, and how many
+// links use them (so that the entry goes when none does).
+type turns struct {
+	c     chan struct{}
+	users int
 }
 
 // start binds the link to its downstream connection and serves what the

@@ -2,13 +2,16 @@ package bastion_test
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/bastionvm/bastion/bastion"
+	"github.com/bastionvm/bastion/internal/testenv"
 )
 
 // dialIdle opens a TCP connection to addr from local (if set), sends an SSH
@@ -68,15 +71,51 @@ func TestLoginGraceTimeClosesUnauthenticatedConnections(t *testing.T) {
 
 func TestFloodFromOneAddressHeldToItsCap(t *testing.T) {
 	f := newFixture(t)
-	admitted := 0
-	for i := 0; i < 1000; i++ {
-		if _, ok := dialIdle(t, f.addr, i%2 == 1); ok {
-			admitted++
+	// 1000 connections that send a version line (half of them the start
+	// of a packet too) and nothing more, all at once.
+	conns := make([]net.Conn, 1000)
+	for i := range conns {
+		c, err := net.Dial("tcp", f.addr)
+		if err != nil {
+			t.Fatal(err)
 		}
+		t.Cleanup(func() { c.Close() })
+		c.Write([]byte("SSH-2.0-idle\r\n"))
+		if i%2 == 1 {
+			c.Write([]byte{0, 0, 0x80, 0})
+		}
+		conns[i] = c
 	}
-	t.Logf("1000 idle connections from 127.0.0.1: %d let in", admitted)
+	// Let in: the bastion answers with its version. Waiting for a place:
+	// nothing comes. Refused: closed.
+	deadline := time.Now().Add(3 * time.Second)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	admitted, closed := 0, 0
+	for _, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.SetReadDeadline(deadline)
+			buf := make([]byte, 8)
+			n, err := io.ReadFull(c, buf)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case n == 8 && string(buf) == "SSH-2.0-":
+				admitted++
+			case err != nil && !isTimeout(err):
+				closed++
+			}
+		}()
+	}
+	wg.Wait()
+	t.Logf("1000 idle connections from 127.0.0.1: %d let in, %d waiting for a place, %d closed", admitted, 1000-admitted-closed, closed)
 	if admitted == 0 || admitted > 10 {
 		t.Fatalf("%d idle connections from one address let in, want at most the per-source cap of 10", admitted)
+	}
+	if waiting := 1000 - admitted - closed; waiting > 40 {
+		t.Fatalf("%d connections held waiting, want at most four for each place", waiting)
 	}
 	// A person behind another address logs in and works meanwhile.
 	start := time.Now()
@@ -85,11 +124,72 @@ func TestFloodFromOneAddressHeldToItsCap(t *testing.T) {
 	if res.Exit != 0 || string(res.Stdout) != "in\n" {
 		t.Fatalf("login from another address during the flood: %v %q", res, res.Stdout)
 	}
-	// One more from the flooding address is still refused.
-	if _, ok := dialIdle(t, f.addr, false); ok {
-		t.Fatal("the flooding address got past its cap")
-	}
 	if !bytes.Contains([]byte(strings.Join(f.audit.reasons(), "\n")), []byte("too many unauthenticated connections from this source")) {
 		t.Error("no audit event names the refusal")
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errorsAs(err, &ne) && ne.Timeout()
+}
+
+// TestFiftyParallelJumpsFromOneMachine: a burst of logins from one client
+// machine, more than the per-source cap of unauthenticated connections at
+// the front door and more than the VM's sshd starts at once, all go
+// through: the front door lets them in in turn, and the upstream
+// handshakes with the VM wait their turn too.
+func TestFiftyParallelJumpsFromOneMachine(t *testing.T) {
+	f := newFixture(t)
+	var wg sync.WaitGroup
+	results := make([]testenv.Result, 50)
+	for i := range results {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = f.jump(nil, "echo ok")
+		}()
+	}
+	wg.Wait()
+	failed := 0
+	for _, res := range results {
+		if res.Exit != 0 || string(res.Stdout) != "ok\n" {
+			failed++
+			t.Logf("failed: %v", res)
+		}
+	}
+	if failed > 0 {
+		t.Fatalf("%d of 50 parallel ssh -J failed", failed)
+	}
+}
+
+// TestFiftyParallelLoginsToOneVMFromManyMachines: fifty logins at once to
+// one VM, from five addresses, with the front door's own MaxStartups
+// raised so that it lets them all start: the VM's sshd (MaxStartups
+// 10:30:100) would drop some, but the bastion starts at most
+// UpstreamHandshakes at a time with it and retries one dropped before
+// authentication.
+func TestFiftyParallelLoginsToOneVMFromManyMachines(t *testing.T) {
+	f := newFixture(t, func(s *bastion.Server) { s.MaxStartups = bastion.MaxStartups{Start: 100, Rate: 30, Full: 200} })
+	var wg sync.WaitGroup
+	results := make([]testenv.Result, 50)
+	for i := range results {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			bind := fmt.Sprintf("BindAddress=127.0.0.%d", 2+i%5)
+			results[i] = f.ssh(nil, "-o", bind, "-l", f.login+"@web1", "bastion", "echo ok")
+		}()
+	}
+	wg.Wait()
+	failed := 0
+	for _, res := range results {
+		if res.Exit != 0 || string(res.Stdout) != "ok\n" {
+			failed++
+			t.Logf("failed: %v", res)
+		}
+	}
+	if failed > 0 {
+		t.Fatalf("%d of 50 parallel logins failed", failed)
 	}
 }

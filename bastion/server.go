@@ -83,9 +83,13 @@ type Server struct {
 	ConnectTimeout time.Duration // verifying and logging in to a VM; 0 means 2 minutes
 	PolicyTick     time.Duration // how often open sessions are checked against the policy's time windows; 0 means every minute, on the minute
 	MaxChannels    int           // channels open at once on one connection (the ProxyJump inner hop counts its own); 0 means 100
-	MaxPending     int           // links to VMs one account may be setting up at once; 0 means 10
-	AuthFailures   int           // failed authentications a source address may make at once; 0 means 10
-	AuthRefill     time.Duration // how often a source regains one failure; 0 means 6s
+	MaxPending     int           // links to VMs one account may be setting up at once; 0 means 64
+	// UpstreamHandshakes is how many handshakes with one VM's sshd run at
+	// once; 0 means 8, below sshd's default MaxStartups of 10. More wait
+	// their turn within the connect timeout.
+	UpstreamHandshakes int
+	AuthFailures       int           // failed authentications a source address may make at once; 0 means 10
+	AuthRefill         time.Duration // how often a source regains one failure; 0 means 6s
 
 	// Before authentication, in OpenSSH's terms. Connections past these
 	// caps are closed before their key exchange.
@@ -112,10 +116,11 @@ type Server struct {
 	certMu sync.Mutex // protects certs
 	certs  map[string]cachedCert
 
-	linksMu sync.Mutex // protects links, fronts and pending
+	linksMu sync.Mutex // protects links, fronts, pending and turns
 	links   map[*link]bool
 	fronts  map[*frontConn]bool // authenticated front-door connections
 	pending map[string]int      // links being set up, by account
+	turns   map[string]*turns   // handshakes with each VM's sshd, by address
 }
 
 // Revalidate applies new accounts and a new policy to what is open, as
@@ -374,7 +379,7 @@ func (s *Server) init() {
 // authenticate within the login grace time.
 func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 	source := conn.RemoteAddr()
-	release, err := s.startups.admit(source)
+	release, err := s.startups.admit(source, startupWait)
 	if err != nil {
 		s.refused(source, err.Error())
 		return nil
@@ -416,6 +421,10 @@ func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 		fc.authenticated()
 	}}
 }
+
+// startupWait is how long a connection from a source at its cap of
+// unauthenticated connections waits for one of them to authenticate.
+const startupWait = 30 * time.Second
 
 // refused logs and audits a connection closed at accept, at most once a
 // second: a flood must not become a flood of log lines.
@@ -717,9 +726,16 @@ func (s *Server) maxChannels() int {
 	return s.MaxChannels
 }
 
+func (s *Server) upstreamHandshakes() int {
+	if s.UpstreamHandshakes <= 0 {
+		return 8
+	}
+	return s.UpstreamHandshakes
+}
+
 func (s *Server) maxPending() int {
 	if s.MaxPending <= 0 {
-		return 10
+		return 64
 	}
 	return s.MaxPending
 }

@@ -59,6 +59,10 @@ func ParseMaxStartups(s string) (MaxStartups, error) {
 
 func (m MaxStartups) String() string { return fmt.Sprintf("%d:%d:%d", m.Start, m.Rate, m.Full) }
 
+// waitingPerPlace is how many connections of a source at its cap may wait
+// for each of its places.
+const waitingPerPlace = 4
+
 // errStartupsFull and errSourceFull say why a connection was refused
 // before its key exchange.
 var (
@@ -74,31 +78,63 @@ type startups struct {
 	max       MaxStartups
 	perSource int        // 0 means no cap per source
 	roll      func() int // a number in [0, 100); replaced by tests
-	mu        sync.Mutex // protects the counts
+	mu        sync.Mutex // protects the fields below
 	total     int        // unauthenticated connections
 	bySource  map[netip.Prefix]int
+	waiting   map[netip.Prefix]int // connections waiting for a place, by source
+	changed   chan struct{}        // closed, and replaced, when a place frees
 }
 
 func newStartups(max MaxStartups, perSource int) *startups {
 	return &startups{max: max, perSource: perSource, roll: func() int { return rand.IntN(100) },
-		bySource: make(map[netip.Prefix]int)}
+		bySource: make(map[netip.Prefix]int), waiting: make(map[netip.Prefix]int), changed: make(chan struct{})}
 }
 
 // admit decides about a new connection from addr. Admitted, the
 // connection holds its place until release is called (once it has
 // authenticated, or closed), which may be called more than once.
 //
+// A source at its cap waits, without starting its key exchange, for one
+// of its places to free, for up to wait: a burst of logins from one
+// machine (Ansible, a script of parallel ssh -J) goes through in turn.
+// Four times as many may wait as may hold places (a waiting connection
+// costs a socket and a goroutine, no SSH state); past that, it is refused.
+//
 // Random early drop spares a source's first connection: a person behind
 // an address that holds none is let in until Full, so a flood from other
 // sources (each held to the per-source cap) does not lock them out.
-func (s *startups) admit(addr net.Addr) (release func(), err error) {
+func (s *startups) admit(addr net.Addr, wait time.Duration) (release func(), err error) {
 	src := sourceOf(addr)
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	var deadline <-chan time.Time
+	for s.perSource > 0 && s.bySource[src] >= s.perSource {
+		if deadline == nil {
+			if s.waiting[src] >= waitingPerPlace*s.perSource {
+				return nil, errSourceFull
+			}
+			t := time.NewTimer(wait)
+			defer t.Stop()
+			deadline = t.C
+			s.waiting[src]++
+			defer func() {
+				if s.waiting[src]--; s.waiting[src] <= 0 {
+					delete(s.waiting, src)
+				}
+			}()
+		}
+		changed := s.changed
+		s.mu.Unlock()
+		select {
+		case <-changed:
+			s.mu.Lock()
+		case <-deadline:
+			s.mu.Lock()
+			return nil, errSourceFull
+		}
+	}
 	held := s.bySource[src]
 	switch {
-	case s.perSource > 0 && held >= s.perSource:
-		return nil, errSourceFull
 	case s.total >= s.max.Full:
 		return nil, errStartupsFull
 	case s.total >= s.max.Start && held > 0 && s.roll() < s.dropPercent():
@@ -115,6 +151,8 @@ func (s *startups) admit(addr net.Addr) (release func(), err error) {
 			if s.bySource[src]--; s.bySource[src] <= 0 {
 				delete(s.bySource, src)
 			}
+			close(s.changed) // wake the waiting; they look again
+			s.changed = make(chan struct{})
 		})
 	}, nil
 }

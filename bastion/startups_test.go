@@ -42,42 +42,42 @@ func TestStartupsPerSourceCap(t *testing.T) {
 	s := newStartups(MaxStartups{10, 30, 100}, 3)
 	var releases []func()
 	for i := 0; i < 3; i++ {
-		r, err := s.admit(tcp("192.0.2.1"))
+		r, err := s.admit(tcp("192.0.2.1"), 0)
 		if err != nil {
 			t.Fatalf("connection %d refused: %v", i+1, err)
 		}
 		releases = append(releases, r)
 	}
-	if _, err := s.admit(tcp("192.0.2.1")); !errors.Is(err, errSourceFull) {
+	if _, err := s.admit(tcp("192.0.2.1"), 0); !errors.Is(err, errSourceFull) {
 		t.Fatalf("a fourth from one address: %v, want refused", err)
 	}
-	if _, err := s.admit(tcp("192.0.2.2")); err != nil {
+	if _, err := s.admit(tcp("192.0.2.2"), 0); err != nil {
 		t.Fatalf("another address refused: %v", err)
 	}
 	releases[0]()
 	releases[0]() // a second release gives nothing back twice
-	if _, err := s.admit(tcp("192.0.2.1")); err != nil {
+	if _, err := s.admit(tcp("192.0.2.1"), 0); err != nil {
 		t.Fatalf("after one authenticated or closed: %v", err)
 	}
-	if _, err := s.admit(tcp("192.0.2.1")); !errors.Is(err, errSourceFull) {
+	if _, err := s.admit(tcp("192.0.2.1"), 0); !errors.Is(err, errSourceFull) {
 		t.Fatalf("a release was counted twice: %v", err)
 	}
 }
 
 func TestStartupsIPv6CountedBySlash64(t *testing.T) {
 	s := newStartups(MaxStartups{10, 30, 100}, 2)
-	s.admit(tcp("2001:db8:1:2::1"))
-	s.admit(tcp("2001:db8:1:2:ffff::9"))
-	if _, err := s.admit(tcp("2001:db8:1:2:abcd::1")); !errors.Is(err, errSourceFull) {
+	s.admit(tcp("2001:db8:1:2::1"), 0)
+	s.admit(tcp("2001:db8:1:2:ffff::9"), 0)
+	if _, err := s.admit(tcp("2001:db8:1:2:abcd::1"), 0); !errors.Is(err, errSourceFull) {
 		t.Fatalf("a third address of one /64: %v, want refused", err)
 	}
-	if _, err := s.admit(tcp("2001:db8:1:3::1")); err != nil {
+	if _, err := s.admit(tcp("2001:db8:1:3::1"), 0); err != nil {
 		t.Fatalf("the next /64: %v", err)
 	}
 	// An IPv4-mapped address is the IPv4 address.
-	s.admit(tcp("192.0.2.7"))
-	s.admit(tcp("::ffff:192.0.2.7"))
-	if _, err := s.admit(tcp("192.0.2.7")); !errors.Is(err, errSourceFull) {
+	s.admit(tcp("192.0.2.7"), 0)
+	s.admit(tcp("::ffff:192.0.2.7"), 0)
+	if _, err := s.admit(tcp("192.0.2.7"), 0); !errors.Is(err, errSourceFull) {
 		t.Fatalf("a v4-mapped address counted apart: %v", err)
 	}
 }
@@ -86,26 +86,26 @@ func TestStartupsRandomEarlyDrop(t *testing.T) {
 	s := newStartups(MaxStartups{2, 50, 4}, 0)
 	roll := 0
 	s.roll = func() int { return roll }
-	s.admit(tcp("192.0.2.1"))
-	s.admit(tcp("192.0.2.1"))
+	s.admit(tcp("192.0.2.1"), 0)
+	s.admit(tcp("192.0.2.1"), 0)
 	// Two held: at start, a roll below 50 drops a busy source...
 	roll = 49
-	if _, err := s.admit(tcp("192.0.2.1")); !errors.Is(err, errStartupsFull) {
+	if _, err := s.admit(tcp("192.0.2.1"), 0); !errors.Is(err, errStartupsFull) {
 		t.Fatalf("roll 49 at start: %v, want dropped", err)
 	}
 	// ...and a roll of 50 or more lets it in.
 	roll = 50
-	if _, err := s.admit(tcp("192.0.2.1")); err != nil {
+	if _, err := s.admit(tcp("192.0.2.1"), 0); err != nil {
 		t.Fatalf("roll 50 at start: %v", err)
 	}
 	// Three held: the chance is 75%; a new source's first is spared.
 	roll = 0
-	if _, err := s.admit(tcp("192.0.2.9")); err != nil {
+	if _, err := s.admit(tcp("192.0.2.9"), 0); err != nil {
 		t.Fatalf("a quiet source's first connection was dropped: %v", err)
 	}
 	// Four held: full; everyone is refused.
 	roll = 99
-	if _, err := s.admit(tcp("192.0.2.10")); !errors.Is(err, errStartupsFull) {
+	if _, err := s.admit(tcp("192.0.2.10"), 0); !errors.Is(err, errStartupsFull) {
 		t.Fatalf("at full: %v, want refused", err)
 	}
 	if total, from := s.counts(tcp("192.0.2.1")); total != 4 || from != 3 {
@@ -133,5 +133,44 @@ func TestRenewingCertRenewsNearItsEnd(t *testing.T) {
 	r.renewAt = time.Now().Add(-time.Second)
 	if r.PublicKey(); issued != 2 {
 		t.Fatalf("issued %d after the renewal time, want 2", issued)
+	}
+}
+
+func TestStartupsSourceAtItsCapWaitsItsTurn(t *testing.T) {
+	s := newStartups(MaxStartups{10, 30, 100}, 1)
+	first, err := s.admit(tcp("192.0.2.1"), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		_, err := s.admit(tcp("192.0.2.1"), 10*time.Second)
+		got <- err
+	}()
+	// Four may wait for each place: a sixth is refused at once.
+	for i := 0; i < 3; i++ {
+		go s.admit(tcp("192.0.2.1"), 10*time.Second)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		s.mu.Lock()
+		n := s.waiting[sourceOf(tcp("192.0.2.1"))]
+		s.mu.Unlock()
+		if n == 4 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if _, err := s.admit(tcp("192.0.2.1"), 10*time.Second); !errors.Is(err, errSourceFull) {
+		t.Fatalf("a fifth waiter: %v, want refused", err)
+	}
+	first()
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatalf("the waiter: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the waiter was not let in when a place freed")
 	}
 }

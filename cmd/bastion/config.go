@@ -65,8 +65,9 @@ type ServerConfig struct {
 	PolicyFile     string   `toml:"policy_file"`
 	LogLevel       string   `toml:"log_level"`
 
-	MaxChannels int `toml:"max_channels"`
-	MaxPending  int `toml:"max_pending"`
+	MaxChannels        int `toml:"max_channels"`
+	MaxPending         int `toml:"max_pending"`
+	UpstreamHandshakes int `toml:"upstream_handshakes"`
 
 	LoginGraceTime       Duration    `toml:"login_grace_time"`
 	MaxStartups          MaxStartups `toml:"max_startups"`
@@ -124,7 +125,8 @@ func defaults() Config {
 		MaxStartups:          MaxStartups{bastion.DefaultMaxStartups},
 		PerSourceMaxStartups: 10,
 		MaxChannels:          100,
-		MaxPending:           10,
+		MaxPending:           64,
+		UpstreamHandshakes:   8,
 	}}
 }
 
@@ -232,7 +234,8 @@ func (c *Config) validate() error {
 	for _, n := range []struct {
 		key string
 		v   int
-	}{{"server.max_channels", c.Server.MaxChannels}, {"server.max_pending", c.Server.MaxPending}, {"trust.max_checks", c.Trust.MaxChecks}} {
+	}{{"server.max_channels", c.Server.MaxChannels}, {"server.max_pending", c.Server.MaxPending},
+		{"server.upstream_handshakes", c.Server.UpstreamHandshakes}, {"trust.max_checks", c.Trust.MaxChecks}} {
 		if n.v < 1 {
 			return fmt.Errorf("%s: %d is not at least 1", n.key, n.v)
 		}

@@ -168,6 +168,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		PerSourceMaxStartups: noCapIsNegative(c.Server.PerSourceMaxStartups),
 		MaxChannels:          c.Server.MaxChannels,
 		MaxPending:           c.Server.MaxPending,
+		UpstreamHandshakes:   c.Server.UpstreamHandshakes,
 		Logger:               logger,
 		Audit:                sink,
 	}
