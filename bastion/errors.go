@@ -25,14 +25,17 @@ var (
 // with no internal detail. The full error goes to the log and audit stream.
 // Errors from a Resolver may say it themselves with a UserMessage method.
 func userMessage(name string, err error) string {
+	// An error that says itself what the user may be told knows best: a
+	// failed trust check names its step, where the sentinels underneath
+	// would only name the cause.
+	var m interface{ UserMessage() string }
+	if errors.As(err, &m) {
+		return fmt.Sprintf("bastion: %s: %s", name, vm.Printable(m.UserMessage())) // it may quote the guest
+	}
 	for _, known := range []error{vm.ErrNoSuchVM, ErrDenied, keys.ErrHostKeyMismatch, ErrUpstreamAuth, ErrUpstreamUnreachable, ErrBadTarget, ErrBusy} {
 		if errors.Is(err, known) {
 			return fmt.Sprintf("bastion: %s: %v", name, known)
 		}
-	}
-	var m interface{ UserMessage() string }
-	if errors.As(err, &m) {
-		return fmt.Sprintf("bastion: %s: %s", name, vm.Printable(m.UserMessage())) // it may quote the guest
 	}
 	return fmt.Sprintf("bastion: %s: %v", name, ErrNotVerified)
 }
