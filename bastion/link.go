@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -96,11 +98,7 @@ func (l *link) track(a ask, limit time.Duration, end func(msg string)) (untrack 
 func (l *link) channels() []*activeChannel {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	active := make([]*activeChannel, 0, len(l.active))
-	for c := range l.active {
-		active = append(active, c)
-	}
-	return active
+	return slices.Collect(maps.Keys(l.active))
 }
 
 // end ends every channel of the link with msg and, once they have
@@ -562,10 +560,7 @@ func (l *link) upstreamChannel(newCh gossh.NewChannel) {
 // stops listening; agent and X11 forwarding end for channels to come.
 func (l *link) revalidateGrants() {
 	l.mu.Lock()
-	var forwards []string
-	for f := range l.forwards {
-		forwards = append(forwards, f)
-	}
+	forwards := slices.Collect(maps.Keys(l.forwards))
 	agent, x11 := l.agent, l.x11
 	l.mu.Unlock()
 	for _, f := range forwards {

@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -132,10 +134,7 @@ type Server struct {
 // still allows is left alone.
 func (s *Server) Revalidate() {
 	s.linksMu.Lock()
-	fronts := make([]*frontConn, 0, len(s.fronts))
-	for fc := range s.fronts {
-		fronts = append(fronts, fc)
-	}
+	fronts := slices.Collect(maps.Keys(s.fronts))
 	s.linksMu.Unlock()
 	for _, fc := range fronts {
 		s.reidentify(fc)
@@ -149,11 +148,7 @@ func (s *Server) Revalidate() {
 func (s *Server) openLinks() []*link {
 	s.linksMu.Lock()
 	defer s.linksMu.Unlock()
-	links := make([]*link, 0, len(s.links))
-	for l := range s.links {
-		links = append(links, l)
-	}
-	return links
+	return slices.Collect(maps.Keys(s.links))
 }
 
 // reidentify looks fc's key up again and ends fc if it no longer names
@@ -712,33 +707,13 @@ func (s *Server) keepAliveInterval() time.Duration {
 	return s.KeepAlive
 }
 
-func (s *Server) requestTimeout() time.Duration {
-	if s.RequestTimeout <= 0 {
-		return 30 * time.Second
-	}
-	return s.RequestTimeout
-}
+func (s *Server) requestTimeout() time.Duration { return orDefault(s.RequestTimeout, 30*time.Second) }
 
-func (s *Server) maxChannels() int {
-	if s.MaxChannels <= 0 {
-		return 100
-	}
-	return s.MaxChannels
-}
+func (s *Server) maxChannels() int { return orDefault(s.MaxChannels, 100) }
 
-func (s *Server) upstreamHandshakes() int {
-	if s.UpstreamHandshakes <= 0 {
-		return 8
-	}
-	return s.UpstreamHandshakes
-}
+func (s *Server) upstreamHandshakes() int { return orDefault(s.UpstreamHandshakes, 8) }
 
-func (s *Server) maxPending() int {
-	if s.MaxPending <= 0 {
-		return 64
-	}
-	return s.MaxPending
-}
+func (s *Server) maxPending() int { return orDefault(s.MaxPending, 64) }
 
 func (s *Server) loginGraceTime() time.Duration {
 	if s.LoginGraceTime == 0 {
@@ -747,11 +722,15 @@ func (s *Server) loginGraceTime() time.Duration {
 	return s.LoginGraceTime
 }
 
-func (s *Server) connectTimeout() time.Duration {
-	if s.ConnectTimeout <= 0 {
-		return 2 * time.Minute
+func (s *Server) connectTimeout() time.Duration { return orDefault(s.ConnectTimeout, 2*time.Minute) }
+
+// orDefault is v, or def when v is not above zero: the rule of the
+// Server's optional limits.
+func orDefault[T int | time.Duration](v, def T) T {
+	if v <= 0 {
+		return def
 	}
-	return s.ConnectTimeout
+	return v
 }
 
 func (s *Server) audit(e audit.Event) { s.Audit.Emit(e) }
