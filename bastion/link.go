@@ -212,7 +212,22 @@ func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, err
 	}
 	l := &link{srv: s, front: fc, vm: d, login: login, log: log, done: make(chan struct{}),
 		forwards: make(map[string]bool), active: make(map[*activeChannel]bool)}
-	if err := l.dial(ctx, target); err != nil {
+	err = l.dial(ctx, target)
+	if errors.Is(err, ErrUpstreamAuth) || errors.Is(err, keys.ErrHostKeyMismatch) {
+		// The VM no longer takes the trust's key (configuration management
+		// rewrote authorized_keys) or presents another host key: the trust
+		// is stale. Verified again, once, before the user hears of it; a
+		// changed host key is pinned only if the check proves it again.
+		log.Info("the trust no longer holds; verifying the VM again", "err", err)
+		s.Resolver.Forget(d, login, err.Error())
+		if target, err = s.Resolver.Resolve(ctx, d, login); err != nil {
+			log.Warn("resolve failed", "err", err)
+			s.audit(ev.With(audit.UpstreamFailed, "", "", err.Error()))
+			return nil, err
+		}
+		err = l.dial(ctx, target)
+	}
+	if err != nil {
 		log.Warn("upstream failed", "addr", target.Addr, "err", err)
 		s.audit(ev.With(audit.UpstreamFailed, "", "", err.Error()))
 		return nil, err

@@ -15,6 +15,7 @@ import (
 	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/policy"
 	"github.com/bastionvm/bastion/vm"
 )
@@ -287,5 +288,52 @@ func TestKeyOptionsFromAndExpiryEnforced(t *testing.T) {
 		if ok := res.Exit == 0; ok != tc.ok || (!ok && !strings.Contains(res.Stderr, "Permission denied")) {
 			t.Errorf("%s: %v, want ok=%v", tc.name, res, tc.ok)
 		}
+	}
+}
+
+// TestStaleTrustHealsWithinTheLogin: when the VM refuses the trust's key
+// (its authorized_keys rewritten) or presents another host key than the one
+// pinned, the bastion drops the trust and verifies again, once, inside the
+// same login: the user sees the command run, not an error.
+func TestStaleTrustHealsWithinTheLogin(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		stale func(f *fixture, fresh keys.Upstream) keys.Upstream
+	}{
+		{"key refused", func(f *fixture, fresh keys.Upstream) keys.Upstream {
+			unknown, _ := testenv.NewKey(t)
+			fresh.Signer = unknown
+			return fresh
+		}},
+		{"host key changed", func(f *fixture, fresh keys.Upstream) keys.Upstream {
+			before, _ := testenv.NewKey(t)
+			fresh.HostKeys = []gossh.PublicKey{before.PublicKey()}
+			return fresh
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFixture(t)
+			fresh, _ := f.fleet.Resolve(context.Background(), vm.Domain{Name: "web1"}, "")
+			f.fleet.SetStale("web1", tc.stale(f, fresh), fresh)
+			if res := f.jump(nil, "echo healed"); res.Exit != 0 || string(res.Stdout) != "healed\n" {
+				t.Fatalf("a login over a stale trust: %v %q", res, res.Stdout)
+			}
+			if n := f.fleet.Forgotten(); n != 1 {
+				t.Fatalf("the trust was forgotten %d times, want once", n)
+			}
+		})
+	}
+	// Once, not in a loop: a VM that refuses the new trust too is reported.
+	f := newFixture(t)
+	fresh, _ := f.fleet.Resolve(context.Background(), vm.Domain{Name: "web1"}, "")
+	unknown, _ := testenv.NewKey(t)
+	stale := fresh
+	stale.Signer = unknown
+	f.fleet.SetStale("web1", stale, stale)
+	if res := f.jump(nil, "true"); res.Exit != 255 || !strings.Contains(res.Stderr, "the VM refused the bastion's key") {
+		t.Fatalf("a VM refusing every trust: %v", res)
+	}
+	if n := f.fleet.Forgotten(); n != 1 {
+		t.Fatalf("forgotten %d times, want once", n)
 	}
 }

@@ -42,6 +42,9 @@ type Resolver interface {
 	// Resolve returns a verified upstream for login on d, establishing
 	// trust first if none is fresh.
 	Resolve(ctx context.Context, d vm.Domain, login string) (keys.Upstream, error)
+	// Forget drops the trust for login on d, which the VM no longer
+	// honours (why says how), so that the next Resolve verifies again.
+	Forget(d vm.Domain, login, why string)
 }
 
 // Identifier maps a public key to the account that holds it.

@@ -142,14 +142,13 @@ func TestStartupsSourceAtItsCapWaitsItsTurn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := make(chan error, 1)
-	go func() {
-		_, err := s.admit(tcp("192.0.2.1"), 10*time.Second)
-		got <- err
-	}()
-	// Four may wait for each place: a sixth is refused at once.
-	for i := 0; i < 3; i++ {
-		go s.admit(tcp("192.0.2.1"), 10*time.Second)
+	// Four may wait for each place.
+	got := make(chan error, 4)
+	for i := 0; i < 4; i++ {
+		go func() {
+			_, err := s.admit(tcp("192.0.2.1"), 10*time.Second)
+			got <- err
+		}()
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
@@ -161,16 +160,18 @@ func TestStartupsSourceAtItsCapWaitsItsTurn(t *testing.T) {
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
+	// A fifth is refused at once.
 	if _, err := s.admit(tcp("192.0.2.1"), 10*time.Second); !errors.Is(err, errSourceFull) {
 		t.Fatalf("a fifth waiter: %v, want refused", err)
 	}
+	// A place frees: one of the waiters takes it.
 	first()
 	select {
 	case err := <-got:
 		if err != nil {
-			t.Fatalf("the waiter: %v", err)
+			t.Fatalf("the first waiter to finish: %v, want it let in", err)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatal("the waiter was not let in when a place freed")
+		t.Fatal("no waiter was let in when a place freed")
 	}
 }

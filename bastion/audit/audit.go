@@ -15,21 +15,22 @@ type Type string
 
 // Event types.
 const (
-	Login          Type = "login"           // a person authenticated to the front door
-	LoginFailed    Type = "login_failed"    // an unknown key or a rate-limited source
-	Denied         Type = "denied"          // the policy or the front door refused a request
-	Connected      Type = "connected"       // an upstream connection to a VM was established
-	UpstreamFailed Type = "upstream_failed" // verification or the upstream connection failed
-	Disconnected   Type = "disconnected"    // a link to a VM ended
-	TrustVerified  Type = "trust_verified"  // a dual-band check succeeded
-	TrustFailed    Type = "trust_failed"    // a dual-band check failed
-	TrustDropped   Type = "trust_dropped"   // a lifecycle event ended a trust
-	Reloaded       Type = "reloaded"        // accounts and policy were reloaded
-	ReloadFailed   Type = "reload_failed"   // a reload was refused; the running configuration stays
-	Ended          Type = "ended"           // the bastion ended a session: policy change, time limit
-	Dispensed      Type = "dispensed"       // a VM was made from a template
-	DispenseFailed Type = "dispense_failed" // making a VM failed; what was made is removed
-	Destroyed      Type = "destroyed"       // a VM was removed
+	Login          Type = "login"            // a person authenticated to the front door
+	LoginFailed    Type = "login_failed"     // an unknown key or a rate-limited source
+	Denied         Type = "denied"           // the policy or the front door refused a request
+	Connected      Type = "connected"        // an upstream connection to a VM was established
+	UpstreamFailed Type = "upstream_failed"  // verification or the upstream connection failed
+	Disconnected   Type = "disconnected"     // a link to a VM ended
+	TrustVerified  Type = "trust_verified"   // a dual-band check succeeded
+	TrustFailed    Type = "trust_failed"     // a dual-band check failed
+	TrustDropped   Type = "trust_dropped"    // a lifecycle event, or the VM refusing it, ended a trust
+	HostKeyChanged Type = "host_key_changed" // a VM presented a new host key, and a full check proved it
+	Reloaded       Type = "reloaded"         // accounts and policy were reloaded
+	ReloadFailed   Type = "reload_failed"    // a reload was refused; the running configuration stays
+	Ended          Type = "ended"            // the bastion ended a session: policy change, time limit
+	Dispensed      Type = "dispensed"        // a VM was made from a template
+	DispenseFailed Type = "dispense_failed"  // making a VM failed; what was made is removed
+	Destroyed      Type = "destroyed"        // a VM was removed
 )
 
 // Event is one entry of the trail. Its JSON form, one object per line, is

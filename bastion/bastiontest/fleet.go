@@ -16,9 +16,39 @@ import (
 // verified: the front door's VMs and Resolver where the stand-in VM is an
 // sshd on 127.0.0.1. Safe for concurrent use.
 type Fleet struct {
-	mu    sync.Mutex
-	vms   map[string]keys.Upstream
-	delay time.Duration
+	mu     sync.Mutex
+	vms    map[string]keys.Upstream
+	healed map[string]keys.Upstream // what Forget turns a VM's upstream into
+	forgot int
+	delay  time.Duration
+}
+
+// SetStale makes name reached at stale until Forget is called for it,
+// then at fresh: a trust the VM stopped honouring, and the one a new check
+// would establish.
+func (f *Fleet) SetStale(name string, stale, fresh keys.Upstream) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.vms[name] = stale
+	f.healed[name] = fresh
+}
+
+// Forget turns d's upstream into the fresh one SetStale gave, if any.
+func (f *Fleet) Forget(d vm.Domain, _, _ string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.forgot++
+	if up, ok := f.healed[d.Name]; ok {
+		f.vms[d.Name] = up
+		delete(f.healed, d.Name)
+	}
+}
+
+// Forgotten is how many times Forget was called.
+func (f *Fleet) Forgotten() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.forgot
 }
 
 // SetDelay makes every Resolve take d first, as a trust check does.
@@ -30,7 +60,7 @@ func (f *Fleet) SetDelay(d time.Duration) {
 
 // NewFleet returns a Fleet that knows no VM yet.
 func NewFleet() *Fleet {
-	return &Fleet{vms: make(map[string]keys.Upstream)}
+	return &Fleet{vms: make(map[string]keys.Upstream), healed: make(map[string]keys.Upstream)}
 }
 
 // Set makes name known, reached at up.

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -59,6 +60,7 @@ func (m *Manager) check(ctx context.Context, d vm.Domain, login string) (*Trust,
 		return fail("epoch key", err)
 	}
 	t.KeyLine = AuthorizedKeyLine(t.Signer.PublicKey(), t.Expires, m.Instance, now)
+	m.removeStaleKeys(ctx, d, login)
 	if err := m.OOB.AddAuthorizedKey(ctx, d, login, t.KeyLine); err != nil {
 		return fail("installing the bastion's key", err)
 	}
@@ -97,6 +99,45 @@ func (m *Manager) check(ctx context.Context, d vm.Domain, login string) (*Trust,
 	m.log().Info("trust established", "vm", d.Name, "login", login, "addr", addr,
 		"host_key", t.Fingerprint(), "modes", modes, "expires", t.Expires.UTC().Format(time.RFC3339))
 	return t, nil
+}
+
+// removeStaleKeys removes from login's authorized_keys on d the keys of
+// this bastion's earlier epochs that no trust uses any more: left behind by
+// a crash, or by a trust dropped while the VM was away. Best effort: their
+// expiry-time ends them anyway.
+func (m *Manager) removeStaleKeys(ctx context.Context, d vm.Domain, login string) {
+	lines, err := m.OOB.AuthorizedKeys(ctx, d, login)
+	if err != nil {
+		m.log().Debug("could not list authorized keys", "vm", d.Name, "login", login, "err", err)
+		return
+	}
+	mark := " bastion:" + m.Instance + ":epoch-"
+	m.mu.Lock()
+	var inUse []string
+	for _, t := range m.trusts {
+		if t.Domain.UUID == d.UUID && t.Login == login {
+			inUse = append(inUse, keyBlob(t.KeyLine))
+		}
+	}
+	m.mu.Unlock()
+	for _, line := range lines {
+		if !strings.Contains(line, mark) || slices.Contains(inUse, keyBlob(line)) {
+			continue
+		}
+		if err := m.OOB.RemoveAuthorizedKey(ctx, d, login, line); err != nil {
+			m.log().Warn("could not remove a stale trust key", "vm", d.Name, "login", login, "err", err)
+		} else {
+			m.log().Info("removed a stale trust key", "vm", d.Name, "login", login)
+		}
+	}
+}
+
+// keyBlob is the base64 key of an authorized_keys line.
+func keyBlob(line string) string {
+	if k, _, _, _, err := ssh.ParseAuthorizedKey([]byte(line)); err == nil {
+		return string(k.Marshal())
+	}
+	return line
 }
 
 // hostKeyFiles are read in order of preference.

@@ -49,6 +49,9 @@ func (gs guests) AddAuthorizedKey(ctx context.Context, d vm.Domain, user, line s
 func (gs guests) RemoveAuthorizedKey(ctx context.Context, d vm.Domain, user, line string) error {
 	return gs.of(d).RemoveAuthorizedKey(ctx, d, user, line)
 }
+func (gs guests) AuthorizedKeys(ctx context.Context, d vm.Domain, user string) ([]string, error) {
+	return gs.of(d).AuthorizedKeys(ctx, d, user)
+}
 
 // TestClaimedHostKeyDoesNotKnockOutAnotherVM: a guest that copies another
 // VM's public host key into its /etc/ssh cannot prove it holds it; its own

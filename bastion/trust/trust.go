@@ -30,6 +30,7 @@ type OutOfBand interface {
 	Chown(ctx context.Context, d vm.Domain, path, user string) error
 	AddAuthorizedKey(ctx context.Context, d vm.Domain, user, line string) error
 	RemoveAuthorizedKey(ctx context.Context, d vm.Domain, user, line string) error
+	AuthorizedKeys(ctx context.Context, d vm.Domain, user string) ([]string, error)
 }
 
 // Errors of the in-band half and of the check as a whole. A host key that
@@ -111,11 +112,12 @@ type Manager struct {
 	Logger   *slog.Logger // if nil, logs are discarded
 	Audit    audit.Sink   // receives trust_verified, trust_failed and trust_dropped; if nil, they are dropped
 
-	mu       sync.Mutex
-	turns    chan struct{} // one token per running check; made with the first
-	trusts   map[key]*Trust
-	inflight map[key]*flight
-	hostKeys map[string]map[string]bool // host key fingerprint → UUIDs seen presenting it
+	mu        sync.Mutex
+	turns     chan struct{} // one token per running check; made with the first
+	trusts    map[key]*Trust
+	forgotten map[key]string // host key fingerprints of trusts Forget dropped, for the next check
+	inflight  map[key]*flight
+	hostKeys  map[string]map[string]bool // host key fingerprint → UUIDs seen presenting it
 
 	stateMu sync.Mutex // serialises writes of the state file; taken before mu
 }
@@ -269,7 +271,14 @@ func (m *Manager) startFlight(k key, d vm.Domain, login string) *flight {
 			m.trusts[k] = t
 		}
 		f.t, f.err = t, err
+		oldKey, wasForgotten := m.forgotten[k]
+		delete(m.forgotten, k)
 		m.mu.Unlock()
+		if err == nil && wasForgotten && oldKey != t.Fingerprint() {
+			m.log().Warn("the VM's host key changed; the check proved the new one", "vm", d.Name, "old", oldKey, "new", t.Fingerprint())
+			m.Audit.Emit(audit.Event{Type: audit.HostKeyChanged, VM: d.Name, Login: login,
+				Detail: fmt.Sprintf("old %s new %s", oldKey, t.Fingerprint())})
+		}
 		if err == nil {
 			m.changed() // before the callers go on, so the file shows what they use
 		}
@@ -292,6 +301,30 @@ func (m *Manager) outcome(name, login string, t *Trust, took time.Duration, err 
 	m.Audit.Emit(audit.Event{Type: audit.TrustVerified, VM: name, Login: login,
 		Detail: fmt.Sprintf("addr %s host key %s modes %v expires %s took %s", t.Addr, t.Fingerprint(), t.Modes,
 			t.Expires.UTC().Format(time.RFC3339), took)})
+}
+
+// Forget drops the trust for login on d because the VM no longer honours
+// it (its sshd refused the key, or presented another host key), so that
+// the next Get runs the whole check again. A host key the new check proves
+// different from the old one is audited with both fingerprints.
+func (m *Manager) Forget(d vm.Domain, login, why string) {
+	k := key{d.URI, d.UUID, login}
+	m.mu.Lock()
+	t, ok := m.trusts[k]
+	if ok {
+		delete(m.trusts, k)
+		if m.forgotten == nil {
+			m.forgotten = make(map[key]string)
+		}
+		m.forgotten[k] = t.Fingerprint()
+	}
+	m.mu.Unlock()
+	if !ok {
+		return
+	}
+	m.log().Info("trust dropped: the VM no longer honours it", "vm", d.Name, "login", login, "why", why)
+	m.Audit.Emit(audit.Event{Type: audit.TrustDropped, VM: d.Name, Login: login, Reason: why})
+	m.changed()
 }
 
 // HandleEvent drops the trusts of the VM an event is about when the event

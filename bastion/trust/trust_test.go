@@ -126,6 +126,18 @@ func (g *localGuest) RemoveAuthorizedKey(_ context.Context, _ vm.Domain, _ strin
 	return g.writeKeys()
 }
 
+func (g *localGuest) AuthorizedKeys(context.Context, vm.Domain, string) ([]string, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var lines []string
+	for _, l := range g.added {
+		if !contains(g.removed, l) {
+			lines = append(lines, l)
+		}
+	}
+	return lines, nil
+}
+
 // writeKeys writes the added and not removed lines as authorized_keys.
 func (g *localGuest) writeKeys() error {
 	var lines []string
