@@ -1,0 +1,37 @@
+package vmtest
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestRewrittenAuthorizedKeysHeal: configuration management rewriting a
+// login's authorized_keys inside the guest (here virsh set-user-sshkeys
+// --reset) takes the trust's key away; the next login still goes through,
+// the bastion verifying the VM again within it.
+func TestRewrittenAuthorizedKeysHeal(t *testing.T) {
+	b := startBastion(t, "")
+	target := "user@" + web1
+	if res := b.ssh(nil, target, "echo first"); res.Exit != 0 || string(res.Stdout) != "first\n" {
+		t.Fatalf("first login: %v %q", res, res.Stdout)
+	}
+	saved := virsh(t, "get-user-sshkeys", web1, "user")
+	t.Cleanup(func() {
+		path := filepath.Join(t.TempDir(), "keys")
+		os.WriteFile(path, []byte(saved), 0o600)
+		virsh(t, "set-user-sshkeys", web1, "user", "--reset", "--file", path)
+	})
+	empty := filepath.Join(t.TempDir(), "empty")
+	os.WriteFile(empty, nil, 0o600)
+	virsh(t, "set-user-sshkeys", web1, "user", "--reset", "--file", empty)
+	res := b.ssh(nil, target, "echo healed")
+	if res.Exit != 0 || string(res.Stdout) != "healed\n" {
+		t.Fatalf("a login after authorized_keys was rewritten: %v %q", res, res.Stdout)
+	}
+	dropped := b.auditEvents("trust_dropped")
+	if len(dropped) == 0 || !strings.Contains(dropped[len(dropped)-1]["reason"].(string), "refused the bastion's key") {
+		t.Fatalf("audit: %v", dropped)
+	}
+}
