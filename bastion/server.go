@@ -386,7 +386,12 @@ func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 		// Before the grace time starts; the startup place is held, so the
 		// waiting connections of one source stay within its cap.
 		s.refused(source, fmt.Sprintf("rate limited: too many failed authentications; delayed %v", d.Round(time.Millisecond)))
-		time.Sleep(d)
+		select {
+		case <-time.After(d):
+		case <-s.stopped:
+			release()
+			return nil
+		}
 	}
 	fc := &frontConn{ctx: ctx, raw: conn, source: source, local: conn.LocalAddr()}
 	var grace *time.Timer
