@@ -77,16 +77,16 @@ func (p *Pool) Ping(ctx context.Context, d vm.Domain) error {
 
 // readChunk is how much one guest-file-read asks for: far below libvirt's
 // 10 MiB cap on one agent reply, with base64's third on top.
-const readChunk = maxRead + 1
+const readChunk = 1 << 20
 
 // writeChunk is how much one guest-file-write carries. Measured with qemu-ga
 // 7.2 under libvirt 9.0: a request carrying 128 KiB returns in 60 ms, one
 // carrying 192 KiB never returns and leaves the agent unavailable.
 const writeChunk = 48 << 10
 
-// maxRead bounds ReadFile; the bastion reads keys and nonces, not data, and
-// what a guest puts in them is the guest's choice.
-const maxRead = 64 << 10
+// defaultMaxRead bounds ReadFile unless Options say otherwise: the bastion
+// reads keys and nonces, not data, and their size is the guest's choice.
+const defaultMaxRead = 64 << 10
 
 // ReadFile reads path in the guest through the agent.
 func (p *Pool) ReadFile(ctx context.Context, d vm.Domain, path string) ([]byte, error) {
@@ -102,7 +102,7 @@ func (p *Pool) ReadFile(ctx context.Context, d vm.Domain, path string) ([]byte, 
 			Buf   string `json:"buf-b64"`
 			EOF   bool   `json:"eof"`
 		}
-		if err := p.agent(ctx, d, "guest-file-read", map[string]any{"handle": handle, "count": readChunk}, &r); err != nil {
+		if err := p.agent(ctx, d, "guest-file-read", map[string]any{"handle": handle, "count": min(readChunk, p.maxRead+1)}, &r); err != nil {
 			return nil, err
 		}
 		b, err := base64.StdEncoding.DecodeString(r.Buf)
@@ -110,8 +110,8 @@ func (p *Pool) ReadFile(ctx context.Context, d vm.Domain, path string) ([]byte, 
 			return nil, fmt.Errorf("%s: guest-file-read %s: %w: %w", d.Name, path, ErrAgentFailed, err)
 		}
 		data = append(data, b...)
-		if len(data) > maxRead {
-			return nil, fmt.Errorf("%s: %w: %s is larger than %d bytes", d.Name, ErrAgentFailed, path, maxRead)
+		if len(data) > p.maxRead {
+			return nil, fmt.Errorf("%s: %w: %s is larger than %d bytes", d.Name, ErrAgentFailed, path, p.maxRead)
 		}
 		if r.EOF || r.Count == 0 {
 			return data, nil

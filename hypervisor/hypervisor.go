@@ -43,6 +43,7 @@ type Pool struct {
 	log        *slog.Logger
 	events     func(vm.Event)
 	agentLimit time.Duration
+	maxRead    int
 
 	mu    sync.Mutex // protects conns
 	conns map[string]*libvirt.Connect
@@ -57,6 +58,8 @@ type Options struct {
 	OnEvent func(vm.Event)
 	// AgentTimeout bounds each guest agent command; 0 means 10 seconds.
 	AgentTimeout time.Duration
+	// MaxRead bounds what ReadFile reads from a guest; 0 means 64 KiB.
+	MaxRead int
 }
 
 var eventLoop sync.Once
@@ -78,6 +81,9 @@ func Open(uris []string, opts Options) (*Pool, error) {
 	p := &Pool{uris: uris, log: log, events: opts.OnEvent, agentLimit: opts.AgentTimeout, conns: make(map[string]*libvirt.Connect)}
 	if p.agentLimit <= 0 {
 		p.agentLimit = 10 * time.Second
+	}
+	if p.maxRead = opts.MaxRead; p.maxRead <= 0 {
+		p.maxRead = defaultMaxRead
 	}
 	for _, uri := range uris {
 		if _, err := p.conn(uri); err != nil {

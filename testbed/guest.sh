@@ -5,7 +5,7 @@
 #       For each NAME (must match ^bt-[a-z0-9-]+$): qcow2 overlay of the cached
 #       base image, domain definition, then start them all in parallel and wait
 #       until every guest's agent answers guest-ping and its sshd sends a banner
-#       on port 22 of its IP. Default timeout 300 s (a loaded 2-core machine boots TCG guests slowly) (or $BASTION_TESTBED_BOOT_TIMEOUT).
+#       on port 22 of its IP. Default timeout 480 s (a loaded 2-core machine boots TCG guests slowly: 5 minutes seen) (or $BASTION_TESTBED_BOOT_TIMEOUT).
 #       Writes/merges $STATE/guests.json; prints the entries for NAMEs on stdout.
 #       A NAME that already exists is reused (started if shut off).
 #   guest.sh down NAME [NAME...]
@@ -168,7 +168,7 @@ boot_and_wait() {
 }
 
 cmd_up() {
-  local timeout="${BASTION_TESTBED_BOOT_TIMEOUT:-300}" labels=("testbed=true") names=() n
+  local timeout="${BASTION_TESTBED_BOOT_TIMEOUT:-480}" labels=("testbed=true") names=() n
   while (($#)); do
     case $1 in
       --timeout) [[ ${2:-} =~ ^[0-9]+$ ]] || bt_die "--timeout needs a number of seconds"; timeout=$2; shift 2 ;;

@@ -10,7 +10,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 PACKAGES=(
   libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-utils qemu-guest-agent
   debootstrap dnsmasq-base openssh-client openssh-server pkg-config rsync
-  e2fsprogs util-linux coreutils
+  e2fsprogs util-linux coreutils iptables
 )
 
 bt_need_root

@@ -16,7 +16,7 @@ import (
 
 // TestHypervisor exercises the hypervisor package against a real guest.
 func TestHypervisor(t *testing.T) {
-	pool, err := hypervisor.Open([]string{"qemu:///system"}, hypervisor.Options{})
+	pool, err := hypervisor.Open([]string{"qemu:///system"}, hypervisor.Options{MaxRead: 4 << 20}) // files of several agent chunks
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +46,7 @@ func TestHypervisor(t *testing.T) {
 		t.Fatalf("Address: %+v %v; want %s confirmed by the lease", addr, err, guests[web1].IP)
 	}
 
-	// Files larger than one agent chunk, and removal.
+	// Files larger than one agent chunk, and removal; and the cap on reads.
 	data := make([]byte, 3<<20+17)
 	rand.Read(data)
 	path := "/root/hypervisor-test"
@@ -56,6 +56,14 @@ func TestHypervisor(t *testing.T) {
 	back, err := pool.ReadFile(ctx, d, path)
 	if err != nil || !bytes.Equal(back, data) {
 		t.Fatalf("ReadFile: %d bytes, equal %v, %v", len(back), bytes.Equal(back, data), err)
+	}
+	capped, err := hypervisor.Open([]string{"qemu:///system"}, hypervisor.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer capped.Close()
+	if _, err := capped.ReadFile(ctx, d, path); err == nil || !strings.Contains(err.Error(), "is larger than 65536 bytes") {
+		t.Fatalf("ReadFile of 3 MiB with the default cap: %v, want it refused", err)
 	}
 	if err := pool.RemoveFile(ctx, d, path); err != nil {
 		t.Fatal(err)

@@ -1,6 +1,7 @@
 package vmtest
 
 import (
+	"net"
 	"os/exec"
 	"regexp"
 	"strings"
@@ -9,6 +10,9 @@ import (
 
 	"github.com/bastionvm/bastion/internal/testenv"
 )
+
+// hostIP is this host's address on the test bed's network (testbed/net.sh).
+const hostIP = "192.168.214.1"
 
 // refused checks that ssh through b to target fails, shows the user want,
 // ran nothing, and left a trust_failed (or denied) audit event.
@@ -49,17 +53,25 @@ func TestStoppedVMRefused(t *testing.T) {
 	}
 }
 
-// TestImpostorRefused puts an sshd with another host key on web1's address
-// on this host, where the bastion's connection to that address lands. The
-// hypervisor's view (agent, lease, host keys) is unchanged: only the
-// in-band half can tell.
+// TestImpostorRefused sends the bastion's connections to web1's address
+// and port 22 to an sshd with another host key on this host (a DNAT rule
+// in the nat table's OUTPUT chain), as an impostor on the network would
+// take them. The hypervisor's view (agent, lease, host keys) is
+// unchanged: only the in-band half can tell.
 func TestImpostorRefused(t *testing.T) {
 	ip := guests[web1].IP
-	if out, err := exec.Command("ip", "addr", "add", ip+"/32", "dev", "lo").CombinedOutput(); err != nil {
-		t.Fatalf("ip addr add %s: %v %s", ip, err, out)
+	ln, err := net.Listen("tcp", hostIP+":0")
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Cleanup(func() { exec.Command("ip", "addr", "del", ip+"/32", "dev", "lo").Run() })
-	testenv.StartSSHDOn(t, ip+":22")
+	impostor := ln.Addr().String()
+	ln.Close()
+	testenv.StartSSHDOn(t, impostor)
+	rule := []string{"OUTPUT", "-p", "tcp", "-d", ip, "--dport", "22", "-j", "DNAT", "--to-destination", impostor}
+	if out, err := exec.Command("iptables", append([]string{"-t", "nat", "-A"}, rule...)...).CombinedOutput(); err != nil {
+		t.Fatalf("iptables: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("iptables", append([]string{"-t", "nat", "-D"}, rule...)...).Run() })
 
 	b := startBastion(t, "")
 	refused(t, b, "root@"+web1, "the VM's host key is not the one read through the hypervisor")
