@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -117,19 +118,7 @@ func TestManyChannelsOneConnection(t *testing.T) {
 // client's agent; without, the VM sees none.
 func TestAgentForwarding(t *testing.T) {
 	f := newFixture(t)
-	agentDir := t.TempDir()
-	sock := agentDir + "/agent.sock"
-	agent := exec.Command("ssh-agent", "-D", "-a", sock)
-	if err := agent.Start(); err != nil {
-		t.Fatalf("ssh-agent: %v", err)
-	}
-	defer func() { agent.Process.Kill(); agent.Wait() }()
-	testenv.WaitUnix(t, sock)
-	add := exec.Command("ssh-add", f.client.Key)
-	add.Env = append(os.Environ(), "SSH_AUTH_SOCK="+sock)
-	if out, err := add.CombinedOutput(); err != nil {
-		t.Fatalf("ssh-add: %v %s", err, out)
-	}
+	sock := f.startAgent(t)
 	listKeys := func() testenv.Result {
 		cmd := f.client.Command(context.Background(), "ssh", "-A", "-o", "IdentityAgent="+sock, "-J", "bastion", f.login+"@web1", "ssh-add -l")
 		var out, errb strings.Builder
@@ -151,4 +140,23 @@ func TestAgentForwarding(t *testing.T) {
 	if res.Exit != 0 || !strings.Contains(string(res.Stdout), "ED25519") {
 		t.Fatalf("ssh -A with agent allowed: %v %q", res, res.Stdout)
 	}
+}
+
+// startAgent runs an ssh-agent holding the client's key for the test and
+// returns its socket.
+func (f *fixture) startAgent(t *testing.T) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "agent.sock")
+	agent := exec.Command("ssh-agent", "-D", "-a", sock)
+	if err := agent.Start(); err != nil {
+		t.Fatalf("ssh-agent: %v", err)
+	}
+	t.Cleanup(func() { agent.Process.Kill(); agent.Wait() })
+	testenv.WaitUnix(t, sock)
+	add := exec.Command("ssh-add", f.client.Key)
+	add.Env = append(os.Environ(), "SSH_AUTH_SOCK="+sock)
+	if out, err := add.CombinedOutput(); err != nil {
+		t.Fatalf("ssh-add: %v %s", err, out)
+	}
+	return sock
 }

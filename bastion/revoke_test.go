@@ -178,18 +178,7 @@ func TestReloadWithdrawingAgentStopsTheVMsAgentChannels(t *testing.T) {
 	rule := f.devRule()
 	rule.Channels = append(rule.Channels, policy.Agent)
 	f.rules(rule)
-	sock := filepath.Join(t.TempDir(), "agent.sock")
-	agent := exec.Command("ssh-agent", "-D", "-a", sock)
-	if err := agent.Start(); err != nil {
-		t.Fatalf("ssh-agent: %v", err)
-	}
-	defer func() { agent.Process.Kill(); agent.Wait() }()
-	testenv.WaitUnix(t, sock)
-	add := exec.Command("ssh-add", f.client.Key)
-	add.Env = append(os.Environ(), "SSH_AUTH_SOCK="+sock)
-	if out, err := add.CombinedOutput(); err != nil {
-		t.Fatalf("ssh-add: %v %s", err, out)
-	}
+	sock := f.startAgent(t)
 	marker := filepath.Join(t.TempDir(), "reloaded")
 	s := f.startSession(t, "-A", "-o", "IdentityAgent="+sock, "-J", "bastion", f.login+"@web1",
 		"echo started; ssh-add -l >/dev/null && echo before=listed; while [ ! -e "+marker+" ]; do sleep 0.1; done; ssh-add -l >/dev/null; echo after=$?")
