@@ -26,29 +26,44 @@ func (p *Pool) Address(ctx context.Context, d vm.Domain) (vm.Address, error) {
 	if err != nil {
 		return vm.Address{}, err
 	}
-	candidates := slices.DeleteFunc(addressesOn(agent, d.MACs), isLocal)
+	// The hypervisor's views, asked only as far as needed.
+	views := func(yield func(string, []libvirt.DomainInterface) bool) {
+		for _, source := range []struct {
+			name string
+			src  libvirt.DomainInterfaceAddressesSource
+		}{{"lease", libvirt.DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE}, {"arp", libvirt.DOMAIN_INTERFACE_ADDRESSES_SRC_ARP}} {
+			seen, err := p.interfaces(ctx, d, source.src)
+			if err != nil {
+				p.log.Debug("address source unavailable", "vm", d.Name, "source", source.name, "err", err)
+				continue
+			}
+			if !yield(source.name, seen) {
+				return
+			}
+		}
+	}
+	return chooseAddress(d, agent, views, isLocal)
+}
+
+// chooseAddress is Address's decision: the agent's addresses on d's
+// interfaces, less local ones, confirmed by the first hypervisor view that
+// knows any address for those interfaces.
+func chooseAddress(d vm.Domain, agent []libvirt.DomainInterface, views func(yield func(string, []libvirt.DomainInterface) bool), local func(netip.Addr) bool) (vm.Address, error) {
+	candidates := slices.DeleteFunc(addressesOn(agent, d.MACs), local)
 	if len(candidates) == 0 {
 		return vm.Address{}, fmt.Errorf("%s: %w on its declared interfaces %v", d.Name, ErrNoAddress, d.MACs)
 	}
-	for _, source := range []struct {
-		name string
-		src  libvirt.DomainInterfaceAddressesSource
-	}{{"lease", libvirt.DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE}, {"arp", libvirt.DOMAIN_INTERFACE_ADDRESSES_SRC_ARP}} {
-		seen, err := p.interfaces(ctx, d, source.src)
-		if err != nil {
-			p.log.Debug("address source unavailable", "vm", d.Name, "source", source.name, "err", err)
-			continue
-		}
+	for name, seen := range views {
 		known := addressesOn(seen, d.MACs)
 		if len(known) == 0 {
 			continue
 		}
 		for _, ip := range candidates {
 			if slices.Contains(known, ip) {
-				return vm.Address{IP: ip, ConfirmedBy: source.name}, nil
+				return vm.Address{IP: ip, ConfirmedBy: name}, nil
 			}
 		}
-		return vm.Address{}, fmt.Errorf("%s: %w: the guest agent reports %v, the %s table %v", d.Name, ErrAddressesDisagree, candidates, source.name, known)
+		return vm.Address{}, fmt.Errorf("%s: %w: the guest agent reports %v, the %s table %v", d.Name, ErrAddressesDisagree, candidates, name, known)
 	}
 	return vm.Address{}, fmt.Errorf("%s: %w: the guest agent reports %v", d.Name, ErrAddressUnconfirmed, candidates)
 }

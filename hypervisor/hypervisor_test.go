@@ -74,3 +74,52 @@ func TestLabelsNamespace(t *testing.T) {
 		t.Fatalf("labels %+v, want team=web from the bastion's namespace only", l)
 	}
 }
+
+func TestChooseAddress(t *testing.T) {
+	d := vm.Domain{Name: "web1", MACs: []string{"52:54:00:b7:00:00"}}
+	iface := func(addrs ...string) []libvirt.DomainInterface {
+		var a []libvirt.DomainIPAddress
+		for _, s := range addrs {
+			a = append(a, libvirt.DomainIPAddress{Addr: s})
+		}
+		return []libvirt.DomainInterface{{Name: "eth0", Hwaddr: "52:54:00:b7:00:00", Addrs: a}}
+	}
+	views := func(v map[string][]libvirt.DomainInterface, order ...string) func(func(string, []libvirt.DomainInterface) bool) {
+		return func(yield func(string, []libvirt.DomainInterface) bool) {
+			for _, name := range order {
+				if !yield(name, v[name]) {
+					return
+				}
+			}
+		}
+	}
+	notLocal := func(netip.Addr) bool { return false }
+	for _, tc := range []struct {
+		name   string
+		agent  []libvirt.DomainInterface
+		views  func(func(string, []libvirt.DomainInterface) bool)
+		local  func(netip.Addr) bool
+		want   string
+		by     string
+		reason error
+	}{
+		{"confirmed by the lease", iface("192.168.214.10"), views(map[string][]libvirt.DomainInterface{"lease": iface("192.168.214.10")}, "lease", "arp"), notLocal, "192.168.214.10", "lease", nil},
+		{"confirmed by arp", iface("192.168.214.10"), views(map[string][]libvirt.DomainInterface{"arp": iface("192.168.214.10")}, "lease", "arp"), notLocal, "192.168.214.10", "arp", nil},
+		{"disagree", iface("192.168.214.99"), views(map[string][]libvirt.DomainInterface{"lease": iface("192.168.214.10")}, "lease", "arp"), notLocal, "", "", ErrAddressesDisagree},
+		{"nobody confirms", iface("192.168.214.10"), views(nil, "lease", "arp"), notLocal, "", "", ErrAddressUnconfirmed},
+		{"the bastion's own", iface("192.168.214.1"), views(map[string][]libvirt.DomainInterface{"lease": iface("192.168.214.1")}, "lease"),
+			func(ip netip.Addr) bool { return ip.String() == "192.168.214.1" }, "", "", ErrNoAddress},
+		{"unspecified only", iface("0.0.0.0"), views(map[string][]libvirt.DomainInterface{"lease": iface("0.0.0.0")}, "lease"), notLocal, "", "", ErrNoAddress},
+	} {
+		got, err := chooseAddress(d, tc.agent, tc.views, tc.local)
+		if tc.reason != nil {
+			if !errors.Is(err, tc.reason) {
+				t.Errorf("%s: %v, %v; want %v", tc.name, got, err, tc.reason)
+			}
+			continue
+		}
+		if err != nil || got.IP.String() != tc.want || got.ConfirmedBy != tc.by {
+			t.Errorf("%s: %+v, %v; want %s by %s", tc.name, got, err, tc.want, tc.by)
+		}
+	}
+}
