@@ -5,6 +5,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/internal/testenv"
 )
 
 // TestRewrittenAuthorizedKeysHeal: configuration management rewriting a
@@ -17,15 +21,12 @@ func TestRewrittenAuthorizedKeysHeal(t *testing.T) {
 	if res := b.ssh(nil, target, "echo first"); res.Exit != 0 || string(res.Stdout) != "first\n" {
 		t.Fatalf("first login: %v %q", res, res.Stdout)
 	}
-	saved := virsh(t, "get-user-sshkeys", web1, "user")
-	t.Cleanup(func() {
-		path := filepath.Join(t.TempDir(), "keys")
-		os.WriteFile(path, []byte(saved), 0o600)
-		virsh(t, "set-user-sshkeys", web1, "user", "--reset", "--file", path)
-	})
-	empty := filepath.Join(t.TempDir(), "empty")
-	os.WriteFile(empty, nil, 0o600)
-	virsh(t, "set-user-sshkeys", web1, "user", "--reset", "--file", empty)
+	// What configuration management leaves: the keys it manages, none of
+	// them the bastion's.
+	managed, _ := testenv.NewKey(t)
+	file := filepath.Join(t.TempDir(), "authorized_keys")
+	os.WriteFile(file, gossh.MarshalAuthorizedKey(managed.PublicKey()), 0o600)
+	virsh(t, "set-user-sshkeys", web1, "user", "--reset", "--file", file)
 	res := b.ssh(nil, target, "echo healed")
 	if res.Exit != 0 || string(res.Stdout) != "healed\n" {
 		t.Fatalf("a login after authorized_keys was rewritten: %v %q", res, res.Stdout)
