@@ -25,19 +25,27 @@ func (p *Pool) agent(ctx context.Context, d vm.Domain, command string, args any,
 	if err != nil {
 		return err
 	}
-	timeout := p.agentTimeout(ctx)
-	reply, err := call(ctx, func() (string, error) {
-		dom, err := p.domain(d)
-		if err != nil {
-			return "", err
+	var reply string
+	for delay := 250 * time.Millisecond; ; delay = min(2*delay, 2*time.Second) {
+		timeout := p.agentTimeout(ctx)
+		reply, err = call(ctx, func() (string, error) {
+			dom, err := p.domain(d)
+			if err != nil {
+				return "", err
+			}
+			defer dom.Free()
+			reply, err := dom.QemuAgentCommand(string(body), timeout, 0)
+			if err != nil {
+				return "", classify(err)
+			}
+			return reply, nil
+		})
+		if !errors.Is(err, ErrAgentNotConnected) || !p.settling(d.URI) || !waitFor(ctx, delay) {
+			break
 		}
-		defer dom.Free()
-		reply, err := dom.QemuAgentCommand(string(body), timeout, 0)
-		if err != nil {
-			return "", classify(err)
-		}
-		return reply, nil
-	})
+		// libvirt was reconnected a moment ago and is still reaching the
+		// guest agents: wait for this one within the caller's deadline.
+	}
 	if err != nil {
 		return fmt.Errorf("%s: %s: %w", d.Name, command, err)
 	}
@@ -54,6 +62,20 @@ func (p *Pool) agent(ctx context.Context, d vm.Domain, command string, args any,
 		return fmt.Errorf("%s: %s: %w: unexpected reply: %w", d.Name, command, ErrAgentFailed, err)
 	}
 	return nil
+}
+
+// waitFor sleeps d and reports true, or false at once if ctx would end
+// within d and a second.
+func waitFor(ctx context.Context, d time.Duration) bool {
+	if deadline, ok := ctx.Deadline(); ok && time.Until(deadline) < d+time.Second {
+		return false
+	}
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(d):
+		return true
+	}
 }
 
 // agentTimeout is the pool's agent timeout in whole seconds, shortened to

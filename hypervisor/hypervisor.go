@@ -15,6 +15,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"libvirt.org/go/libvirt"
@@ -45,9 +46,22 @@ type Pool struct {
 	agentLimit time.Duration
 	maxRead    int
 
-	mu    sync.Mutex // protects conns
-	conns map[string]*libvirt.Connect
+	closing atomic.Bool // set by Close: connections closing are not lost
+
+	mu     sync.Mutex // protects conns and opened
+	conns  map[string]*libvirt.Connect
+	opened map[string]time.Time // when each URI's connection was last (re)opened
 }
+
+// agentSettle is how long after libvirt was (re)connected the pool waits
+// for a guest agent libvirt reports as not connected: a libvirtd that has
+// just started takes some seconds to reach the agents of running guests.
+// Past it, an agent that is not connected is reported at once.
+const agentSettle = time.Minute
+
+// reconnectBackoff bounds the wait between attempts to reopen a lost
+// connection.
+const reconnectBackoff = 30 * time.Second
 
 // Options configure Open.
 type Options struct {
@@ -78,7 +92,8 @@ func Open(uris []string, opts Options) (*Pool, error) {
 	if opts.OnEvent != nil {
 		eventLoop.Do(startEventLoop)
 	}
-	p := &Pool{uris: uris, log: log, events: opts.OnEvent, agentLimit: opts.AgentTimeout, conns: make(map[string]*libvirt.Connect)}
+	p := &Pool{uris: uris, log: log, events: opts.OnEvent, agentLimit: opts.AgentTimeout, conns: make(map[string]*libvirt.Connect),
+		opened: make(map[string]time.Time)}
 	if p.agentLimit <= 0 {
 		p.agentLimit = 10 * time.Second
 	}
@@ -110,9 +125,13 @@ func startEventLoop() {
 
 // Close closes every connection.
 func (p *Pool) Close() {
+	p.closing.Store(true)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for uri, c := range p.conns {
+		if p.events != nil {
+			c.UnregisterCloseCallback()
+		}
 		c.Close()
 		delete(p.conns, uri)
 	}
@@ -126,8 +145,10 @@ func (p *Pool) conn(uri string) (*libvirt.Connect, error) {
 		if alive, err := c.IsAlive(); err == nil && alive {
 			return c, nil
 		}
-		c.Close()
-		delete(p.conns, uri)
+		p.dropLocked(uri, c)
+	}
+	if p.closing.Load() {
+		return nil, fmt.Errorf("%w: %s: the pool is closed", ErrUnavailable, uri)
 	}
 	c, err := libvirt.NewConnect(uri)
 	if err != nil {
@@ -139,9 +160,94 @@ func (p *Pool) conn(uri string) (*libvirt.Connect, error) {
 			c.Close()
 			return nil, fmt.Errorf("%w: %s: events: %s", ErrUnavailable, uri, libvirtMessage(err))
 		}
+		// With the event loop running, libvirt tells of a connection that
+		// dies (libvirtd restarted, keepalive missed) as it happens.
+		c.RegisterCloseCallback(func(_ *libvirt.Connect, reason libvirt.ConnectCloseReason) {
+			if reason != libvirt.CONNECT_CLOSE_REASON_CLIENT && !p.closing.Load() {
+				go p.lost(uri, c, reason)
+			}
+		})
 	}
+	_, reopened := p.opened[uri]
 	p.conns[uri] = c
+	p.opened[uri] = time.Now()
+	if reopened && p.events != nil {
+		// Whatever happened while the connection was down went unheard, so
+		// what was verified before it is verified again.
+		p.log.Info("hypervisor reconnected", "uri", uri)
+		go p.events(vm.Event{URI: uri, Kind: vm.EventReconnected})
+	}
 	return c, nil
+}
+
+// dropLocked forgets c, the connection to uri, if it is still the pool's.
+// p.mu must be held.
+func (p *Pool) dropLocked(uri string, c *libvirt.Connect) bool {
+	if p.conns[uri] != c {
+		return false
+	}
+	delete(p.conns, uri)
+	if p.events != nil {
+		c.UnregisterCloseCallback()
+	}
+	c.Close()
+	return true
+}
+
+// drop forgets c, the connection to uri, after a call on it failed as if
+// the connection were dead, so that the next use opens a new one.
+func (p *Pool) drop(uri string, c *libvirt.Connect) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.dropLocked(uri, c)
+}
+
+// lost handles libvirt's report that the connection c to uri died: it is
+// dropped and reopened in the background, with backoff, so that events
+// flow again without waiting for the next login to need the hypervisor.
+func (p *Pool) lost(uri string, c *libvirt.Connect, reason libvirt.ConnectCloseReason) {
+	p.mu.Lock()
+	ours := p.dropLocked(uri, c)
+	p.mu.Unlock()
+	if !ours {
+		return
+	}
+	p.log.Warn("hypervisor connection lost; reconnecting", "uri", uri, "reason", closeReason(reason))
+	for delay := time.Second; !p.closing.Load(); delay = min(2*delay, reconnectBackoff) {
+		time.Sleep(delay)
+		p.mu.Lock()
+		_, reopened := p.conns[uri] // a caller may have reopened it first
+		p.mu.Unlock()
+		if reopened {
+			return
+		}
+		if _, err := p.conn(uri); err == nil {
+			return
+		} else {
+			p.log.Debug("hypervisor still unreachable", "uri", uri, "err", err, "retry_in", min(2*delay, reconnectBackoff))
+		}
+	}
+}
+
+func closeReason(r libvirt.ConnectCloseReason) string {
+	switch r {
+	case libvirt.CONNECT_CLOSE_REASON_ERROR:
+		return "error"
+	case libvirt.CONNECT_CLOSE_REASON_EOF:
+		return "closed by the hypervisor"
+	case libvirt.CONNECT_CLOSE_REASON_KEEPALIVE:
+		return "keepalive timed out"
+	}
+	return "client"
+}
+
+// settling reports whether uri's connection was opened so recently that
+// libvirt may still be reaching the guest agents.
+func (p *Pool) settling(uri string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	opened, ok := p.opened[uri]
+	return ok && time.Since(opened) < agentSettle
 }
 
 // call runs fn, which may block in libvirt, until ctx is done. fn keeps
@@ -231,21 +337,41 @@ func (p *Pool) List(ctx context.Context) ([]vm.Domain, error) {
 }
 
 func (p *Pool) find(uri, name string) (vm.Domain, error) {
-	c, err := p.conn(uri)
+	dom, err := p.lookup(uri, func(c *libvirt.Connect) (*libvirt.Domain, error) {
+		if uuidPattern.MatchString(name) {
+			return c.LookupDomainByUUIDString(name)
+		}
+		return c.LookupDomainByName(name)
+	})
 	if err != nil {
 		return vm.Domain{}, err
 	}
-	var dom *libvirt.Domain
-	if uuidPattern.MatchString(name) {
-		dom, err = c.LookupDomainByUUIDString(name)
-	} else {
-		dom, err = c.LookupDomainByName(name)
-	}
-	if err != nil {
-		return vm.Domain{}, classify(err)
-	}
 	defer dom.Free()
 	return describe(uri, dom)
+}
+
+// lookup looks a domain up on uri's connection. A lookup changes nothing,
+// so one that fails because the connection has died (libvirtd restarted
+// before libvirt noticed) is tried once more on a new connection: every
+// call on a domain begins with a lookup, which keeps the call itself from
+// running on a dead connection.
+func (p *Pool) lookup(uri string, fn func(*libvirt.Connect) (*libvirt.Domain, error)) (*libvirt.Domain, error) {
+	for attempt := 0; ; attempt++ {
+		c, err := p.conn(uri)
+		if err != nil {
+			return nil, err
+		}
+		dom, err := fn(c)
+		if err == nil {
+			return dom, nil
+		}
+		err = classify(err)
+		if !errors.Is(err, ErrUnavailable) || attempt > 0 {
+			return nil, err
+		}
+		p.log.Info("hypervisor connection failed; reopening it", "uri", uri, "err", err)
+		p.drop(uri, c)
+	}
 }
 
 func describe(uri string, dom *libvirt.Domain) (vm.Domain, error) {
@@ -304,15 +430,12 @@ type domainXML struct {
 // survive reconnections and find the VM after it migrates between URIs of
 // the pool. The caller frees the result.
 func (p *Pool) domain(d vm.Domain) (*libvirt.Domain, error) {
-	c, err := p.conn(d.URI)
-	if err == nil {
-		dom, err := c.LookupDomainByUUIDString(d.UUID)
-		if err == nil {
-			return dom, nil
-		}
-		if !errors.Is(classify(err), vm.ErrNoSuchVM) {
-			return nil, classify(err)
-		}
+	dom, err := p.lookup(d.URI, func(c *libvirt.Connect) (*libvirt.Domain, error) { return c.LookupDomainByUUIDString(d.UUID) })
+	switch {
+	case err == nil:
+		return dom, nil
+	case !errors.Is(err, vm.ErrNoSuchVM) && !errors.Is(err, ErrUnavailable):
+		return nil, err
 	}
 	for _, uri := range p.uris {
 		if uri == d.URI {
@@ -323,6 +446,9 @@ func (p *Pool) domain(d vm.Domain) (*libvirt.Domain, error) {
 				return dom, nil
 			}
 		}
+	}
+	if errors.Is(err, ErrUnavailable) {
+		return nil, err
 	}
 	return nil, fmt.Errorf("%w: %s (%s)", vm.ErrNoSuchVM, d.Name, d.UUID)
 }

@@ -94,6 +94,10 @@ const (
 	EventAgentGone    EventKind = "agent_gone"    // the guest agent disconnected
 	EventStarted      EventKind = "started"       // booted
 	EventAgentArrived EventKind = "agent_arrived" // the guest agent connected
+	// EventReconnected is about every VM of a hypervisor (URI set, no
+	// UUID): its connection was lost and is back, and what happened
+	// meanwhile went unheard.
+	EventReconnected EventKind = "hypervisor_reconnected"
 )
 
 // Event is a lifecycle or guest agent event of one VM.
