@@ -119,7 +119,8 @@ type Manager struct {
 	inflight  map[key]*flight
 	hostKeys  map[string]map[string]bool // host key fingerprint → UUIDs seen presenting it
 
-	stateMu sync.Mutex // serialises writes of the state file; taken before mu
+	stateMu     sync.Mutex // serialises writes of the state file; taken before mu
+	stateBehind bool       // the last write of the state file failed; under stateMu
 }
 
 type key struct{ uri, uuid, login string }
@@ -169,6 +170,7 @@ func (m *Manager) Start() (stop func(), err error) {
 			select {
 			case <-t.C:
 				m.Expire()
+				m.retryState()
 			case <-done:
 				return
 			}
@@ -329,15 +331,15 @@ func (m *Manager) Forget(d vm.Domain, login, why string) {
 
 // HandleEvent drops the trusts of the VM an event is about when the event
 // breaks the binding that was verified: a stop, a reboot, a migration, an
-// undefine, the agent leaving. It does not block; pass it as
-// hypervisor.Options.OnEvent.
+// undefine, the agent leaving; and every trust on a hypervisor whose
+// connection came back, since its events in between went unheard. It does
+// not block; pass it as hypervisor.Options.OnEvent.
 func (m *Manager) HandleEvent(e vm.Event) {
 	switch e.Kind {
 	case vm.EventStopped, vm.EventRebooted, vm.EventMigrated, vm.EventUndefined, vm.EventAgentGone:
-		go func() {
-			m.Drop(e.UUID, string(e.Kind))
-			m.Audit.Emit(audit.Event{Type: audit.TrustDropped, VM: e.Name, Reason: string(e.Kind)})
-		}()
+		go m.drop(func(k key) bool { return k.uuid == e.UUID }, string(e.Kind))
+	case vm.EventReconnected:
+		go m.drop(func(k key) bool { return k.uri == e.URI }, string(e.Kind))
 	}
 }
 
@@ -345,19 +347,28 @@ func (m *Manager) HandleEvent(e vm.Event) {
 // events require. The keys stay in the guest until their expiry-time,
 // since a stopped VM cannot be edited.
 func (m *Manager) Drop(uuid, reason string) {
+	m.drop(func(k key) bool { return k.uuid == uuid }, reason)
+}
+
+// drop forgets the trusts whose keys match, auditing each.
+func (m *Manager) drop(match func(key) bool, reason string) {
 	m.mu.Lock()
-	var dropped int
-	for k := range m.trusts {
-		if k.uuid == uuid {
+	var dropped []*Trust
+	for k, t := range m.trusts {
+		if match(k) {
 			delete(m.trusts, k)
-			dropped++
+			dropped = append(dropped, t)
 		}
 	}
 	m.mu.Unlock()
-	if dropped > 0 {
-		m.log().Info("trust dropped", "uuid", uuid, "reason", reason, "logins", dropped)
-		m.changed()
+	if len(dropped) == 0 {
+		return
 	}
+	for _, t := range dropped {
+		m.log().Info("trust dropped", "vm", t.Domain.Name, "login", t.Login, "reason", reason)
+		m.Audit.Emit(audit.Event{Type: audit.TrustDropped, VM: t.Domain.Name, Login: t.Login, Reason: reason})
+	}
+	m.changed()
 }
 
 // Trusts returns a snapshot of the current trusts.
@@ -383,8 +394,29 @@ func (m *Manager) snapshotLocked() []Trust {
 func (m *Manager) changed() {
 	m.stateMu.Lock()
 	defer m.stateMu.Unlock()
-	if err := m.writeState(m.Trusts()); err != nil {
-		m.log().Error("trust state file", "err", err)
+	m.recordLocked()
+}
+
+// recordLocked writes the state file and remembers whether it failed.
+// m.stateMu must be held.
+func (m *Manager) recordLocked() {
+	err := m.writeState(m.Trusts())
+	switch {
+	case err != nil:
+		m.log().Error("trust state file not written; the previous one stays until there is room", "err", err)
+	case m.stateBehind:
+		m.log().Info("trust state file written again")
+	}
+	m.stateBehind = err != nil
+}
+
+// retryState writes the state file again if the last write failed (a full
+// disk, say), so that it catches up without waiting for the next change.
+func (m *Manager) retryState() {
+	m.stateMu.Lock()
+	defer m.stateMu.Unlock()
+	if m.stateBehind {
+		m.recordLocked()
 	}
 }
 

@@ -346,3 +346,27 @@ func TestExpiredKeyRefusedBySSHD(t *testing.T) {
 		g.mu.Unlock()
 	}
 }
+
+// TestReconnectedHypervisorDropsItsTrusts: while the connection to a
+// hypervisor was down its events went unheard, so when it comes back every
+// trust on it is checked again; a trust on another hypervisor stays.
+func TestReconnectedHypervisorDropsItsTrusts(t *testing.T) {
+	g := newLocalGuest(t)
+	m := g.manager()
+	if _, err := m.Get(context.Background(), vm1, g.sshd.Login); err != nil {
+		t.Fatal(err)
+	}
+	m.HandleEvent(vm.Event{URI: "qemu+ssh://elsewhere/system", Kind: vm.EventReconnected})
+	time.Sleep(200 * time.Millisecond)
+	if len(m.Trusts()) != 1 {
+		t.Fatal("another hypervisor's reconnection dropped the trust")
+	}
+	m.HandleEvent(vm.Event{URI: vm1.URI, Kind: vm.EventReconnected})
+	deadline := time.Now().Add(5 * time.Second)
+	for len(m.Trusts()) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the trust survived its hypervisor's reconnection")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
