@@ -147,6 +147,36 @@ func (s *Server) Revalidate() {
 	}
 }
 
+// VMEvent ends the sessions on a VM that stopped, rebooted or was
+// undefined, each with a message saying so: their upstream is gone, or
+// about to be, and a reset guest would leave them hanging until TCP gave
+// up. Other events leave sessions alone (a guest agent that leaves does
+// not touch sshd). It does not block; the trust manager drops the trust
+// itself.
+func (s *Server) VMEvent(e vm.Event) {
+	var what string
+	switch e.Kind {
+	case vm.EventStopped:
+		what = "stopped"
+	case vm.EventRebooted:
+		what = "rebooted"
+	case vm.EventUndefined:
+		what = "was removed from its hypervisor"
+	default:
+		return
+	}
+	go func() {
+		for _, l := range s.openLinks() {
+			if l.vm.UUID != e.UUID || l.vm.URI != e.URI {
+				continue
+			}
+			l.log.Info("VM went away; ending its link", "event", string(e.Kind))
+			s.audit(l.event().With(audit.Ended, "", "", "vm "+string(e.Kind)))
+			l.end(fmt.Sprintf("bastion: %s %s; the session ended", l.vm.Name, what))
+		}
+	}()
+}
+
 // openLinks is a snapshot of the open links.
 func (s *Server) openLinks() []*link {
 	s.linksMu.Lock()

@@ -180,7 +180,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	if len(c.Hypervisors) == 0 {
 		logger.Warn("no [[hypervisor]] configured: no VM can be reached")
 	} else {
-		f, err := openFleet(c, logger, sink)
+		f, err := openFleet(c, logger, sink, srv.VMEvent)
 		if err != nil {
 			return err
 		}
@@ -254,7 +254,7 @@ func vmLocal(configPath string, args []string, out io.Writer) error {
 		return errors.New("no [[hypervisor]] configured")
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	f, err := openFleet(c, logger, nil)
+	f, err := openFleet(c, logger, nil, nil)
 	if err != nil {
 		return err
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/bastionvm/bastion/bastion/dispense"
 	"github.com/bastionvm/bastion/bastion/trust"
 	"github.com/bastionvm/bastion/hypervisor"
+	"github.com/bastionvm/bastion/vm"
 )
 
 // heapFloor is allocated once and never touched: the live heap it adds
@@ -41,8 +42,8 @@ type fleet struct {
 
 // openFleet connects to the configured hypervisors. The trust manager
 // hears their lifecycle events; sink, if set, receives the audit events
-// of trust and dispense.
-func openFleet(c *Config, logger *slog.Logger, sink audit.Sink) (*fleet, error) {
+// of trust and dispense; onEvent, if set, hears the events after it.
+func openFleet(c *Config, logger *slog.Logger, sink audit.Sink, onEvent func(vm.Event)) (*fleet, error) {
 	templates, err := c.templates()
 	if err != nil {
 		return nil, err
@@ -69,7 +70,14 @@ func openFleet(c *Config, logger *slog.Logger, sink audit.Sink) (*fleet, error) 
 		Logger:    logger,
 		Audit:     sink,
 	}
-	pool, err := hypervisor.Open(uris, hypervisor.Options{Logger: logger, OnEvent: manager.HandleEvent})
+	events := manager.HandleEvent
+	if onEvent != nil {
+		events = func(e vm.Event) {
+			manager.HandleEvent(e)
+			onEvent(e)
+		}
+	}
+	pool, err := hypervisor.Open(uris, hypervisor.Options{Logger: logger, OnEvent: events})
 	if err != nil {
 		return nil, err
 	}
