@@ -54,10 +54,22 @@ func startBastion(t *testing.T, extra string) *bastionProc {
 // startBastionRules starts the bastion binary with rules as its policy.
 func startBastionRules(t *testing.T, rules string) *bastionProc {
 	t.Helper()
+	b := newBastionProc(t, "", rules)
+	b.launch()
+	return b
+}
+
+// newBastionProc writes a configuration with rules as its policy and state
+// (a new directory if "") as its state directory, and the client's files;
+// launch starts it.
+func newBastionProc(t *testing.T, state, rules string) *bastionProc {
+	t.Helper()
 	b := &bastionProc{t: t, dir: t.TempDir(), stderr: &testenv.LockedBuffer{}}
 	b.config = filepath.Join(b.dir, "bastion.toml")
 	b.audit = filepath.Join(b.dir, "audit.jsonl")
-	state := filepath.Join(b.dir, "state")
+	if state == "" {
+		state = filepath.Join(b.dir, "state")
+	}
 	// The host CA is made first, so the client can trust it.
 	write(t, b.config, fmt.Sprintf("[server]\nstate_dir = %q\n", state))
 	out, err := exec.Command(binary, "keys", "known-hosts", "--config", b.config).Output()
@@ -91,6 +103,16 @@ keys = [%q]
 	}
 	write(t, filepath.Join(b.client.Dir, "known_hosts"), string(scoped))
 
+	b.launch()
+	return b
+}
+
+// launch starts `bastion serve` on b's configuration and points the
+// client at the address it listens on. The process is stopped when the
+// test ends.
+func (b *bastionProc) launch() {
+	t := b.t
+	t.Helper()
 	cmd := exec.Command(binary, "serve", "--config", b.config)
 	pipe, err := cmd.StderrPipe()
 	if err != nil {
@@ -126,9 +148,9 @@ keys = [%q]
 	// Point the client's "bastion" at the real address.
 	cfg, _ := os.ReadFile(b.client.Config)
 	host, port, _ := strings.Cut(b.addr, ":")
-	cfg = []byte(strings.Replace(strings.Replace(string(cfg), "HostName 127.0.0.1", "HostName "+host, 1), "Port 1\n", "Port "+port+"\n", 1))
+	cfg = regexp.MustCompile(`(?m)^(\s*)HostName 127\.0\.0\.1$`).ReplaceAll(cfg, []byte("${1}HostName "+host))
+	cfg = regexp.MustCompile(`(?m)^(\s*)Port \d+$`).ReplaceAll(cfg, []byte("${1}Port "+port))
 	write(t, b.client.Config, string(cfg))
-	return b
 }
 
 // reload replaces the policy with rules and sends SIGHUP.

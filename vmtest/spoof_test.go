@@ -1,6 +1,7 @@
 package vmtest
 
 import (
+	"io"
 	"net"
 	"os/exec"
 	"regexp"
@@ -83,7 +84,8 @@ func TestImpostorRefused(t *testing.T) {
 
 // TestAgentFailuresRefused breaks and mends the agent guest in turn: a
 // silent agent, file commands blocked, a clone of another VM's host keys,
-// and a reboot, which drops trust at once.
+// the agent stopped during a session, and a reset during one, which
+// ends the session and drops the trust at once.
 func TestAgentFailuresRefused(t *testing.T) {
 	target := "root@" + agent
 	t.Run("silent agent", func(t *testing.T) {
@@ -133,21 +135,34 @@ func TestAgentFailuresRefused(t *testing.T) {
 		}
 		refused(t, b, "root@"+web1, "another VM presents the same host key")
 	})
-	t.Run("reboot drops trust", func(t *testing.T) {
+	t.Run("agent stopped during a session", func(t *testing.T) {
+		// The session itself stops the agent, and starts it again when
+		// the test says so.
 		b := startBastion(t, "")
-		if res := b.ssh(nil, target, "true"); res.Exit != 0 {
-			t.Fatalf("before the reboot: %v", res)
+		s := b.start(target, "echo started; systemctl stop qemu-guest-agent; echo stopped; read line; systemctl start qemu-guest-agent; echo still here")
+		t.Cleanup(func() { waitAgent(t, agent, true) })
+		s.expect(t, "stopped")
+		refused(t, b, "user@"+agent, "guest agent is not connected")
+		io.WriteString(s.stdin, "go on\n")
+		s.expect(t, "still here")
+		if code := s.ended(t, time.Minute); code != 0 {
+			t.Fatalf("the session across the agent's absence: exit %d, stderr %s", code, s.stderr.String())
 		}
+	})
+	t.Run("reset during a session", func(t *testing.T) {
+		// A hard reset: the guest's sshd says nothing, so the bastion ends
+		// the session itself, on libvirt's event, and tells the user.
+		b := startBastion(t, "")
+		s := b.start(target, "echo started; sleep 600")
 		if !strings.Contains(b.trustLs(), agent) {
-			t.Fatalf("no trust before the reboot:\n%s", b.trustLs())
+			t.Fatalf("no trust before the reset:\n%s", b.trustLs())
 		}
-		virsh(t, "reboot", agent)
-		deadline := time.Now().Add(60 * time.Second)
-		for strings.Contains(b.trustLs(), agent) {
-			if time.Now().After(deadline) {
-				t.Fatalf("trust not dropped after the reboot:\n%s", b.trustLs())
-			}
-			time.Sleep(200 * time.Millisecond)
+		virsh(t, "reset", agent)
+		if code := s.ended(t, time.Minute); code != 255 || !strings.Contains(s.stderr.String(), "bastion: "+agent+" rebooted; the session ended") {
+			t.Fatalf("the session on the reset VM: exit %d, stderr %q", code, s.stderr.String())
+		}
+		if strings.Contains(b.trustLs(), agent) {
+			t.Fatalf("trust not dropped after the reset:\n%s", b.trustLs())
 		}
 		if len(b.auditEvents("trust_dropped")) == 0 {
 			t.Error("no trust_dropped audit event")
@@ -161,7 +176,7 @@ func TestAgentFailuresRefused(t *testing.T) {
 			time.Sleep(2 * time.Second)
 		}
 		if res.Exit != 0 || len(b.auditEvents("trust_verified")) < 2 {
-			t.Fatalf("after the reboot: %v, verified %d times", res, len(b.auditEvents("trust_verified")))
+			t.Fatalf("after the reset: %v, verified %d times", res, len(b.auditEvents("trust_verified")))
 		}
 	})
 }
