@@ -1,7 +1,9 @@
 package bastion
 
 import (
+	"context"
 	"errors"
+	"sync"
 	"time"
 
 	gossh "golang.org/x/crypto/ssh"
@@ -57,14 +59,27 @@ func (s *Server) sendRequest(conn gossh.Conn, name string, wantReply bool, paylo
 
 // keepalive probes conn every keepalive interval and closes it after three
 // probes in a row go unanswered. It returns at once: the probes run from a
-// timer, so an idle connection keeps no goroutine waiting for them.
-func (s *Server) keepalive(conn gossh.Conn) {
+// timer, so an idle connection keeps no goroutine waiting for them. The
+// timer stops when ended is done (the connection closed), so that it does
+// not hold the connection's memory for up to an interval after its end.
+func (s *Server) keepalive(ended context.Context, conn gossh.Conn) {
 	interval := s.keepAliveInterval()
 	if interval <= 0 {
 		return
 	}
+	var (
+		mu    sync.Mutex // protects timer
+		timer *time.Timer
+	)
 	missed := 0 // touched only by one probe at a time
 	var probe func()
+	schedule := func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if ended.Err() == nil {
+			timer = time.AfterFunc(interval, probe)
+		}
+	}
 	probe = func() {
 		_, _, err := s.within(func() (bool, []byte, error) {
 			return conn.SendRequest("keepalive@openssh.com", true, nil)
@@ -82,7 +97,12 @@ func (s *Server) keepalive(conn gossh.Conn) {
 		default:
 			return // the connection is closed
 		}
-		time.AfterFunc(interval, probe)
+		schedule()
 	}
-	time.AfterFunc(interval, probe)
+	schedule()
+	context.AfterFunc(ended, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		timer.Stop()
+	})
 }

@@ -41,8 +41,10 @@ type link struct {
 	down gossh.Conn // set by start, before any channel is handled
 
 	closeOnce sync.Once
-	done      chan struct{} // closed when the link has ended
-	open      counter       // channels open on the inner hop
+	done      chan struct{}      // closed when the link has ended
+	ended     context.Context    // done when the link has ended, for timers
+	endedNow  context.CancelFunc // ends ended
+	open      counter            // channels open on the inner hop
 
 	mu       sync.Mutex              // protects the fields below
 	forwards map[string]bool         // remote forwards granted to the downstream, "host:port"
@@ -141,6 +143,7 @@ func (l *link) close() {
 		l.log.Info("disconnected")
 		s.audit(l.event().With(audit.Disconnected, "", "", ""))
 		close(l.done)
+		l.endedNow()
 	})
 }
 
@@ -212,6 +215,7 @@ func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, err
 	}
 	l := &link{srv: s, front: fc, vm: d, login: login, log: log, done: make(chan struct{}),
 		forwards: make(map[string]bool), active: make(map[*activeChannel]bool)}
+	l.ended, l.endedNow = context.WithCancel(context.Background())
 	err = l.dial(ctx, target)
 	if errors.Is(err, ErrUpstreamAuth) || errors.Is(err, keys.ErrHostKeyMismatch) {
 		// The VM no longer takes the trust's key (configuration management
@@ -374,7 +378,7 @@ func (l *link) start(down gossh.Conn) {
 	s.links[l] = true
 	s.linksMu.Unlock()
 	go l.upstream()
-	s.keepalive(l.up) // the front door keeps its own connections alive
+	s.keepalive(l.ended, l.up) // the front door keeps its own connections alive
 	go func() {
 		down.Wait()
 		l.close()

@@ -590,7 +590,7 @@ func (s *Server) state(ctx ssh.Context, conn *gossh.ServerConn) *frontConn {
 	fc := ctx.Value(ctxKey{}).(*frontConn)
 	fc.loginOnce.Do(func() {
 		fc.conn = conn
-		s.keepalive(conn)
+		s.keepalive(fc.ctx, conn)
 	})
 	return fc
 }
