@@ -139,6 +139,11 @@ func (h *harness) run() error {
 			return err
 		}
 	}
+	if o.rows["soak"] {
+		if err := h.rowSoak(); err != nil {
+			return err
+		}
+	}
 	return h.report()
 }
 

@@ -36,9 +36,11 @@ type options struct {
 	conc       int
 	profile    bool
 	keep       bool
+	soakN      int
+	soakFor    time.Duration
 }
 
-var allRows = []string{"setup", "bulk", "sftp", "cpu", "mem", "max", "vm"}
+var allRows = []string{"setup", "bulk", "sftp", "cpu", "mem", "max", "vm", "soak"}
 
 func main() {
 	mode := flag.String("mode", "", "internal: reaper, client or stub (the harness re-executes itself)")
@@ -56,6 +58,8 @@ func main() {
 	maxN := flag.Int("max", -1, "the most idle sessions to try to hold on the bastion (default 10000; 2000 with -quick; 0 skips)")
 	conc := flag.Int("concurrency", 16, "connections opened at once by the idle-session clients")
 	profile := flag.Bool("profile", true, "write a CPU profile of the bastion for each bulk and sftp row")
+	soakN := flag.Int("soak-sessions", 1000, "sessions the soak holds at once")
+	soakFor := flag.Duration("soak-duration", 0, "how long the soak's load lasts (default 10m; 1m with -quick)")
 	keep := flag.Bool("keep", false, "keep the working directory (keys, configs, logs, the big file)")
 	flag.Parse()
 
@@ -90,6 +94,14 @@ func main() {
 			return quickValue
 		}
 		return normal
+	}
+	o.soakN = *soakN
+	o.soakFor = *soakFor
+	if o.soakFor <= 0 {
+		o.soakFor = 10 * time.Minute
+		if *quick {
+			o.soakFor = time.Minute
+		}
 	}
 	o.runs = pick(*runs, 3, 2)
 	o.setupRuns = pick(*setupRuns, 21, 10)
