@@ -5,6 +5,8 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 
 	"libvirt.org/go/libvirt"
@@ -122,4 +124,48 @@ func TestChooseAddress(t *testing.T) {
 			t.Errorf("%s: %+v, %v; want %s by %s", tc.name, got, err, tc.want, tc.by)
 		}
 	}
+}
+
+// ifacesFrom reads interfaces from text a hostile guest could choose:
+// "name mac addr addr…" per line.
+func ifacesFrom(text string) []libvirt.DomainInterface {
+	var out []libvirt.DomainInterface
+	for _, line := range strings.Split(text, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		iface := libvirt.DomainInterface{Name: f[0], Hwaddr: f[1]}
+		for _, a := range f[2:] {
+			iface.Addrs = append(iface.Addrs, libvirt.DomainIPAddress{Addr: a})
+		}
+		out = append(out, iface)
+	}
+	return out
+}
+
+// FuzzChooseAddress: whatever interfaces and addresses the guest agent
+// reports, the address chosen is one the agent reported on the VM's own
+// interface, confirmed by the hypervisor's view, and never local.
+func FuzzChooseAddress(f *testing.F) {
+	f.Add("eth0 52:54:00:b7:00:00 192.168.214.10\nlo 00:00:00:00:00:00 127.0.0.1", "vnet0 52:54:00:b7:00:00 192.168.214.10")
+	f.Add("eth0 52:54:00:B7:00:00 192.168.214.10 fe80::1 0.0.0.0", "vnet0 52:54:00:b7:00:00 192.168.214.11")
+	f.Add("eth0 52:54:00:b7:00:00 127.0.0.1 ::1 10.0.0.1/24 999.1.1.1", "")
+	f.Add("eth0 52:54:00:b7:00:00 192.168.214.1", "x 52:54:00:b7:00:00 192.168.214.1")
+	d := vm.Domain{Name: "web1", MACs: []string{"52:54:00:b7:00:00"}}
+	local := func(ip netip.Addr) bool { return ip == netip.MustParseAddr("192.168.214.1") || ip.IsLoopback() }
+	f.Fuzz(func(t *testing.T, agentText, leaseText string) {
+		agent, leases := ifacesFrom(agentText), ifacesFrom(leaseText)
+		views := func(yield func(string, []libvirt.DomainInterface) bool) { yield("lease", leases) }
+		got, err := chooseAddress(d, agent, views, local)
+		if err != nil {
+			return
+		}
+		if local(got.IP) || got.ConfirmedBy != "lease" {
+			t.Fatalf("chose %v (confirmed by %q)", got.IP, got.ConfirmedBy)
+		}
+		if !slices.Contains(addressesOn(agent, d.MACs), got.IP) || !slices.Contains(addressesOn(leases, d.MACs), got.IP) {
+			t.Fatalf("chose %v, which the agent and the leases do not both report on the VM's interface", got.IP)
+		}
+	})
 }
