@@ -154,3 +154,67 @@ func FuzzSessionRequest(f *testing.F) {
 		})
 	})
 }
+
+// FuzzGlobalRequest: one global request, of any type and payload, on a
+// ProxyJump connection (everything is answered here, false) or on a
+// login@vm connection (tcpip-forward and cancel-tcpip-forward go to the
+// VM by policy). A forward granted is cancelled again, so that the VM's
+// sshd does not pile up listeners.
+func FuzzGlobalRequest(f *testing.F) {
+	fx := newFixture(f, quiet)
+	fwd := func(host string, port uint32) []byte {
+		return gossh.Marshal(struct {
+			Host string
+			Port uint32
+		}{host, port})
+	}
+	f.Add(true, "tcpip-forward", fwd("127.0.0.1", 0))
+	f.Add(true, "tcpip-forward", fwd("", 0))
+	f.Add(true, "tcpip-forward", fwd("localhost", 1))
+	f.Add(true, "tcpip-forward", fwd("127.0.0.1", 1<<31))
+	f.Add(true, "tcpip-forward", []byte{0, 0, 0, 9, '1'})
+	f.Add(true, "cancel-tcpip-forward", fwd("127.0.0.1", 40000))
+	f.Add(true, "streamlocal-forward@openssh.com", gossh.Marshal(struct{ Path string }{"/tmp/x.sock"}))
+	f.Add(true, "cancel-streamlocal-forward@openssh.com", gossh.Marshal(struct{ Path string }{"/tmp/x.sock"}))
+	f.Add(false, "tcpip-forward", fwd("127.0.0.1", 0))
+	f.Add(false, "no-more-sessions@openssh.com", []byte(nil))
+	f.Add(false, "hostkeys-prove-00@openssh.com", []byte{0, 0, 0, 0})
+	jump := &liveClient{f: fx, user: "alice"}
+	direct := &liveClient{f: fx, user: fx.login + "@web1"}
+	f.Fuzz(func(t *testing.T, toVM bool, kind string, payload []byte) {
+		live := jump
+		if toVM {
+			live = direct
+		}
+		c := live.get(t)
+		answered(t, "global request "+kind, func() {
+			ok, reply, err := c.SendRequest(kind, true, payload)
+			if err != nil || !ok {
+				return
+			}
+			if !toVM || kind != "tcpip-forward" {
+				t.Errorf("%s granted on a %s connection", kind, live.user)
+				return
+			}
+			var asked struct {
+				Host string
+				Port uint32
+			}
+			if gossh.Unmarshal(payload, &asked) != nil {
+				t.Errorf("tcpip-forward granted for the payload %q", payload)
+				return
+			}
+			if asked.Port == 0 {
+				var bound struct{ Port uint32 }
+				if gossh.Unmarshal(reply, &bound) != nil || bound.Port == 0 {
+					t.Errorf("tcpip-forward for port 0 granted with the reply %q", reply)
+					return
+				}
+				asked.Port = bound.Port
+			}
+			if ok, _, err := c.SendRequest("cancel-tcpip-forward", true, gossh.Marshal(asked)); err == nil && !ok {
+				t.Errorf("the forward %s:%d granted cannot be cancelled", asked.Host, asked.Port)
+			}
+		})
+	})
+}

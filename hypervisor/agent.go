@@ -7,7 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"libvirt.org/go/libvirt"
 
@@ -28,18 +31,7 @@ func (p *Pool) agent(ctx context.Context, d vm.Domain, command string, args any,
 	var reply string
 	for delay := 250 * time.Millisecond; ; delay = min(2*delay, 2*time.Second) {
 		timeout := p.agentTimeout(ctx)
-		reply, err = call(ctx, func() (string, error) {
-			dom, err := p.domain(d)
-			if err != nil {
-				return "", err
-			}
-			defer dom.Free()
-			reply, err := dom.QemuAgentCommand(string(body), timeout, 0)
-			if err != nil {
-				return "", classify(err)
-			}
-			return reply, nil
-		})
+		reply, err = call(ctx, func() (string, error) { return p.send(d, string(body), timeout) })
 		if !errors.Is(err, ErrAgentNotConnected) || !p.settling(d.URI) || !waitFor(ctx, delay) {
 			break
 		}
@@ -62,6 +54,21 @@ func (p *Pool) agent(ctx context.Context, d vm.Domain, command string, args any,
 		return fmt.Errorf("%s: %s: %w: unexpected reply: %w", d.Name, command, ErrAgentFailed, err)
 	}
 	return nil
+}
+
+// libvirtSend is how the pool reaches a guest agent: through libvirt's
+// qemuAgentCommand.
+func (p *Pool) libvirtSend(d vm.Domain, body string, timeout libvirt.DomainQemuAgentCommandTimeout) (string, error) {
+	dom, err := p.domain(d)
+	if err != nil {
+		return "", err
+	}
+	defer dom.Free()
+	reply, err := dom.QemuAgentCommand(body, timeout, 0)
+	if err != nil {
+		return "", classify(err)
+	}
+	return reply, nil
 }
 
 // waitFor sleeps d and reports true, or false at once if ctx would end
@@ -131,6 +138,11 @@ func (p *Pool) ReadFile(ctx context.Context, d vm.Domain, path string) ([]byte, 
 		if err != nil {
 			return nil, fmt.Errorf("%s: guest-file-read %s: %w: %w", d.Name, path, ErrAgentFailed, err)
 		}
+		if len(b) != r.Count {
+			// Every reply but the last must carry data, or a guest could
+			// keep the bastion reading nothing until its deadline.
+			return nil, fmt.Errorf("%s: guest-file-read %s: %w: the reply counts %d bytes and carries %d", d.Name, path, ErrAgentFailed, r.Count, len(b))
+		}
 		data = append(data, b...)
 		if len(data) > p.maxRead {
 			return nil, fmt.Errorf("%s: %w: %s is larger than %d bytes", d.Name, ErrAgentFailed, path, p.maxRead)
@@ -158,9 +170,10 @@ func (p *Pool) WriteFile(ctx context.Context, d vm.Domain, path string, data []b
 			p.closeFile(d, handle)
 			return err
 		}
-		if w.Count <= 0 {
+		if w.Count <= 0 || w.Count > n {
+			// A count past what was sent would run off the end of data.
 			p.closeFile(d, handle)
-			return fmt.Errorf("%s: guest-file-write %s: %w: wrote nothing", d.Name, path, ErrAgentFailed)
+			return fmt.Errorf("%s: guest-file-write %s: %w: the agent says it wrote %d of %d bytes", d.Name, path, ErrAgentFailed, w.Count, n)
 		}
 		data = data[w.Count:]
 	}
@@ -211,10 +224,7 @@ func (p *Pool) Exec(ctx context.Context, d vm.Domain, path string, args ...strin
 				return nil
 			}
 			stderr, _ := base64.StdEncoding.DecodeString(st.ErrData)
-			if len(stderr) > 200 {
-				stderr = stderr[:200]
-			}
-			return fmt.Errorf("%s: %s: %w: exit %d, signal %d: %s", d.Name, path, ErrExitStatus, st.ExitCode, st.Signal, stderr)
+			return fmt.Errorf("%s: %s: %w: exit %d, signal %d: %s", d.Name, path, ErrExitStatus, st.ExitCode, st.Signal, printable(stderr, 200))
 		}
 		select {
 		case <-ctx.Done():
@@ -279,4 +289,20 @@ func (p *Pool) AuthorizedKeys(ctx context.Context, d vm.Domain, user string) ([]
 		return nil, fmt.Errorf("%s: authorized keys of %s: %w", d.Name, user, err)
 	}
 	return keys, nil
+}
+
+// printable is at most limit bytes of b, what a guest wrote, made fit for
+// a log line or a user's terminal: control characters, escapes among them,
+// and invalid UTF-8 become '?', and trailing space is trimmed.
+func printable(b []byte, limit int) string {
+	if len(b) > limit {
+		b = b[:limit]
+	}
+	s := strings.Map(func(r rune) rune {
+		if r == utf8.RuneError || !unicode.IsPrint(r) && r != ' ' {
+			return '?'
+		}
+		return r
+	}, strings.ToValidUTF8(string(b), "?"))
+	return strings.TrimRight(s, " ")
 }

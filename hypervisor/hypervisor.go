@@ -45,6 +45,9 @@ type Pool struct {
 	events     func(vm.Event)
 	agentLimit time.Duration
 	maxRead    int
+	// send carries one agent command to a guest and returns its reply:
+	// libvirtSend, or a hostile agent in the fuzz tests.
+	send func(d vm.Domain, body string, timeout libvirt.DomainQemuAgentCommandTimeout) (string, error)
 
 	closing atomic.Bool // set by Close: connections closing are not lost
 
@@ -94,6 +97,7 @@ func Open(uris []string, opts Options) (*Pool, error) {
 	}
 	p := &Pool{uris: uris, log: log, events: opts.OnEvent, agentLimit: opts.AgentTimeout, conns: make(map[string]*libvirt.Connect),
 		opened: make(map[string]time.Time)}
+	p.send = p.libvirtSend
 	if p.agentLimit <= 0 {
 		p.agentLimit = 10 * time.Second
 	}

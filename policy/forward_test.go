@@ -236,3 +236,23 @@ func TestRemoteForwardBindAddresses(t *testing.T) {
 		t.Errorf("bind 10.0.0.5 under a deny on loopback: %+v", d)
 	}
 }
+
+// SSH carries ports in 32 bits: one past 65535 is refused whatever the
+// rules, before the VM's sshd can wrap it onto a port it would bind.
+func TestForwardPortPastRangeRefused(t *testing.T) {
+	p := forwardPolicy(t, allowAnyForward)
+	for _, ch := range []Channel{LocalForward, RemoteForward} {
+		for _, port := range []uint32{65536, 808464432, 1<<32 - 1} {
+			r := forwardTo(ch, "127.0.0.1")
+			r.Port = port
+			if d := p.Decide(r); d.Allow || !strings.Contains(d.Reason, ErrBadPort.Error()) {
+				t.Errorf("%s to port %d: %+v", ch, port, d)
+			}
+		}
+		r := forwardTo(ch, "127.0.0.1")
+		r.Port = 65535
+		if d := p.Decide(r); !d.Allow {
+			t.Errorf("%s to port 65535: %+v", ch, d)
+		}
+	}
+}

@@ -13,6 +13,10 @@ import (
 // whatever the rules say.
 var ErrBadHost = errors.New("invalid forward host")
 
+// ErrBadPort refuses a forward to or from a port past 65535: SSH carries
+// ports in 32 bits, and an sshd may bind one it wraps around.
+var ErrBadPort = errors.New("invalid forward port")
+
 // maxName is the longest host name, without its trailing dot (RFC 1035).
 const maxName = 253
 
@@ -389,6 +393,9 @@ func newTarget(r Request) target {
 		t.host, t.err = CanonicalBind(r.Host)
 	} else {
 		t.host, t.err = CanonicalHost(r.Host)
+	}
+	if t.err == nil && r.Port > 65535 {
+		t.err = fmt.Errorf("%w: %d", ErrBadPort, r.Port)
 	}
 	return t
 }

@@ -149,7 +149,7 @@ var hostKeyFiles = []string{
 
 func (m *Manager) readHostKeys(ctx context.Context, d vm.Domain) ([]ssh.PublicKey, error) {
 	var keys []ssh.PublicKey
-	var firstErr error
+	var firstErr, badFile error
 	for _, path := range hostKeyFiles {
 		data, err := m.OOB.ReadFile(ctx, d, path)
 		if err != nil {
@@ -160,18 +160,25 @@ func (m *Manager) readHostKeys(ctx context.Context, d vm.Domain) ([]ssh.PublicKe
 		}
 		k, _, _, _, err := ssh.ParseAuthorizedKey(data)
 		if err != nil {
-			return nil, fmt.Errorf("%s: %w", path, err)
+			// A file that does not parse names no key; the others may.
+			// The handshake accepts only a key that one of them names.
+			if badFile == nil {
+				badFile = fmt.Errorf("%s: %w", path, err)
+			}
+			continue
 		}
 		keys = append(keys, k)
 	}
-	if len(keys) == 0 {
-		if firstErr != nil {
-			// An agent that cannot read files says why (disabled, silent).
-			return nil, firstErr
-		}
-		return nil, ErrNoHostKeys
+	switch {
+	case len(keys) > 0:
+		return keys, nil
+	case badFile != nil:
+		return nil, badFile
+	case firstErr != nil:
+		// An agent that cannot read files says why (disabled, silent).
+		return nil, firstErr
 	}
-	return keys, nil
+	return nil, ErrNoHostKeys
 }
 
 // checkClones refuses a VM whose sshd proved it holds a host key that

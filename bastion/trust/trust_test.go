@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -26,7 +27,7 @@ import (
 // The in-band half is real: the check logs in to that sshd and moves the
 // nonces over SFTP. Faults are injected per test.
 type localGuest struct {
-	t    *testing.T
+	t    testing.TB
 	sshd *testenv.SSHD
 
 	mu          sync.Mutex
@@ -35,12 +36,14 @@ type localGuest struct {
 	pingErr     error
 	corruptOB   bool // write a different nonce than asked
 	corruptRead bool // read back a different nonce than is there
+	files       map[string][]byte // if set, what the guest's /etc/ssh files hold
+	planted     []string          // authorized_keys lines the guest wrote itself
 	added       []string
 	removed     []string
 	written     []string
 }
 
-func newLocalGuest(t *testing.T) *localGuest {
+func newLocalGuest(t testing.TB) *localGuest {
 	g := &localGuest{t: t, sshd: testenv.StartSSHD(t)}
 	g.hostKey = g.sshd.HostKey
 	return g
@@ -76,6 +79,12 @@ func (g *localGuest) Address(context.Context, vm.Domain) (vm.Address, error) {
 func (g *localGuest) ReadFile(_ context.Context, _ vm.Domain, path string) ([]byte, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	if g.files != nil && strings.HasPrefix(path, "/etc/ssh/") {
+		if data, ok := g.files[path]; ok {
+			return data, nil
+		}
+		return nil, errors.New("no such file")
+	}
 	if path == hostKeyFiles[0] {
 		return ssh.MarshalAuthorizedKey(g.hostKey), nil
 	}
@@ -129,23 +138,23 @@ func (g *localGuest) RemoveAuthorizedKey(_ context.Context, _ vm.Domain, _ strin
 func (g *localGuest) AuthorizedKeys(context.Context, vm.Domain, string) ([]string, error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	return g.linesLocked(), nil
+}
+
+// linesLocked are the planted and added lines not removed.
+func (g *localGuest) linesLocked() []string {
 	var lines []string
-	for _, l := range g.added {
+	for _, l := range append(slices.Clip(g.planted), g.added...) {
 		if !contains(g.removed, l) {
 			lines = append(lines, l)
 		}
 	}
-	return lines, nil
+	return lines
 }
 
 // writeKeys writes the added and not removed lines as authorized_keys.
 func (g *localGuest) writeKeys() error {
-	var lines []string
-	for _, l := range g.added {
-		if !contains(g.removed, l) {
-			lines = append(lines, l)
-		}
-	}
+	lines := g.linesLocked()
 	return os.WriteFile(g.sshd.Dir+"/authorized_keys", []byte(strings.Join(lines, "\n")+"\n"), 0o600)
 }
 
