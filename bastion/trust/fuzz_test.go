@@ -69,7 +69,6 @@ func FuzzGuestFiles(f *testing.F) {
 	})
 }
 
-
 // A host key file that does not parse is passed over for one that does;
 // when none parses, the check says which file is wrong.
 func TestUnparsableHostKeyFile(t *testing.T) {

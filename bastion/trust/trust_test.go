@@ -34,8 +34,8 @@ type localGuest struct {
 	hostKey     ssh.PublicKey // reported as the guest's host key
 	extraKey    ssh.PublicKey // if set, reported as a second host key the sshd does not hold
 	pingErr     error
-	corruptOB   bool // write a different nonce than asked
-	corruptRead bool // read back a different nonce than is there
+	corruptOB   bool              // write a different nonce than asked
+	corruptRead bool              // read back a different nonce than is there
 	files       map[string][]byte // if set, what the guest's /etc/ssh files hold
 	planted     []string          // authorized_keys lines the guest wrote itself
 	added       []string
