@@ -128,6 +128,26 @@ type Server struct {
 	turns   map[string]*turns   // handshakes with each VM's sshd, by address
 }
 
+// Counts are what the server holds open now: authenticated front-door
+// connections and links to VMs (a link carries one connection's channels
+// to one VM).
+func (s *Server) Counts() (connections, links int) {
+	s.linksMu.Lock()
+	defer s.linksMu.Unlock()
+	return len(s.fronts), len(s.links)
+}
+
+// Draining reports whether Shutdown or Close has begun.
+func (s *Server) Draining() bool {
+	s.initOnce.Do(s.init)
+	select {
+	case <-s.stopped:
+		return true
+	default:
+		return false
+	}
+}
+
 // Revalidate applies new accounts and a new policy to what is open, as
 // after a reload. Every front-door connection is identified again from the
 // key it logged in with: one whose key is gone, or now belongs to another

@@ -275,6 +275,21 @@ func call[T any](ctx context.Context, fn func() (T, error)) (T, error) {
 	}
 }
 
+// Reachable reports nil if every configured hypervisor answers, or which
+// do not.
+func (p *Pool) Reachable(ctx context.Context) error {
+	var down []string
+	for _, uri := range p.uris {
+		if _, err := call(ctx, func() (*libvirt.Connect, error) { return p.conn(uri) }); err != nil {
+			down = append(down, uri)
+		}
+	}
+	if len(down) > 0 {
+		return fmt.Errorf("%w: %s", ErrUnavailable, strings.Join(down, ", "))
+	}
+	return nil
+}
+
 var uuidPattern = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
 
 // Find looks name up, as a UUID or a domain name, on every hypervisor. A

@@ -61,7 +61,8 @@ type ServerConfig struct {
 	KeepAlive      Duration `toml:"keepalive"`
 	ConnectTimeout Duration `toml:"connect_timeout"`
 	EnvAllow       []string `toml:"env_allow"`
-	Audit          string   `toml:"audit"` // "stdout", "off", or a file path
+	Audit          string   `toml:"audit"`      // "stdout", "off", or a file path
+	OpsListen      string   `toml:"ops_listen"` // /metrics, /healthz, /readyz; off if empty
 	PolicyFile     string   `toml:"policy_file"`
 	LogLevel       string   `toml:"log_level"`
 

@@ -20,7 +20,9 @@ import (
 	"time"
 
 	"github.com/bastionvm/bastion/bastion"
+	"github.com/bastionvm/bastion/bastion/metrics"
 	"github.com/bastionvm/bastion/bastion/trust"
+	"github.com/bastionvm/bastion/hypervisor"
 	"github.com/bastionvm/bastion/keys"
 )
 
@@ -152,6 +154,11 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		return err
 	}
 	defer closeAudit()
+	var ops *metrics.Metrics
+	if c.Server.OpsListen != "" {
+		ops = metrics.New(buildVersion())
+		sink = tee(sink, ops.Observe)
+	}
 
 	reserveHeap(heapReserve)
 	srv := &bastion.Server{
@@ -177,6 +184,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		return err
 	}
 	defer ln.Close() // for the failures before Serve, which closes it itself
+	var pool *hypervisor.Pool
 	if len(c.Hypervisors) == 0 {
 		logger.Warn("no [[hypervisor]] configured: no VM can be reached")
 	} else {
@@ -192,9 +200,17 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		}
 		defer stopTrust()
 		srv.VMs, srv.Resolver = f.pool, f.trust
+		pool = f.pool
 		// The ssh -J line after a dispense names the real listen address.
 		vm := f.vmCommand(live, ln.Addr().String(), c.Server.StateDir, sink)
 		srv.Commands = map[string]bastion.CommandFunc{"vm": vm.Run}
+	}
+	if ops != nil {
+		stopOps, err := serveOps(c.Server.OpsListen, ops, srv, pool, logger)
+		if err != nil {
+			return err
+		}
+		defer stopOps()
 	}
 	fmt.Fprintf(stderr, "bastion: listening on %s\n", ln.Addr())
 	fmt.Fprintf(stderr, "bastion: users add this line to ~/.ssh/known_hosts:\n%s\n", host.KnownHostsLineFor(knownHostsPatterns(c)))

@@ -2,8 +2,13 @@ package main
 
 import (
 	"bufio"
+	"crypto/ed25519"
+	"crypto/rand"
 	"flag"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -291,4 +296,142 @@ func mustRead(t *testing.T, path string) []byte {
 		t.Fatal(err)
 	}
 	return data
+}
+
+// TestOpsListener: with server.ops_listen set, /metrics counts what the
+// audit trail records (a refused key, a login, a failed reload) and shows
+// the connection held open; /readyz answers 503 naming a hypervisor that
+// does not answer, and 503 "draining" once SIGTERM has begun a drain while
+// a session is still open.
+func TestOpsListener(t *testing.T) {
+	bin := buildBastion(t)
+	free := func() string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		return ln.Addr().String()
+	}
+	get := func(addr, path string) (int, string) {
+		t.Helper()
+		resp, err := http.Get("http://" + addr + path)
+		if err != nil {
+			t.Fatalf("GET %s: %v", path, err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
+	example, _ := os.ReadFile("../../bastion.toml.example")
+	pub, priv, _ := ed25519.GenerateKey(rand.Reader)
+	signer, _ := gossh.NewSignerFromKey(priv)
+	sshPub, _ := gossh.NewPublicKey(pub)
+	start := func(extra string) (cmd *exec.Cmd, listen, ops string, logs *lockedLog) {
+		t.Helper()
+		dir := t.TempDir()
+		listen, ops = free(), free()
+		config := strings.Replace(string(example), `listen = "127.0.0.1:2222"`, `listen = "`+listen+`"`, 1)
+		config = strings.Replace(config, `# ops_listen = "127.0.0.1:9122"`, `ops_listen = "`+ops+`"`, 1)
+		config += "\n[[account]]\nname = \"carol\"\ngroups = [\"dev\"]\nkeys = [\"" + strings.TrimSpace(string(gossh.MarshalAuthorizedKey(sshPub))) + "\"]\n" + extra
+		os.WriteFile(filepath.Join(dir, "bastion.toml"), []byte(config), 0o600)
+		cmd = exec.Command(bin, "serve", "--config", "bastion.toml")
+		cmd.Dir = dir
+		logs = &lockedLog{}
+		cmd.Stderr = logs
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		deadline := time.Now().Add(30 * time.Second)
+		for !strings.Contains(logs.String(), "listening on") {
+			if time.Now().After(deadline) {
+				t.Fatalf("serve did not start:\n%s", logs.String())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		return cmd, listen, ops, logs
+	}
+	metric := func(body, series string) string {
+		for _, line := range strings.Split(body, "\n") {
+			if v, ok := strings.CutPrefix(line, series+" "); ok {
+				return v
+			}
+		}
+		return "absent"
+	}
+
+	// A hypervisor that does not answer: not ready, and the reason says which.
+	_, _, ops, _ := start("\n[[hypervisor]]\nuri = \"qemu+tcp://127.0.0.1:1/system\"\n")
+	if code, body := get(ops, "/healthz"); code != 200 || body != "ok\n" {
+		t.Fatalf("/healthz: %d %q", code, body)
+	}
+	if code, body := get(ops, "/readyz"); code != 503 || !strings.Contains(body, "hypervisor is unreachable: qemu+tcp://127.0.0.1:1/system") {
+		t.Fatalf("/readyz with an unreachable hypervisor: %d %q", code, body)
+	}
+
+	cmd, listen, ops, logs := start("")
+	if code, body := get(ops, "/readyz"); code != 200 || body != "ready\n" {
+		t.Fatalf("/readyz: %d %q", code, body)
+	}
+	_, stranger, _ := ed25519.GenerateKey(rand.Reader)
+	strangerSigner, _ := gossh.NewSignerFromKey(stranger)
+	if c, err := gossh.Dial("tcp", listen, &gossh.ClientConfig{User: "carol", Auth: []gossh.AuthMethod{gossh.PublicKeys(strangerSigner)},
+		HostKeyCallback: gossh.InsecureIgnoreHostKey(), Timeout: 10 * time.Second}); err == nil {
+		c.Close()
+		t.Fatal("an unknown key was let in")
+	}
+	c, err := gossh.Dial("tcp", listen, &gossh.ClientConfig{User: "carol", Auth: []gossh.AuthMethod{gossh.PublicKeys(signer)},
+		HostKeyCallback: gossh.InsecureIgnoreHostKey(), Timeout: 10 * time.Second})
+	if err != nil {
+		t.Fatalf("carol's key: %v", err)
+	}
+	defer c.Close()
+	// The login event comes with the first use of the connection.
+	if ok, _, err := c.SendRequest("keepalive@openssh.com", true, nil); err != nil || ok {
+		t.Fatalf("keepalive: %v, %v", ok, err)
+	}
+	path := filepath.Join(cmd.Dir, "bastion.toml")
+	good, _ := os.ReadFile(path)
+	os.WriteFile(path, append(good, "\n[[rule]]\nname = \"broken\"\nchannels = [\"teleport\"]\n"...), 0o600)
+	cmd.Process.Signal(syscall.SIGHUP)
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(logs.String(), "reload failed"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the broken config was not refused:\n%s", logs.String())
+		}
+	}
+	_, body := get(ops, "/metrics")
+	for series, want := range map[string]string{
+		`bastion_authentications_total{result="failure"}`: "1",
+		`bastion_authentications_total{result="success"}`: "1",
+		`bastion_audit_events_total{type="login"}`:        "1",
+		`bastion_connections_active`:                      "1",
+		`bastion_reloads_total{result="failed"}`:          "1",
+		`bastion_reloads_total{result="ok"}`:              "0",
+		`bastion_ready`:                                   "1",
+	} {
+		if got := metric(body, series); got != want {
+			t.Errorf("%s = %s, want %s", series, got, want)
+		}
+	}
+	if !regexp.MustCompile(`(?m)^bastion_build_info\{goversion="go[^"]+",version="[^"]+"\} 1$`).MatchString(body) {
+		t.Errorf("no bastion_build_info in:\n%s", body)
+	}
+	if strings.Contains(body, "carol") || strings.Contains(body, "127.0.0.1") {
+		t.Errorf("the metrics name a person or an address:\n%s", body)
+	}
+
+	// SIGTERM with carol's connection open: draining, not ready.
+	cmd.Process.Signal(syscall.SIGTERM)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		code, body := get(ops, "/readyz")
+		if code == 503 && body == "not ready: draining\n" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz while draining: %d %q", code, body)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }

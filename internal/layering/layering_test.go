@@ -25,6 +25,7 @@ var allowed = map[string][]string{
 	"hypervisor":          {"vm"},
 	"bastion/trust":       {"vm", "keys", "bastion/audit", "internal/atomicfile"},
 	"bastion/dispense":    {"vm", "bastion/audit"},
+	"bastion/metrics":     {"bastion/audit"},
 	"bastion":             {"vm", "keys", "policy", "bastion/audit"},
 	"cmd/bastion":         {"*"},
 
