@@ -5,11 +5,15 @@ import (
 	"fmt"
 	"io"
 	"path"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	gossh "golang.org/x/crypto/ssh"
 
+	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/policy"
 )
 
@@ -27,7 +31,7 @@ func (l *link) session(newCh gossh.NewChannel) {
 		up.Close()
 		return
 	}
-	(&sessionForward{link: l, up: up, down: down}).run(upReqs, downReqs)
+	(&sessionForward{link: l, up: up, down: down, id: l.front.channelN.Add(1)}).run(upReqs, downReqs)
 }
 
 // reject refuses newCh with the reason another hop gave for refusing it.
@@ -46,12 +50,26 @@ type sessionForward struct {
 	link *link
 	up   gossh.Channel
 	down gossh.Channel
+	id   uint32 // its channel id in the audit events
+
+	bytesUp, bytesDown atomic.Int64 // what was copied each way
+
+	// Set by the goroutine handling upstream requests, read once it ends:
+	exitStatus *int
+	exitSignal string
+
+	endMu     sync.Mutex     // protects the fields below
+	endReason string         // why the bastion ended it, if it did
+	began     time.Time      // when session_start was emitted; zero if it never started
+	startAct  audit.Activity // what session_start said
+	startKind policy.Channel // and the policy's kind of it
 
 	// Owned by the goroutine handling downstream requests:
-	start    ask           // the shell, command or subsystem asked for
-	limit    time.Duration // how long the rule that allowed it lets it run; 0 means no limit
-	untrack  func()        // set once it has started
-	readOnly bool          // sftp the policy allows only to read; read after started closes
+	start    ask            // the shell, command or subsystem asked for
+	limit    time.Duration  // how long the rule that allowed it lets it run; 0 means no limit
+	untrack  func()         // set once it has started
+	readOnly bool           // sftp the policy allows only to read; read after started closes
+	act      audit.Activity // what session_start says: the pty and environment asked for, then the start
 }
 
 // run copies data and requests both ways until both sides are done.
@@ -83,6 +101,7 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 			switch req.Type {
 			case "exit-status", "exit-signal":
 				f.down.SendRequest(req.Type, false, req.Payload)
+				f.noteExit(req)
 				once.Do(func() { close(exited) })
 			case "eow@openssh.com":
 				f.down.SendRequest(req.Type, false, req.Payload)
@@ -98,7 +117,7 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 	// so that a read-only sftp session is served, not copied.
 	started := make(chan struct{})
 	go func() {
-		// This goroutine alone touches f.start and f.untrack.
+		// This goroutine alone touches f.start, f.act and f.untrack.
 		defer func() {
 			if f.untrack != nil {
 				f.untrack()
@@ -131,7 +150,7 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 	output := make(chan error, 2)
 	go func() {
 		<-started
-		go copier{dst: f.down.Stderr(), src: f.up.Stderr()}.run(output)
+		go copier{dst: f.down.Stderr(), src: f.up.Stderr(), count: &f.bytesDown}.run(output)
 		if f.readOnly {
 			if err := readOnlySFTP(f.up, f.down); err != nil {
 				f.link.log.Info("read-only sftp ended", "err", err)
@@ -139,8 +158,8 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 			output <- nil
 			return
 		}
-		go copier{dst: f.down, src: f.up}.run(output)
-		copier{dst: f.up, src: f.down, closeWrite: f.up.CloseWrite}.run(nil)
+		go copier{dst: f.down, src: f.up, count: &f.bytesDown}.run(output)
+		copier{dst: f.up, src: f.down, closeWrite: f.up.CloseWrite, count: &f.bytesUp}.run(nil)
 	}()
 	<-output
 	<-output
@@ -148,7 +167,69 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 	f.down.CloseWrite()
 	<-upClosed
 	f.down.Close()
+	f.ended()
 }
+
+// noteExit keeps what the VM said of how the session's program ended.
+func (f *sessionForward) noteExit(req *gossh.Request) {
+	switch req.Type {
+	case "exit-status":
+		var st struct{ Status uint32 }
+		if gossh.Unmarshal(req.Payload, &st) == nil {
+			n := int(st.Status)
+			f.exitStatus = &n
+		}
+	case "exit-signal":
+		var sig struct {
+			Signal      string
+			CoreDumped  bool
+			Error, Lang string
+		}
+		if gossh.Unmarshal(req.Payload, &sig) == nil {
+			f.exitSignal = cut(sig.Signal, 32)
+		}
+	}
+}
+
+// started audits the start of the session's shell, command or subsystem.
+func (f *sessionForward) started() {
+	f.act.ChannelID = f.id
+	switch {
+	case f.start.kind == policy.Shell:
+		f.act.Kind = "shell"
+	case f.start.kind == policy.SFTP || strings.HasPrefix(string(f.start.kind), "subsystem "):
+		f.act.Kind, f.act.Command = "subsystem", cut(f.start.command, maxCommandAudited)
+	default:
+		f.act.Kind, f.act.Command = "exec", cut(f.start.command, maxCommandAudited)
+	}
+	act := f.act
+	f.endMu.Lock()
+	f.began, f.startAct, f.startKind = time.Now(), act, f.start.kind
+	f.endMu.Unlock()
+	ev := f.link.event().With(audit.SessionStart, string(f.start.kind), "", "")
+	ev.Activity = &act
+	f.link.srv.audit(ev)
+}
+
+// ended audits the end of a session that started: how its program ended,
+// how long it ran, what it moved; and adds that to the link's totals.
+func (f *sessionForward) ended() {
+	f.endMu.Lock()
+	began, start, kind, reason := f.began, f.startAct, f.startKind, f.endReason
+	f.endMu.Unlock()
+	if began.IsZero() {
+		return
+	}
+	act := audit.Activity{ChannelID: f.id, Kind: start.Kind, Command: start.Command, ExitStatus: f.exitStatus, ExitSignal: f.exitSignal,
+		Seconds: seconds(time.Since(began)), BytesUp: f.bytesUp.Load(), BytesDown: f.bytesDown.Load()}
+	f.link.addBytes(act.BytesUp, act.BytesDown)
+	ev := f.link.event().With(audit.SessionEnd, string(kind), "", reason)
+	ev.Activity = &act
+	f.link.srv.audit(ev)
+}
+
+// seconds is d in seconds, to the millisecond.
+func seconds(d time.Duration) float64 { return float64(d.Milliseconds()) / 1000 }
 
 // request forwards one downstream session request upstream, if the policy
 // allows it, and reports the VM's answer. A shell, command or subsystem
@@ -156,11 +237,23 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Channel) {
 	l := f.link
 	switch req.Type {
-	case "pty-req", "window-change", "signal", "break", "eow@openssh.com":
+	case "window-change", "signal", "break", "eow@openssh.com":
+	case "pty-req":
+		var pty struct {
+			Term             string
+			Cols, Rows, W, H uint32
+			Modes            string
+		}
+		if gossh.Unmarshal(req.Payload, &pty) == nil {
+			f.act.Term, f.act.Cols, f.act.Rows = cut(pty.Term, 64), pty.Cols, pty.Rows
+		}
 	case "env":
 		var env struct{ Name, Value string }
 		if gossh.Unmarshal(req.Payload, &env) != nil || !l.srv.envAllowed(env.Name) {
 			return false, ""
+		}
+		if len(f.act.Env) < maxEnvAudited {
+			f.act.Env = append(f.act.Env, cut(env.Name, 64))
 		}
 	case "shell":
 		f.start = ask{kind: policy.Shell}
@@ -221,10 +314,32 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 	case "shell", "exec", "subsystem":
 		if ok && f.untrack == nil {
 			f.untrack = l.track(f.start, f.limit, f.end)
+			f.started()
 		}
 	}
 	return ok, ""
 }
+
+// maxCommandAudited bounds the command line in an event: long enough for
+// any command a person types, short of what a client may send.
+const maxCommandAudited = 8 << 10
+
+// cut is s, from a client or a VM, cut to at most n bytes of valid UTF-8,
+// with "…" where it was cut.
+func cut(s string, n int) string {
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n] + "…"
+}
+
+// maxEnvAudited bounds the variable names one session_start lists: the
+// names are the client's, and the allow-list may be a glob.
+const maxEnvAudited = 32
 
 // end ends a running session, telling the user msg on its stderr.
 //
@@ -233,6 +348,11 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 // sshd keeps a command without a terminal running after its channel
 // closes, until it exits by itself.
 func (f *sessionForward) end(msg string) {
+	f.endMu.Lock()
+	if f.endReason == "" {
+		f.endReason = msg
+	}
+	f.endMu.Unlock()
 	fmt.Fprintf(f.down.Stderr(), "\r\n%s\r\n", msg)
 	sendExitStatus(f.down, 255)
 	f.up.SendRequest("signal", false, gossh.Marshal(struct{ Signal string }{"TERM"}))
@@ -283,14 +403,36 @@ func (l *link) bridge(a ask, limit time.Duration, newCh gossh.NewChannel, other 
 	}
 	go gossh.DiscardRequests(toReqs)
 	go gossh.DiscardRequests(fromReqs)
-	defer l.track(a, limit, func(string) { from.Close(); to.Close() })()
+	var reason atomic.Pointer[string]
+	defer l.track(a, limit, func(msg string) { reason.CompareAndSwap(nil, &msg); from.Close(); to.Close() })()
+	act := audit.Activity{ChannelID: l.front.channelN.Add(1), Kind: newCh.ChannelType(), Host: cut(a.host, 255), Port: a.port}
+	began := time.Now()
+	start := act
+	ev := l.event().With(audit.ForwardStart, string(a.kind), "", "")
+	ev.Activity = &start
+	l.srv.audit(ev)
+	// Up and down are the person's view: what they send towards the VM's
+	// side, whichever side opened the channel.
+	var sent, received atomic.Int64
 	done := make(chan error, 2)
-	go copier{dst: to, src: from, closeWrite: to.CloseWrite}.run(done)
-	go copier{dst: from, src: to, closeWrite: from.CloseWrite}.run(done)
+	go copier{dst: to, src: from, closeWrite: to.CloseWrite, count: &sent}.run(done)
+	go copier{dst: from, src: to, closeWrite: from.CloseWrite, count: &received}.run(done)
 	<-done
 	<-done
 	from.Close()
 	to.Close()
+	act.Seconds = seconds(time.Since(began))
+	act.BytesUp, act.BytesDown = sent.Load(), received.Load()
+	if other != l.up { // opened by the VM (-R, agent, X11): from is the VM's side
+		act.BytesUp, act.BytesDown = act.BytesDown, act.BytesUp
+	}
+	l.addBytes(act.BytesUp, act.BytesDown)
+	ev = l.event().With(audit.ForwardEnd, string(a.kind), "", "")
+	if r := reason.Load(); r != nil {
+		ev.Reason = *r
+	}
+	ev.Activity = &act
+	l.srv.audit(ev)
 }
 
 // copier copies one direction of a channel until EOF, then half-closes
@@ -299,14 +441,31 @@ type copier struct {
 	dst        io.Writer
 	src        io.Reader
 	closeWrite func() error
+	count      *atomic.Int64 // if set, counts the bytes written
 }
 
 func (c copier) run(done chan<- error) {
-	err := pump(c.dst, c.src)
+	dst := c.dst
+	if c.count != nil {
+		dst = countingWriter{dst, c.count}
+	}
+	err := pump(dst, c.src)
 	if c.closeWrite != nil {
 		c.closeWrite()
 	}
 	if done != nil {
 		done <- err
 	}
+}
+
+// countingWriter counts what is written through it.
+type countingWriter struct {
+	w io.Writer
+	n *atomic.Int64
+}
+
+func (c countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n.Add(int64(n))
+	return n, err
 }

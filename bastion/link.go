@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -45,6 +46,9 @@ type link struct {
 	ended     context.Context    // done when the link has ended, for timers
 	endedNow  context.CancelFunc // ends ended
 	open      counter            // channels open on the inner hop
+
+	began              time.Time    // when it was established
+	bytesUp, bytesDown atomic.Int64 // totals of its channels that ended
 
 	mu       sync.Mutex              // protects the fields below
 	forwards map[string]bool         // remote forwards granted to the downstream, "host:port"
@@ -141,16 +145,24 @@ func (l *link) close() {
 		delete(s.links, l)
 		s.linksMu.Unlock()
 		l.log.Info("disconnected")
-		s.audit(l.event().With(audit.Disconnected, "", "", ""))
+		ev := l.event().With(audit.Disconnected, "", "", "")
+		ev.Activity = &audit.Activity{Seconds: seconds(time.Since(l.began)), BytesUp: l.bytesUp.Load(), BytesDown: l.bytesDown.Load()}
+		s.audit(ev)
 		close(l.done)
 		l.endedNow()
 	})
 }
 
+// addBytes adds what a channel moved to the link's totals.
+func (l *link) addBytes(up, down int64) {
+	l.bytesUp.Add(up)
+	l.bytesDown.Add(down)
+}
+
 // event is an audit event about this link, its type and decision fields
 // to be set (see audit.Event.With).
 func (l *link) event() audit.Event {
-	return audit.Event{Account: l.front.who().Name, Source: l.front.source.String(), VM: l.vm.Name, Login: l.login}
+	return audit.Event{Session: l.front.id, Account: l.front.who().Name, Source: l.front.source.String(), VM: l.vm.Name, Login: l.login}
 }
 
 // decide asks the policy about a on this link.
@@ -185,7 +197,7 @@ func (l *link) revalidate() {
 func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, error) {
 	account := fc.who()
 	log := s.logger().With("account", account.Name, "source", fc.source.String(), "vm", d.Name, "login", login)
-	ev := audit.Event{Account: account.Name, Source: fc.source.String(), VM: d.Name, Login: login}
+	ev := audit.Event{Session: fc.id, Account: account.Name, Source: fc.source.String(), VM: d.Name, Login: login}
 	if err := checkLogin(login); err != nil {
 		return nil, err
 	}
@@ -213,7 +225,7 @@ func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, err
 		s.audit(ev.With(audit.UpstreamFailed, "", "", err.Error()))
 		return nil, err
 	}
-	l := &link{srv: s, front: fc, vm: d, login: login, log: log, done: make(chan struct{}),
+	l := &link{srv: s, front: fc, vm: d, login: login, log: log, done: make(chan struct{}), began: time.Now(),
 		forwards: make(map[string]bool), active: make(map[*activeChannel]bool)}
 	l.ended, l.endedNow = context.WithCancel(context.Background())
 	err = l.dial(ctx, target)

@@ -2,6 +2,8 @@ package bastion
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -239,7 +241,7 @@ func (s *Server) reidentify(fc *frontConn) {
 func (s *Server) endFront(fc *frontConn, reason string) {
 	acc := fc.who()
 	s.logger().Info("connection ended by a reload", "account", acc.Name, "source", fc.source.String(), "reason", reason)
-	s.audit(audit.Event{Type: audit.Ended, Account: acc.Name, Source: fc.source.String(), Reason: "reload: " + reason})
+	s.audit(audit.Event{Type: audit.Ended, Session: fc.id, Account: acc.Name, Source: fc.source.String(), Reason: "reload: " + reason})
 	msg := "bastion: access ended: " + reason
 	var ending []*link
 	for _, l := range s.openLinks() {
@@ -269,8 +271,17 @@ type CommandFunc func(ctx context.Context, account Account, source net.Addr, arg
 // ErrServerClosed is returned by Serve after Shutdown or Close.
 var ErrServerClosed = ssh.ErrServerClosed
 
+// newSessionID is 16 random hex digits: unique enough to join a
+// connection's events across a trail, and telling nothing about it.
+func newSessionID() string {
+	var b [8]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
 // frontConn is the state of one front-door connection.
 type frontConn struct {
+	id     string // the session id in its audit events
 	ctx    ssh.Context
 	raw    net.Conn          // the TCP connection, for closing it from outside
 	conn   *gossh.ServerConn // set by state
@@ -287,7 +298,8 @@ type frontConn struct {
 	authed        atomic.Bool // it authenticated
 	refused       atomic.Bool // a key it offered was refused
 
-	channels counter // channels open on it
+	channels counter       // channels open on it
+	channelN atomic.Uint32 // channel ids in its audit events: 1, 2, …
 
 	loginOnce sync.Once // fills in conn and account
 
@@ -443,7 +455,7 @@ func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 			return nil
 		}
 	}
-	fc := &frontConn{ctx: ctx, raw: conn, source: source, local: conn.LocalAddr()}
+	fc := &frontConn{ctx: ctx, raw: conn, source: source, local: conn.LocalAddr(), id: newSessionID()}
 	var grace *time.Timer
 	if d := s.loginGraceTime(); d > 0 {
 		grace = time.AfterFunc(d, func() {
@@ -547,7 +559,7 @@ func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.
 			if skipped > 0 {
 				detail = fmt.Sprintf("and %d more failed attempts since the last event", skipped)
 			}
-			s.audit(audit.Event{Type: audit.LoginFailed, Source: fc.source.String(), Reason: reason, Detail: detail})
+			s.audit(audit.Event{Type: audit.LoginFailed, Session: fc.id, Source: fc.source.String(), Reason: reason, Detail: detail})
 		}
 		return nil, errors.New(reason)
 	}
@@ -590,7 +602,7 @@ func (s *Server) loggedIn(fc *frontConn, id identity, user string) {
 	fc.key, fc.account = id.key, id.account
 	fc.accountMu.Unlock()
 	s.logger().Info("login", "account", id.account.Name, "source", fc.source.String(), "user", user)
-	s.audit(audit.Event{Type: audit.Login, Account: id.account.Name, Source: fc.source.String()})
+	s.audit(audit.Event{Type: audit.Login, Session: fc.id, Account: id.account.Name, Source: fc.source.String()})
 	s.linksMu.Lock()
 	if s.fronts == nil {
 		s.fronts = make(map[*frontConn]bool)

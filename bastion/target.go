@@ -71,7 +71,7 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 	log := s.logger().With("account", fc.who().Name, "source", fc.source.String(), "dest", net.JoinHostPort(dest.Host, fmt.Sprint(dest.Port)))
 	refuse := func(msg string, err error) {
 		log.Info("jump refused", "err", err)
-		s.audit(audit.Event{Type: audit.Denied, Account: fc.who().Name, Source: fc.source.String(),
+		s.audit(audit.Event{Type: audit.Denied, Session: fc.id, Account: fc.who().Name, Source: fc.source.String(),
 			VM: dest.Host, Channel: "jump", Reason: err.Error()})
 		newCh.Reject(gossh.Prohibited, msg)
 	}

@@ -31,14 +31,25 @@ const (
 	Dispensed      Type = "dispensed"        // a VM was made from a template
 	DispenseFailed Type = "dispense_failed"  // making a VM failed; what was made is removed
 	Destroyed      Type = "destroyed"        // a VM was removed
+	SessionStart   Type = "session_start"    // a shell, command or subsystem started on a VM
+	SessionEnd     Type = "session_end"      // it ended
+	ForwardStart   Type = "forward_start"    // a forwarded TCP, unix-socket, agent or X11 channel opened
+	ForwardEnd     Type = "forward_end"      // it closed
 )
 
+// Version is the format version every event carries in "v". Version 1
+// had no "v" field and no per-channel events.
+const Version = 2
+
 // Event is one entry of the trail. Its JSON form, one object per line, is
-// the documented format: every field but time and type is omitted when
-// empty.
+// the documented format: every field but v, seq, time and type is omitted
+// when empty.
 type Event struct {
+	V       int       `json:"v"`   // set by the JSON sink: Version
+	Seq     uint64    `json:"seq"` // set by the JSON sink: 1, 2, … in the order written
 	Time    time.Time `json:"time"`
 	Type    Type      `json:"type"`
+	Session string    `json:"session,omitempty"` // the front-door connection, across its links and channels
 	Account string    `json:"account,omitempty"`
 	Source  string    `json:"source,omitempty"`
 	VM      string    `json:"vm,omitempty"`
@@ -47,6 +58,26 @@ type Event struct {
 	Detail  string    `json:"detail,omitempty"` // the command, forward target or subsystem
 	Rule    string    `json:"rule,omitempty"`
 	Reason  string    `json:"reason,omitempty"`
+	*Activity
+}
+
+// Activity is what a channel, or a whole link, did: the fields of the
+// session_*, forward_* and disconnected events.
+type Activity struct {
+	ChannelID  uint32   `json:"channel_id,omitempty"` // 1, 2, … within the session
+	Kind       string   `json:"kind,omitempty"`       // shell, exec, subsystem; or the forward's channel type
+	Command    string   `json:"command,omitempty"`    // the exec command line or the subsystem name
+	Term       string   `json:"term,omitempty"`       // the pty's TERM, when a pty was asked for
+	Cols       uint32   `json:"cols,omitempty"`
+	Rows       uint32   `json:"rows,omitempty"`
+	Env        []string `json:"env,omitempty"` // names of environment variables passed to the VM
+	Host       string   `json:"host,omitempty"`
+	Port       uint32   `json:"port,omitempty"`
+	ExitStatus *int     `json:"exit_status,omitempty"`
+	ExitSignal string   `json:"exit_signal,omitempty"`
+	Seconds    float64  `json:"duration,omitempty"`   // how long it ran, in seconds
+	BytesUp    int64    `json:"bytes_up,omitempty"`   // from the client to the VM
+	BytesDown  int64    `json:"bytes_down,omitempty"` // from the VM to the client
 }
 
 // With returns a copy of e with the given type and decision fields.
@@ -72,13 +103,18 @@ func (s Sink) Emit(e Event) {
 // JSON writes events as JSON lines to w. It is safe for concurrent use.
 func JSON(w io.Writer) Sink {
 	var mu sync.Mutex
+	var seq uint64
 	enc := json.NewEncoder(w)
 	return func(e Event) {
 		if e.Time.IsZero() {
 			e.Time = time.Now().UTC()
 		}
+		e.V = Version
 		mu.Lock()
 		defer mu.Unlock()
+		// Numbered as written: a gap in a stream means lines were lost.
+		seq++
+		e.Seq = seq
 		enc.Encode(e)
 	}
 }

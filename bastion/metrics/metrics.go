@@ -93,6 +93,7 @@ var knownTypes = map[audit.Type]bool{
 	audit.UpstreamFailed: true, audit.Disconnected: true, audit.TrustVerified: true, audit.TrustFailed: true,
 	audit.TrustDropped: true, audit.HostKeyChanged: true, audit.Reloaded: true, audit.ReloadFailed: true,
 	audit.Ended: true, audit.Dispensed: true, audit.DispenseFailed: true, audit.Destroyed: true,
+	audit.SessionStart: true, audit.SessionEnd: true, audit.ForwardStart: true, audit.ForwardEnd: true,
 }
 
 // knownChannels bounds the channel label of denials.

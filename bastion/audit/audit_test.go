@@ -1,0 +1,75 @@
+package audit
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/events.jsonl")
+
+// TestFormatGolden pins the JSON form of one event of every type, as
+// docs/audit.md documents it: field names, their order, what is left out
+// when empty, v and seq.
+func TestFormatGolden(t *testing.T) {
+	at := time.Date(2026, 12, 2, 10, 5, 11, 902114000, time.UTC)
+	status := 3
+	session := "4307217e2c208b23"
+	link := Event{Session: session, Account: "alice", Source: "203.0.113.24:53122", VM: "web1", Login: "dev"}
+	with := func(e Event, t Type, a *Activity) Event { e.Type, e.Activity = t, a; return e }
+	events := []Event{
+		{Type: Login, Session: session, Account: "alice", Source: "203.0.113.24:53122"},
+		{Type: LoginFailed, Session: "9f1c2b7a00d4e561", Source: "198.51.100.9:40218", Reason: "unknown key", Detail: "SHA256:…"},
+		{Type: Denied, Session: session, Account: "alice", Source: "203.0.113.24:53122", VM: "db1", Channel: "jump", Reason: "no rule allows it"},
+		with(link, Connected, nil),
+		with(link, SessionStart, &Activity{ChannelID: 1, Kind: "exec", Command: "uname -a", Term: "xterm-256color", Cols: 120, Rows: 40, Env: []string{"LANG", "LC_ALL"}}),
+		with(link, SessionEnd, &Activity{ChannelID: 1, Kind: "exec", Command: "uname -a", ExitStatus: &status, Seconds: 0.041, BytesUp: 0, BytesDown: 86}),
+		with(link, SessionEnd, &Activity{ChannelID: 2, Kind: "shell", ExitSignal: "KILL", Seconds: 3600.5, BytesUp: 1200, BytesDown: 98000}),
+		with(link, ForwardStart, &Activity{ChannelID: 3, Kind: "direct-tcpip", Host: "127.0.0.1", Port: 5432}),
+		with(link, ForwardEnd, &Activity{ChannelID: 3, Kind: "direct-tcpip", Host: "127.0.0.1", Port: 5432, Seconds: 12.3, BytesUp: 512, BytesDown: 4096}),
+		with(link, Disconnected, &Activity{Seconds: 3612.9, BytesUp: 1712, BytesDown: 102182}),
+		{Type: UpstreamFailed, Session: session, Account: "alice", VM: "web2", Login: "dev", Reason: "the VM's sshd cannot be reached"},
+		{Type: TrustVerified, VM: "web1", Login: "dev", Detail: "addr 192.168.214.10:22 host key SHA256:… modes [ob-ib ib-ob] expires 2026-12-02T10:15:11Z took 1.63s"},
+		{Type: TrustFailed, VM: "web2", Login: "dev", Reason: "guest agent is not connected", Detail: "took 10s"},
+		{Type: TrustDropped, VM: "web1", Login: "dev", Reason: "vm rebooted"},
+		{Type: HostKeyChanged, VM: "web1", Detail: "SHA256:old → SHA256:new"},
+		{Type: Reloaded, Reason: "SIGHUP"},
+		{Type: ReloadFailed, Reason: "bastion.toml:12: unknown channel \"teleport\""},
+		{Type: Ended, Session: session, Account: "alice", VM: "web1", Login: "dev", Channel: "shell", Reason: "time limit 12h0m0s"},
+		{Type: Dispensed, Account: "alice", VM: "web3", Detail: "debian"},
+		{Type: DispenseFailed, Account: "alice", VM: "web3", Detail: "debian", Reason: "a VM of that name exists: web3"},
+		{Type: Destroyed, Account: "bob", VM: "web3"},
+	}
+	var buf bytes.Buffer
+	sink := JSON(&buf)
+	for _, e := range events {
+		e.Time = at
+		sink.Emit(e)
+	}
+	const golden = "testdata/events.jsonl"
+	if *update {
+		os.WriteFile(golden, buf.Bytes(), 0o644)
+	}
+	want, err := os.ReadFile(golden)
+	if err != nil {
+		t.Fatalf("%v (go test -update writes it)", err)
+	}
+	if buf.String() != string(want) {
+		t.Fatalf("the format changed; if on purpose, raise Version, document it, and run go test -update:\n%s", buf.String())
+	}
+	// Every line is one object with v, seq in order, time and type.
+	for i, line := range strings.Split(strings.TrimSuffix(buf.String(), "\n"), "\n") {
+		var got struct {
+			V    int
+			Seq  uint64
+			Type string
+		}
+		if err := json.Unmarshal([]byte(line), &got); err != nil || got.V != Version || got.Seq != uint64(i+1) || got.Type == "" {
+			t.Fatalf("line %d: %s: %+v %v", i+1, line, got, err)
+		}
+	}
+}
