@@ -1,12 +1,17 @@
 package bastion_test
 
 import (
+	"context"
+	"fmt"
+	"io"
 	"net"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/bastion/audit"
 )
 
@@ -70,5 +75,36 @@ func TestAuditPerChannel(t *testing.T) {
 	// key exchange offer without waiting for ours.
 	if fe[0].Session == login.Session || fe[0].Session != fs[0].Session || fe[0].BytesDown != int64(len(res.Stdout)) || fe[0].BytesUp != 0 {
 		t.Fatalf("forward_end: %+v %+v (stdout %d bytes)", fe[0], fe[0].Activity, len(res.Stdout))
+	}
+}
+
+// TestAuditOwnCommand: `ssh bastion hello world` runs one of the
+// bastion's own commands, between a session_start and a session_end that
+// name no VM and carry the exit status and the bytes of its output.
+func TestAuditOwnCommand(t *testing.T) {
+	f := newFixture(t, func(s *bastion.Server) {
+		s.Commands = map[string]bastion.CommandFunc{"hello": func(_ context.Context, _ bastion.Account, _ net.Addr, args []string, out io.Writer) int {
+			fmt.Fprintf(out, "hi %s\n", strings.Join(args, ","))
+			return 4
+		}}
+	})
+	res := f.ssh(nil, "bastion", "hello world")
+	if res.Exit != 4 || string(res.Stdout) != "hi world\n" {
+		t.Fatalf("ssh bastion hello world: %v %q", res, res.Stdout)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(f.audit.of(audit.SessionEnd)) == 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	starts, ends := f.audit.of(audit.SessionStart), f.audit.of(audit.SessionEnd)
+	if len(starts) != 1 || len(ends) != 1 {
+		t.Fatalf("%d session_start, %d session_end", len(starts), len(ends))
+	}
+	s, e := starts[0], ends[0]
+	if s.Channel != "command" || s.VM != "" || s.Kind != "exec" || s.Command != "hello world" || s.Account != "alice" || s.Session == "" {
+		t.Fatalf("session_start: %+v %+v", s, s.Activity)
+	}
+	if e.ExitStatus == nil || *e.ExitStatus != 4 || e.BytesDown != int64(len("hi world\n")) || e.Session != s.Session {
+		t.Fatalf("session_end: %+v", e.Activity)
 	}
 }

@@ -170,6 +170,18 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 	f.ended()
 }
 
+// notePty keeps the terminal a pty-req asks for, for session_start.
+func (f *sessionForward) notePty(payload []byte) {
+	var pty struct {
+		Term             string
+		Cols, Rows, W, H uint32
+		Modes            string
+	}
+	if gossh.Unmarshal(payload, &pty) == nil {
+		f.act.Term, f.act.Cols, f.act.Rows = cut(pty.Term, 64), pty.Cols, pty.Rows
+	}
+}
+
 // noteExit keeps what the VM said of how the session's program ended.
 func (f *sessionForward) noteExit(req *gossh.Request) {
 	switch req.Type {
@@ -239,14 +251,7 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 	switch req.Type {
 	case "window-change", "signal", "break", "eow@openssh.com":
 	case "pty-req":
-		var pty struct {
-			Term             string
-			Cols, Rows, W, H uint32
-			Modes            string
-		}
-		if gossh.Unmarshal(req.Payload, &pty) == nil {
-			f.act.Term, f.act.Cols, f.act.Rows = cut(pty.Term, 64), pty.Cols, pty.Rows
-		}
+		f.notePty(req.Payload)
 	case "env":
 		var env struct{ Name, Value string }
 		if gossh.Unmarshal(req.Payload, &env) != nil || !l.srv.envAllowed(env.Name) {

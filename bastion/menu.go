@@ -7,10 +7,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	gossh "golang.org/x/crypto/ssh"
 
+	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/policy"
 	"github.com/bastionvm/bastion/vm"
 )
@@ -40,9 +42,7 @@ func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
 			if len(args) > 0 && s.Commands[args[0]] != nil {
 				req.Reply(true, nil)
 				go gossh.DiscardRequests(reqs)
-				status := s.Commands[args[0]](fc.ctx, fc.who(), fc.source, args[1:], ch)
-				sendExitStatus(ch, uint32(status))
-				ch.Close()
+				s.command(fc, ch, cmd.Command, args)
 				return
 			}
 			fallthrough
@@ -189,8 +189,10 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 			return
 		}
 	}
-	f := &sessionForward{link: l, up: up, down: ch, start: ask{kind: policy.Shell}, limit: d.MaxTime}
+	f := &sessionForward{link: l, up: up, down: ch, id: fc.channelN.Add(1), start: ask{kind: policy.Shell}, limit: d.MaxTime}
 	f.untrack = l.track(f.start, f.limit, f.end)
+	f.notePty(ptyReq.Payload)
+	f.started()
 	f.runStarted(upReqs, reqs)
 }
 
@@ -236,4 +238,22 @@ func (r *lineReader) prompt(p string) (string, bool) {
 			}
 		}
 	}
+}
+
+// command runs one of the bastion's own commands on ch, between a
+// session_start and a session_end that name no VM.
+func (s *Server) command(fc *frontConn, ch gossh.Channel, line string, args []string) {
+	ev := audit.Event{Session: fc.id, Account: fc.who().Name, Source: fc.source.String(), Channel: "command"}
+	act := audit.Activity{ChannelID: fc.channelN.Add(1), Kind: "exec", Command: cut(line, maxCommandAudited)}
+	start := act
+	ev.Type, ev.Activity = audit.SessionStart, &start
+	s.audit(ev)
+	began := time.Now()
+	out := countingWriter{ch, new(atomic.Int64)}
+	status := s.Commands[args[0]](fc.ctx, fc.who(), fc.source, args[1:], out)
+	sendExitStatus(ch, uint32(status))
+	ch.Close()
+	act.ExitStatus, act.Seconds, act.BytesDown = &status, seconds(time.Since(began)), out.n.Load()
+	ev.Type, ev.Activity = audit.SessionEnd, &act
+	s.audit(ev)
 }

@@ -84,4 +84,13 @@ func TestMenuConnectsToPickedVM(t *testing.T) {
 		t.Fatalf("ssh ended with %v, want exit 5 from the VM's shell", err)
 	}
 	f.audit.wait(t, audit.Disconnected, "web1", 1)
+	// The shell picked from the menu is a session like another.
+	f.audit.wait(t, audit.SessionEnd, "web1", 1)
+	start, end := f.audit.of(audit.SessionStart)[0], f.audit.of(audit.SessionEnd)[0]
+	if start.Kind != "shell" || start.Term == "" || start.Cols != 80 || start.Rows != 24 || start.Session != f.audit.of(audit.Login)[0].Session {
+		t.Fatalf("session_start: %+v %+v", start, start.Activity)
+	}
+	if end.ExitStatus == nil || *end.ExitStatus != 5 || end.BytesDown == 0 || end.BytesUp == 0 || end.ChannelID != start.ChannelID {
+		t.Fatalf("session_end: %+v", end.Activity)
+	}
 }
