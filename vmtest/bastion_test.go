@@ -61,7 +61,8 @@ func startBastionRules(t *testing.T, rules string) *bastionProc {
 
 // newBastionProc writes a configuration with rules as its policy and state
 // (a new directory if "") as its state directory, and the client's files;
-// launch starts it.
+// launch starts it (once: two bastions on one state directory would
+// contend for it).
 func newBastionProc(t *testing.T, state, rules string) *bastionProc {
 	t.Helper()
 	b := &bastionProc{t: t, dir: t.TempDir(), stderr: &testenv.LockedBuffer{}}
@@ -102,9 +103,19 @@ keys = [%q]
 		t.Fatalf("bastion keys known-hosts: %v", err)
 	}
 	write(t, filepath.Join(b.client.Dir, "known_hosts"), string(scoped))
-
-	b.launch()
 	return b
+}
+
+// server adds settings to the [server] table of b's configuration; call
+// it before launch.
+func (b *bastionProc) server(settings string) {
+	b.t.Helper()
+	b.base = strings.Replace(b.base, "[server]\n", "[server]\n"+strings.TrimSpace(settings)+"\n", 1)
+	cfg, err := os.ReadFile(b.config)
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	write(b.t, b.config, strings.Replace(string(cfg), "[server]\n", "[server]\n"+strings.TrimSpace(settings)+"\n", 1))
 }
 
 // launch starts `bastion serve` on b's configuration and points the
