@@ -8,11 +8,14 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/internal/testenv"
 )
 
 // of returns the events of type t, in the order emitted.
@@ -106,5 +109,65 @@ func TestAuditOwnCommand(t *testing.T) {
 	}
 	if e.ExitStatus == nil || *e.ExitStatus != 4 || e.BytesDown != int64(len("hi world\n")) || e.Session != s.Session {
 		t.Fatalf("session_end: %+v", e.Activity)
+	}
+}
+
+// fullDisk stands for the audit file's disk: while full is set, every
+// write fails as one on a full file system does.
+type fullDisk struct {
+	full    atomic.Bool
+	written atomic.Int64
+}
+
+func (d *fullDisk) Write(p []byte) (int, error) {
+	if d.full.Load() {
+		return 0, syscall.ENOSPC
+	}
+	d.written.Add(int64(len(p)))
+	return len(p), nil
+}
+
+// TestAuditRequired: with AuditRequired, while the trail cannot be
+// written, OpenSSH's ssh is refused with the reason on both entry paths
+// (ProxyJump and login@vm@bastion), a session already open runs on to its
+// end, and once the disk takes writes again the next login works.
+func TestAuditRequired(t *testing.T) {
+	disk := &fullDisk{}
+	f := newFixture(t, func(s *bastion.Server) {
+		trail, seen := audit.NewWriter(disk), s.Audit
+		s.Audit = func(e audit.Event) { seen(e); trail.Emit(e) }
+		s.AuditRequired = trail.Err
+	})
+	if res := f.jump(nil, "echo before"); res.Exit != 0 || string(res.Stdout) != "before\n" {
+		t.Fatalf("before the disk filled: %v %q", res, res.Stdout)
+	}
+
+	// A session open when the disk fills goes on.
+	open := make(chan testenv.Result, 1)
+	go func() { open <- f.jump(nil, "echo started; sleep 2; echo still") }()
+	f.audit.wait(t, audit.SessionStart, "web1", 2)
+	disk.full.Store(true)
+
+	const refusal = "bastion: the audit trail cannot be written, so no session may start; tell the bastion's operators"
+	for _, args := range [][]string{
+		{"-J", "bastion", f.login + "@web1", "echo during"},
+		{"-l", f.login + "@web1", "bastion", "echo during"},
+	} {
+		res := f.ssh(nil, args...)
+		if res.Exit != 255 || len(res.Stdout) != 0 || !strings.Contains(string(res.Stderr), refusal) {
+			t.Fatalf("ssh %s while the trail cannot be written: %v %q", strings.Join(args, " "), res, res.Stdout)
+		}
+	}
+	if res := <-open; res.Exit != 0 || string(res.Stdout) != "started\nstill\n" {
+		t.Fatalf("the session open when the disk filled: %v %q", res, res.Stdout)
+	}
+
+	disk.full.Store(false)
+	before := disk.written.Load()
+	if res := f.jump(nil, "echo after"); res.Exit != 0 || string(res.Stdout) != "after\n" {
+		t.Fatalf("after the disk had room again: %v %q", res, res.Stdout)
+	}
+	if disk.written.Load() == before {
+		t.Fatal("nothing was written to the trail after the disk had room again")
 	}
 }

@@ -432,6 +432,9 @@ func (l *link) serve(down gossh.Conn, chans <-chan gossh.NewChannel, reqs <-chan
 
 // channel handles a channel the downstream opens.
 func (l *link) channel(newCh gossh.NewChannel) {
+	if !l.srv.audited(l.front, newCh) {
+		return
+	}
 	switch newCh.ChannelType() {
 	case "session":
 		l.session(newCh)

@@ -110,6 +110,10 @@ type Server struct {
 
 	Logger *slog.Logger // if nil, logs are discarded
 	Audit  audit.Sink   // receives every audit event; if nil, they are dropped
+	// AuditRequired, if set, is asked before every new channel: while it
+	// reports an error (the trail cannot be written), no new session or
+	// forward starts, and the person is told why. Open ones go on.
+	AuditRequired func() error
 
 	initOnce sync.Once
 	front    *ssh.Server
@@ -632,6 +636,9 @@ func (s *Server) state(ctx ssh.Context, conn *gossh.ServerConn) *frontConn {
 // the ProxyJump inner hop and a session gets the bastion's own answer.
 func (s *Server) frontChannel(_ *ssh.Server, conn *gossh.ServerConn, newCh gossh.NewChannel, ctx ssh.Context) {
 	fc := s.state(ctx, conn)
+	if !s.audited(fc, newCh) {
+		return
+	}
 	if !fc.channels.take(s.maxChannels()) {
 		newCh.Reject(gossh.ResourceShortage, "bastion: too many channels open on this connection")
 		return
@@ -652,6 +659,25 @@ func (s *Server) frontChannel(_ *ssh.Server, conn *gossh.ServerConn, newCh gossh
 	default:
 		s.menu(fc, newCh)
 	}
+}
+
+// audited reports whether a new channel may start as far as the audit
+// trail goes, and refuses newCh with the reason if not.
+func (s *Server) audited(fc *frontConn, newCh gossh.NewChannel) bool {
+	if s.AuditRequired == nil {
+		return true
+	}
+	err := s.AuditRequired()
+	if err == nil {
+		return true
+	}
+	s.logger().Error("refused a channel: the audit trail cannot be written", "account", fc.who().Name, "channel", newCh.ChannelType(), "err", err)
+	newCh.Reject(gossh.Prohibited, "bastion: the audit trail cannot be written, so no session may start; tell the bastion's operators")
+	// Written if the trail can take it again: the refusal is on record,
+	// and the next channel is let through.
+	s.audit(audit.Event{Session: fc.id, Account: fc.who().Name, Source: fc.source.String()}.
+		With(audit.Denied, newCh.ChannelType(), "", "the audit trail cannot be written"))
+	return false
 }
 
 // frontRequest answers global requests on the front door: forward requests

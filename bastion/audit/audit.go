@@ -101,20 +101,58 @@ func (s Sink) Emit(e Event) {
 }
 
 // JSON writes events as JSON lines to w. It is safe for concurrent use.
-func JSON(w io.Writer) Sink {
-	var mu sync.Mutex
-	var seq uint64
-	enc := json.NewEncoder(w)
-	return func(e Event) {
-		if e.Time.IsZero() {
-			e.Time = time.Now().UTC()
-		}
-		e.V = Version
-		mu.Lock()
-		defer mu.Unlock()
-		// Numbered as written: a gap in a stream means lines were lost.
-		seq++
-		e.Seq = seq
-		enc.Encode(e)
+func JSON(w io.Writer) Sink { return NewWriter(w).Emit }
+
+// Writer writes events as JSON lines, numbering them, and remembers
+// whether the last write failed, so that a bastion that must not run
+// unaudited can refuse new sessions. It is safe for concurrent use.
+type Writer struct {
+	mu   sync.Mutex
+	w    io.Writer
+	seq  uint64
+	err  error // of the last write
+	torn bool  // the last line written stops short of its end
+}
+
+// NewWriter writes to w, which should not buffer: each event is written
+// as it is emitted.
+func NewWriter(w io.Writer) *Writer { return &Writer{w: w} }
+
+// Emit writes e; it is a Sink.
+func (w *Writer) Emit(e Event) {
+	if e.Time.IsZero() {
+		e.Time = time.Now().UTC()
 	}
+	e.V = Version
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	// Numbered as emitted, written or not: a gap in a stream means
+	// lines were lost.
+	w.seq++
+	e.Seq = w.seq
+	line, err := json.Marshal(e)
+	if err != nil {
+		w.err = err
+		return
+	}
+	line = append(line, '\n')
+	if w.torn {
+		// The last write stopped inside its line: this one starts on a
+		// line of its own.
+		line = append([]byte{'\n'}, line...)
+	}
+	// Not a json.Encoder: it fails every write after the first failure,
+	// and a disk that was full for a moment would end the trail.
+	n, err := w.w.Write(line)
+	w.err = err
+	if n > 0 {
+		w.torn = n < len(line)
+	}
+}
+
+// Err is the error of the last write, or nil if it succeeded.
+func (w *Writer) Err() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.err
 }

@@ -3,9 +3,11 @@ package audit
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"flag"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -70,6 +72,56 @@ func TestFormatGolden(t *testing.T) {
 		}
 		if err := json.Unmarshal([]byte(line), &got); err != nil || got.V != Version || got.Seq != uint64(i+1) || got.Type == "" {
 			t.Fatalf("line %d: %s: %+v %v", i+1, line, got, err)
+		}
+	}
+}
+
+// flaky is a file on a disk that fills: each write takes at most room
+// bytes, failing with ENOSPC past them.
+type flaky struct {
+	bytes.Buffer
+	room int
+}
+
+func (f *flaky) Write(p []byte) (int, error) {
+	if len(p) <= f.room {
+		f.room -= len(p)
+		return f.Buffer.Write(p)
+	}
+	n, _ := f.Buffer.Write(p[:f.room])
+	f.room = 0
+	return n, syscall.ENOSPC
+}
+
+// TestWriterAfterFullDisk: a write that fails is reported by Err, and the
+// trail goes on once there is room again, the next event on a line of its
+// own after the torn one, its seq saying how many were lost.
+func TestWriterAfterFullDisk(t *testing.T) {
+	disk := &flaky{room: 1 << 20}
+	w := NewWriter(disk)
+	w.Emit(Event{Type: Login, Account: "alice"})
+	disk.room = 10
+	w.Emit(Event{Type: Login, Account: "bob"}) // torn after 10 bytes
+	if !errors.Is(w.Err(), syscall.ENOSPC) {
+		t.Fatalf("Err after a failed write: %v", w.Err())
+	}
+	w.Emit(Event{Type: Login, Account: "carol"}) // nothing written
+	disk.room = 1 << 20
+	w.Emit(Event{Type: Login, Account: "dave"})
+	if w.Err() != nil {
+		t.Fatalf("Err after a write that succeeded: %v", w.Err())
+	}
+	lines := strings.Split(strings.TrimSuffix(disk.String(), "\n"), "\n")
+	if len(lines) != 3 || len(lines[1]) != 10 {
+		t.Fatalf("the trail: %q", disk.String())
+	}
+	for i, want := range map[int]struct {
+		account string
+		seq     uint64
+	}{0: {"alice", 1}, 2: {"dave", 4}} {
+		var e Event
+		if err := json.Unmarshal([]byte(lines[i]), &e); err != nil || e.Account != want.account || e.Seq != want.seq {
+			t.Fatalf("line %d: %q (%v); want %s with seq %d", i+1, lines[i], err, want.account, want.seq)
 		}
 	}
 }

@@ -62,6 +62,7 @@ type ServerConfig struct {
 	ConnectTimeout Duration `toml:"connect_timeout"`
 	EnvAllow       []string `toml:"env_allow"`
 	Audit          string   `toml:"audit"`      // "stdout", "off", or a file path
+	AuditRequired  bool     `toml:"audit_required"`
 	OpsListen      string   `toml:"ops_listen"` // /metrics, /healthz, /readyz; off if empty
 	PolicyFile     string   `toml:"policy_file"`
 	LogLevel       string   `toml:"log_level"`
@@ -228,6 +229,9 @@ func (c *Config) validate() error {
 	case "debug", "info", "warn", "error":
 	default:
 		return fmt.Errorf("server.log_level: %q is not one of debug, info, warn, error", c.Server.LogLevel)
+	}
+	if c.Server.AuditRequired && c.Server.Audit == "off" {
+		return errors.New(`server.audit_required is true but server.audit is "off": there is no trail to require`)
 	}
 	if c.Server.LoginGraceTime.Duration < 0 {
 		return fmt.Errorf("server.login_grace_time: %v is negative (\"0s\" means no limit)", c.Server.LoginGraceTime.Duration)

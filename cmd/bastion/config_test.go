@@ -49,6 +49,7 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		{"no channels", "[server]\nmax_channels = 0\n", `server.max_channels: 0 is not at least 1`},
 		{"no checks", "[trust]\nmax_checks = -1\n", `trust.max_checks: -1 is not at least 1`},
 		{"negative per source", "[server]\nper_source_max_startups = -2\n", `server.per_source_max_startups: -2 is negative`},
+		{"audit required but off", "[server]\naudit = \"off\"\naudit_required = true\n", `server.audit_required is true but server.audit is "off"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := ParseConfig("bastion.toml", []byte(tc.toml))

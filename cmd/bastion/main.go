@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/bastionvm/bastion/bastion"
+	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/bastion/metrics"
 	"github.com/bastionvm/bastion/bastion/trust"
 	"github.com/bastionvm/bastion/hypervisor"
@@ -149,11 +150,15 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
-	sink, closeAudit, err := openAudit(c.Server.Audit, stdout)
+	trail, closeAudit, err := openAudit(c.Server.Audit, stdout)
 	if err != nil {
 		return err
 	}
 	defer closeAudit()
+	var sink audit.Sink
+	if trail != nil {
+		sink = trail.Emit
+	}
 	var ops *metrics.Metrics
 	if c.Server.OpsListen != "" {
 		ops = metrics.New(buildVersion())
@@ -178,6 +183,9 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		UpstreamHandshakes:   c.Server.UpstreamHandshakes,
 		Logger:               logger,
 		Audit:                sink,
+	}
+	if c.Server.AuditRequired {
+		srv.AuditRequired = trail.Err
 	}
 	ln, err := net.Listen("tcp", c.Server.Listen)
 	if err != nil {

@@ -105,14 +105,14 @@ func (f *fleet) vmCommand(policy bastion.Decider, listen, stateDir string, sink 
 
 func (f *fleet) close() { f.pool.Close() }
 
-// openAudit opens the audit destination: "stdout" (or empty), "off", or a
-// file appended to.
-func openAudit(dest string, stdout io.Writer) (audit.Sink, func(), error) {
+// openAudit opens the audit destination: "stdout" (or empty), "off" (a
+// nil writer), or a file appended to.
+func openAudit(dest string, stdout io.Writer) (*audit.Writer, func(), error) {
 	switch dest {
 	case "off":
 		return nil, func() {}, nil
 	case "stdout", "":
-		return audit.JSON(stdout), func() {}, nil
+		return audit.NewWriter(stdout), func() {}, nil
 	default:
 		// Not through a symbolic link: whoever could plant one would choose
 		// where the trail goes.
@@ -124,7 +124,7 @@ func openAudit(dest string, stdout io.Writer) (audit.Sink, func(), error) {
 			f.Close()
 			return nil, nil, fmt.Errorf("audit: %s is not a regular file", dest)
 		}
-		return audit.JSON(f), func() { f.Close() }, nil
+		return audit.NewWriter(f), func() { f.Close() }, nil
 	}
 }
 
