@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"path"
 	"strings"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	gossh "golang.org/x/crypto/ssh"
 
 	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/bastion/record"
 	"github.com/bastionvm/bastion/policy"
 )
 
@@ -70,6 +72,12 @@ type sessionForward struct {
 	untrack  func()         // set once it has started
 	readOnly bool           // sftp the policy allows only to read; read after started closes
 	act      audit.Activity // what session_start says: the pty and environment asked for, then the start
+	pty      bool           // a terminal was asked for
+	refusal  string         // why the start was refused, if not the policy
+
+	// Set before the start is sent upstream, read after started closes:
+	cast       *record.Cast // the recording, if the session is recorded
+	recordMode record.Mode
 }
 
 // run copies data and requests both ways until both sides are done.
@@ -150,7 +158,14 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 	output := make(chan error, 2)
 	go func() {
 		<-started
-		go copier{dst: f.down.Stderr(), src: f.up.Stderr(), count: &f.bytesDown}.run(output)
+		out, errOut, in := io.Writer(f.down), io.Writer(f.down.Stderr()), io.Writer(f.up)
+		if f.cast != nil {
+			out, errOut = recorded{out, f.cast.Output}, recorded{errOut, f.cast.Output}
+			if f.recordMode == record.Input {
+				in = recorded{in, f.cast.Input}
+			}
+		}
+		go copier{dst: errOut, src: f.up.Stderr(), count: &f.bytesDown}.run(output)
 		if f.readOnly {
 			if err := readOnlySFTP(f.up, f.down); err != nil {
 				f.link.log.Info("read-only sftp ended", "err", err)
@@ -158,8 +173,8 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 			output <- nil
 			return
 		}
-		go copier{dst: f.down, src: f.up, count: &f.bytesDown}.run(output)
-		copier{dst: f.up, src: f.down, closeWrite: f.up.CloseWrite, count: &f.bytesUp}.run(nil)
+		go copier{dst: out, src: f.up, count: &f.bytesDown}.run(output)
+		copier{dst: in, src: f.down, closeWrite: f.up.CloseWrite, count: &f.bytesUp}.run(nil)
 	}()
 	<-output
 	<-output
@@ -178,6 +193,7 @@ func (f *sessionForward) notePty(payload []byte) {
 		Modes            string
 	}
 	if gossh.Unmarshal(payload, &pty) == nil {
+		f.pty = true
 		f.act.Term, f.act.Cols, f.act.Rows = cut(pty.Term, 64), pty.Cols, pty.Rows
 	}
 }
@@ -234,6 +250,13 @@ func (f *sessionForward) ended() {
 	}
 	act := audit.Activity{ChannelID: f.id, Kind: start.Kind, Command: start.Command, ExitStatus: f.exitStatus, ExitSignal: f.exitSignal,
 		Seconds: seconds(time.Since(began)), BytesUp: f.bytesUp.Load(), BytesDown: f.bytesDown.Load()}
+	if f.cast != nil {
+		sum, err := f.cast.Close(f.exitStatus, f.exitSignal)
+		if err != nil {
+			f.link.log.Error("the recording could not be written whole", "recording", f.cast.ID, "err", err)
+		}
+		act.Recording, act.RecordingSHA256, act.RecordingCapped = f.cast.ID, sum, f.cast.Capped()
+	}
 	f.link.addBytes(act.BytesUp, act.BytesDown)
 	ev := f.link.event().With(audit.SessionEnd, string(kind), "", reason)
 	ev.Activity = &act
@@ -249,7 +272,12 @@ func seconds(d time.Duration) float64 { return float64(d.Milliseconds()) / 1000 
 func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Channel) {
 	l := f.link
 	switch req.Type {
-	case "window-change", "signal", "break", "eow@openssh.com":
+	case "window-change":
+		var size struct{ Cols, Rows, W, H uint32 }
+		if f.cast != nil && gossh.Unmarshal(req.Payload, &size) == nil {
+			f.cast.Resize(size.Cols, size.Rows)
+		}
+	case "signal", "break", "eow@openssh.com":
 	case "pty-req":
 		f.notePty(req.Payload)
 	case "env":
@@ -267,6 +295,9 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 			return false, policy.Shell
 		}
 		f.limit = d.MaxTime
+		if f.untrack == nil && f.record(d) != nil {
+			return false, policy.Shell
+		}
 	case "exec":
 		var cmd struct{ Command string }
 		if gossh.Unmarshal(req.Payload, &cmd) != nil {
@@ -278,6 +309,9 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 			return false, f.start.kind
 		}
 		f.limit = d.MaxTime
+		if f.untrack == nil && f.record(d) != nil {
+			return false, f.start.kind
+		}
 	case "subsystem":
 		var sub struct{ Name string }
 		if gossh.Unmarshal(req.Payload, &sub) != nil {
@@ -320,9 +354,66 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		if ok && f.untrack == nil {
 			f.untrack = l.track(f.start, f.limit, f.end)
 			f.started()
+		} else if f.untrack == nil {
+			f.discardRecording()
 		}
 	}
 	return ok, ""
+}
+
+// record starts the session's recording before its shell or command
+// starts, if the bastion records and the decision d asks for it: with a
+// terminal always, exec without one when d.RecordExec. A recording that
+// cannot be written refuses the session (f.refusal says so): never one
+// silently unrecorded.
+func (f *sessionForward) record(d policy.Decision) error {
+	s, l := f.link.srv, f.link
+	mode := record.Mode(d.Record)
+	if mode == "" {
+		mode = record.Output
+	}
+	if s.Recordings == "" || mode == record.None || !f.pty && !(f.start.kind == policy.Exec && d.RecordExec) {
+		return nil
+	}
+	id := fmt.Sprintf("%s-%d", l.front.id, f.id)
+	title := fmt.Sprintf("%s on %s as %s", l.front.who().Name, l.vm.Name, l.login)
+	c, err := record.Create(s.Recordings, id, record.Header{Cols: f.act.Cols, Rows: f.act.Rows, Term: f.act.Term,
+		Command: cut(f.start.command, maxCommandAudited), Title: title}, s.recordingMaxBytes(), func(err error) {
+		l.log.Error("the recording cannot be written; ending the session", "recording", id, "err", err)
+		f.end("bastion: the session's recording cannot be written, so the session is ended; tell the bastion's operators")
+	})
+	if err != nil {
+		l.log.Error("refused: the recording cannot be written", "channel", f.start.kind, "err", err)
+		l.srv.audit(l.event().With(audit.Denied, string(f.start.kind), d.Rule, "the recording cannot be written: "+err.Error()))
+		f.refusal = "bastion: this session must be recorded, and the recording cannot be written, so it may not start; tell the bastion's operators"
+		return err
+	}
+	f.cast, f.recordMode = c, mode
+	return nil
+}
+
+// discardRecording removes the recording of a session whose shell or
+// command did not start.
+func (f *sessionForward) discardRecording() {
+	if f.cast != nil {
+		f.cast.Close(nil, "")
+		os.Remove(f.cast.Path)
+		f.cast = nil
+	}
+}
+
+// recorded is a writer whose bytes also go to a recording.
+type recorded struct {
+	w   io.Writer
+	rec func([]byte)
+}
+
+func (r recorded) Write(p []byte) (int, error) {
+	n, err := r.w.Write(p)
+	if n > 0 {
+		r.rec(p[:n])
+	}
+	return n, err
 }
 
 // maxCommandAudited bounds the command line in an event: long enough for
@@ -358,6 +449,9 @@ func (f *sessionForward) end(msg string) {
 		f.endReason = msg
 	}
 	f.endMu.Unlock()
+	if f.cast != nil {
+		f.cast.Marker(msg)
+	}
 	fmt.Fprintf(f.down.Stderr(), "\r\n%s\r\n", msg)
 	sendExitStatus(f.down, 255)
 	f.up.SendRequest("signal", false, gossh.Marshal(struct{ Signal string }{"TERM"}))
@@ -374,7 +468,11 @@ func (f *sessionForward) refuse(req *gossh.Request, kind policy.Channel) {
 	if req.WantReply {
 		req.Reply(true, nil)
 	}
-	fmt.Fprintf(f.down.Stderr(), "%s\r\n", f.link.denial(kind))
+	msg := f.link.denial(kind)
+	if f.refusal != "" {
+		msg = f.refusal
+	}
+	fmt.Fprintf(f.down.Stderr(), "%s\r\n", msg)
 	sendExitStatus(f.down, 255)
 	f.up.Close()
 }

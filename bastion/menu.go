@@ -174,6 +174,14 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 		sendExitStatus(ch, 255)
 		return
 	}
+	f := &sessionForward{link: l, up: up, down: ch, id: fc.channelN.Add(1), start: ask{kind: policy.Shell}, limit: d.MaxTime}
+	f.notePty(ptyReq.Payload)
+	if err := f.record(d); err != nil {
+		fmt.Fprintf(ch, "%s\r\n", f.refusal)
+		up.Close()
+		sendExitStatus(ch, 255)
+		return
+	}
 	for _, r := range []struct {
 		name    string
 		payload []byte
@@ -185,13 +193,12 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 		if err != nil || !ok {
 			fmt.Fprintf(ch, "bastion: %s: the VM refused the %s\r\n", picked.vm.Name, r.name)
 			up.Close()
+			f.discardRecording()
 			sendExitStatus(ch, 255)
 			return
 		}
 	}
-	f := &sessionForward{link: l, up: up, down: ch, id: fc.channelN.Add(1), start: ask{kind: policy.Shell}, limit: d.MaxTime}
 	f.untrack = l.track(f.start, f.limit, f.end)
-	f.notePty(ptyReq.Payload)
 	f.started()
 	f.runStarted(upReqs, reqs)
 }

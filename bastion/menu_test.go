@@ -24,7 +24,8 @@ func TestMenuWithoutTerminalLists(t *testing.T) {
 }
 
 func TestMenuConnectsToPickedVM(t *testing.T) {
-	f := newFixture(t)
+	recordings := t.TempDir()
+	f := newFixture(t, recordTo(recordings, 0))
 	p, err := testenv.OpenPty(24, 80)
 	if err != nil {
 		t.Fatal(err)
@@ -92,5 +93,9 @@ func TestMenuConnectsToPickedVM(t *testing.T) {
 	}
 	if end.ExitStatus == nil || *end.ExitStatus != 5 || end.BytesDown == 0 || end.BytesUp == 0 || end.ChannelID != start.ChannelID {
 		t.Fatalf("session_end: %+v", end.Activity)
+	}
+	// And recorded like another.
+	if _, evs := castEvents(t, sealed(t, recordings, end)); !strings.Contains(of(evs, "o"), "sum=42") {
+		t.Fatalf("the menu session's cast: %v", evs)
 	}
 }

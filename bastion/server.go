@@ -108,6 +108,12 @@ type Server struct {
 	// NAME args...`, by NAME. A command not here gets the menu's answer.
 	Commands map[string]CommandFunc
 
+	// Recordings is the directory session recordings are written to; if
+	// empty, nothing is recorded. RecordingMaxBytes caps the output and
+	// input one recording holds; 0 means 16 MiB.
+	Recordings        string
+	RecordingMaxBytes int64
+
 	Logger *slog.Logger // if nil, logs are discarded
 	Audit  audit.Sink   // receives every audit event; if nil, they are dropped
 	// AuditRequired, if set, is asked before every new channel: while it
@@ -818,6 +824,12 @@ func (s *Server) loginGraceTime() time.Duration {
 	return s.LoginGraceTime
 }
 
+func (s *Server) recordingMaxBytes() int64 {
+	if s.RecordingMaxBytes <= 0 {
+		return 16 << 20
+	}
+	return s.RecordingMaxBytes
+}
 func (s *Server) connectTimeout() time.Duration { return orDefault(s.ConnectTimeout, 2*time.Minute) }
 
 // orDefault is v, or def when v is not above zero: the rule of the

@@ -34,6 +34,8 @@ type ruleTOML struct {
 	Sources      []string          `toml:"sources"`
 	Time         *windowTOML       `toml:"time"`
 	MaxSession   string            `toml:"max_session"`
+	Record       string            `toml:"record"`
+	RecordExec   bool              `toml:"record_exec"`
 }
 
 type windowTOML struct {
@@ -168,6 +170,15 @@ func (rt *ruleTOML) compile(i int) (Rule, error) {
 		}
 		r.MaxTime = d
 	}
+	switch rt.Record {
+	case "", "none", "output", "input":
+	default:
+		return fail("record %q is not \"none\", \"output\" or \"input\"", rt.Record)
+	}
+	if r.Effect == Deny && (rt.Record != "" || rt.RecordExec) {
+		return fail("record and record_exec apply to allow rules")
+	}
+	r.Record, r.RecordExec = rt.Record, rt.RecordExec
 	return r, nil
 }
 
@@ -317,5 +328,20 @@ func (p *Policy) Explain(r Request) string {
 	if d.MaxTime > 0 {
 		fmt.Fprintf(&b, "limit:  sessions end after %v\n", d.MaxTime)
 	}
+	if d.Record != "" || d.RecordExec {
+		fmt.Fprintf(&b, "record: %s", or(d.Record, "the default"))
+		if d.RecordExec {
+			b.WriteString(", exec without a terminal too")
+		}
+		b.WriteString("\n")
+	}
 	return b.String()
+}
+
+// or is s, or def if s is empty.
+func or(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
 }

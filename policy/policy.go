@@ -72,6 +72,11 @@ type Decision struct {
 	Reason   string
 	ReadOnly bool          // sftp allowed only to read
 	MaxTime  time.Duration // for Connect: how long a session may last; 0 means no limit
+	// For allow rules, what is recorded of a session with a terminal
+	// (and of exec without one, with RecordExec): "" (the bastion's
+	// default), "none", "output" or "input" (input and output).
+	Record     string
+	RecordExec bool
 }
 
 // Effect is what a matching rule does.
@@ -106,6 +111,9 @@ type Rule struct {
 	Sources []netip.Prefix // client address ranges
 	Window  *Window        // when the rule applies
 	MaxTime time.Duration  // for allow rules: the longest a session may last
+
+	Record     string // for allow rules: "" (the default), "none", "output" or "input"
+	RecordExec bool   // record exec without a terminal too
 
 	Line int // where the rule starts in its file, for messages
 }
@@ -166,7 +174,8 @@ func (p *Policy) Decide(r Request) Decision {
 	for i := range p.Rules {
 		rule := &p.Rules[i]
 		if rule.Effect != Deny && rule.matches(r, t) {
-			d := Decision{Allow: true, Rule: rule.Name, Reason: "allowed by rule " + rule.Name, MaxTime: rule.MaxTime}
+			d := Decision{Allow: true, Rule: rule.Name, Reason: "allowed by rule " + rule.Name, MaxTime: rule.MaxTime,
+				Record: rule.Record, RecordExec: rule.RecordExec}
 			if r.Channel == SFTP && !slices.Contains(rule.channels(), SFTP) {
 				d.ReadOnly = true
 			}

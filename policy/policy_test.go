@@ -105,6 +105,13 @@ func TestDecide(t *testing.T) {
 	if d := p.Decide(dev(web1, "dev", Shell)); d.MaxTime != 8*time.Hour {
 		t.Errorf("max_session: %v", d.MaxTime)
 	}
+	rec, err := Parse("p.toml", []byte("[[rule]]\ngroups = [\"dev\"]\nvms = [\"*\"]\nlogins = [\"*\"]\nrecord = \"input\"\nrecord_exec = true\n"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := rec.Decide(dev(web1, "dev", Shell)); !d.Allow || d.Record != "input" || !d.RecordExec {
+		t.Errorf("record: %+v", d)
+	}
 	if d := (&Policy{}).Decide(dev(web1, "dev", Shell)); d.Allow {
 		t.Error("an empty policy allowed a request")
 	}
@@ -138,6 +145,8 @@ func TestParseErrors(t *testing.T) {
 		{"bad day", "[[rule]]\neffect = \"deny\"\ntime = { days = [\"someday\"] }\n", `day "someday"`},
 		{"bad clock", "[[rule]]\neffect = \"deny\"\ntime = { from = \"8am\" }\n", `"8am" is not a time`},
 		{"bad max_session", "[[rule]]\neffect = \"deny\"\nmax_session = \"forever\"\n", `max_session "forever"`},
+		{"bad record", "[[rule]]\ngroups = [\"dev\"]\nvms = [\"*\"]\nlogins = [\"*\"]\nrecord = \"all\"\n", `record "all" is not "none", "output" or "input"`},
+		{"record on deny", "[[rule]]\neffect = \"deny\"\nrecord_exec = true\n", "record and record_exec apply to allow rules"},
 		{"duplicate names", "[[rule]]\nname = \"a\"\neffect = \"deny\"\n[[rule]]\nname = \"a\"\neffect = \"deny\"\n", "p.toml:4: rule a: the name is taken by the rule at line 1"},
 		{"commands without exec", "[[rule]]\neffect = \"deny\"\nchannels = [\"shell\"]\ncommands = [\"ls\"]\n", "commands apply to exec and scp"},
 	} {

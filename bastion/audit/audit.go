@@ -78,6 +78,10 @@ type Activity struct {
 	Seconds    float64  `json:"duration,omitempty"`   // how long it ran, in seconds
 	BytesUp    int64    `json:"bytes_up,omitempty"`   // from the client to the VM
 	BytesDown  int64    `json:"bytes_down,omitempty"` // from the VM to the client
+
+	Recording       string `json:"recording,omitempty"`        // the recording's id: its file name in server.recordings, less .cast
+	RecordingSHA256 string `json:"recording_sha256,omitempty"` // of the sealed file, hex
+	RecordingCapped bool   `json:"recording_capped,omitempty"` // server.recording_max_bytes ended it before the session
 }
 
 // With returns a copy of e with the given type and decision fields.

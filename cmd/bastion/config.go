@@ -61,11 +61,14 @@ type ServerConfig struct {
 	KeepAlive      Duration `toml:"keepalive"`
 	ConnectTimeout Duration `toml:"connect_timeout"`
 	EnvAllow       []string `toml:"env_allow"`
-	Audit          string   `toml:"audit"`      // "stdout", "off", or a file path
+	Audit          string   `toml:"audit"` // "stdout", "off", or a file path
 	AuditRequired  bool     `toml:"audit_required"`
-	OpsListen      string   `toml:"ops_listen"` // /metrics, /healthz, /readyz; off if empty
-	PolicyFile     string   `toml:"policy_file"`
-	LogLevel       string   `toml:"log_level"`
+
+	Recordings        string `toml:"recordings"` // directory of session recordings; none if empty
+	RecordingMaxBytes int64  `toml:"recording_max_bytes"`
+	OpsListen         string `toml:"ops_listen"` // /metrics, /healthz, /readyz; off if empty
+	PolicyFile        string `toml:"policy_file"`
+	LogLevel          string `toml:"log_level"`
 
 	MaxChannels        int `toml:"max_channels"`
 	MaxPending         int `toml:"max_pending"`
@@ -129,6 +132,7 @@ func defaults() Config {
 		MaxChannels:          100,
 		MaxPending:           64,
 		UpstreamHandshakes:   8,
+		RecordingMaxBytes:    16 << 20,
 	}}
 }
 
@@ -232,6 +236,12 @@ func (c *Config) validate() error {
 	}
 	if c.Server.AuditRequired && c.Server.Audit == "off" {
 		return errors.New(`server.audit_required is true but server.audit is "off": there is no trail to require`)
+	}
+	if c.Server.RecordingMaxBytes < 4096 {
+		return fmt.Errorf("server.recording_max_bytes: %d is less than 4096", c.Server.RecordingMaxBytes)
+	}
+	if c.Server.Recordings != "" && !filepath.IsAbs(c.Server.Recordings) {
+		return fmt.Errorf("server.recordings: %q is not an absolute path", c.Server.Recordings)
 	}
 	if c.Server.LoginGraceTime.Duration < 0 {
 		return fmt.Errorf("server.login_grace_time: %v is negative (\"0s\" means no limit)", c.Server.LoginGraceTime.Duration)

@@ -50,6 +50,8 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		{"no checks", "[trust]\nmax_checks = -1\n", `trust.max_checks: -1 is not at least 1`},
 		{"negative per source", "[server]\nper_source_max_startups = -2\n", `server.per_source_max_startups: -2 is negative`},
 		{"audit required but off", "[server]\naudit = \"off\"\naudit_required = true\n", `server.audit_required is true but server.audit is "off"`},
+		{"small recording cap", "[server]\nrecording_max_bytes = 100\n", `server.recording_max_bytes: 100 is less than 4096`},
+		{"relative recordings", "[server]\nrecordings = \"casts\"\n", `server.recordings: "casts" is not an absolute path`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := ParseConfig("bastion.toml", []byte(tc.toml))

@@ -187,6 +187,17 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	if c.Server.AuditRequired {
 		srv.AuditRequired = trail.Err
 	}
+	if dir := c.Server.Recordings; dir != "" {
+		// Made if missing; refused if others may read it or plant files.
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("server.recordings: %w", err)
+		}
+		info, err := os.Stat(dir)
+		if err != nil || !info.IsDir() || info.Mode().Perm()&0o077 != 0 {
+			return fmt.Errorf("server.recordings: %s must be a directory only its owner may use (mode 0700)", dir)
+		}
+		srv.Recordings, srv.RecordingMaxBytes = dir, c.Server.RecordingMaxBytes
+	}
 	ln, err := net.Listen("tcp", c.Server.Listen)
 	if err != nil {
 		return err

@@ -18,6 +18,7 @@ const module = "github.com/bastionvm/bastion/"
 var allowed = map[string][]string{
 	"vm":                  {},
 	"bastion/audit":       {},
+	"bastion/record":      {},
 	"internal/atomicfile": {},
 	"internal/tomlpos":    {},
 	"keys":                {"internal/atomicfile"},
@@ -26,7 +27,7 @@ var allowed = map[string][]string{
 	"bastion/trust":       {"vm", "keys", "bastion/audit", "internal/atomicfile"},
 	"bastion/dispense":    {"vm", "bastion/audit"},
 	"bastion/metrics":     {"bastion/audit"},
-	"bastion":             {"vm", "keys", "policy", "bastion/audit"},
+	"bastion":             {"vm", "keys", "policy", "bastion/audit", "bastion/record"},
 	"cmd/bastion":         {"*"},
 
 	// Test helpers and tooling.
