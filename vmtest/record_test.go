@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -50,5 +51,25 @@ func TestRecordingOnGuest(t *testing.T) {
 	out, err := exec.Command("setsid", "asciinema", "play", "-s", "100", path).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "on the guest") || !strings.Contains(string(out), web1) {
 		t.Fatalf("asciinema play: %v\n%s", err, out)
+	}
+
+	// The bastion's own listing and player.
+	out, err = exec.Command(binary, "sessions", "ls", "--config", b.config, "--vm", web1).CombinedOutput()
+	if err != nil || !regexp.MustCompile(`(?m)^`+id+` +me +`+web1+` +root +\S+ \S+ +\S+ +exec +6 +yes +uname -n; printf`).Match(out) {
+		t.Fatalf("bastion sessions ls: %v\n%s", err, out)
+	}
+	out, err = exec.Command(binary, "sessions", "ls", "--config", b.config, "--account", "nobody").CombinedOutput()
+	if err != nil || strings.Contains(string(out), id) {
+		t.Fatalf("bastion sessions ls --account nobody: %v\n%s", err, out)
+	}
+	out, err = exec.Command(binary, "sessions", "play", "--config", b.config, "--speed", "100", id).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "on the guest") {
+		t.Fatalf("bastion sessions play: %v\n%s", err, out)
+	}
+	// A recording changed after it was sealed is not played.
+	os.WriteFile(path, append(data, data[len(data)-40:]...), 0o400)
+	out, err = exec.Command(binary, "sessions", "play", "--config", b.config, id).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "is not the one the audit trail sealed") {
+		t.Fatalf("bastion sessions play of a changed recording: %v\n%s", err, out)
 	}
 }

@@ -10,12 +10,14 @@
 package record
 
 import (
+	"bufio"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -265,4 +267,49 @@ func (c *Cast) Close(exitStatus *int, exitSignal string) (sum string, err error)
 	}
 	c.f = nil
 	return hex.EncodeToString(c.sum.Sum(nil)), c.err
+}
+
+// Play writes the output of the cast read from r to w at its own pace,
+// speed times faster, with no pause longer than maxIdle (0: as recorded).
+// Input, resizes and markers are not shown.
+func Play(w io.Writer, r io.Reader, speed float64, maxIdle time.Duration) error {
+	if speed <= 0 {
+		speed = 1
+	}
+	s := bufio.NewScanner(r)
+	s.Buffer(nil, 16<<20)
+	if !s.Scan() {
+		return errors.New("not a recording: no header line")
+	}
+	var head struct {
+		Version int `json:"version"`
+	}
+	if err := json.Unmarshal(s.Bytes(), &head); err != nil || head.Version != 2 {
+		return errors.New("not a recording: the first line is not an asciicast v2 header")
+	}
+	var last float64
+	for line := 2; s.Scan(); line++ {
+		var ev [3]json.RawMessage
+		var at float64
+		var code, data string
+		if json.Unmarshal(s.Bytes(), &ev) != nil || json.Unmarshal(ev[0], &at) != nil ||
+			json.Unmarshal(ev[1], &code) != nil || json.Unmarshal(ev[2], &data) != nil {
+			return fmt.Errorf("line %d is not an event", line)
+		}
+		if code != "o" {
+			continue
+		}
+		pause := time.Duration((at - last) / speed * float64(time.Second))
+		if maxIdle > 0 && pause > maxIdle {
+			pause = maxIdle
+		}
+		if pause > 0 {
+			time.Sleep(pause)
+		}
+		last = at
+		if _, err := io.WriteString(w, data); err != nil {
+			return err
+		}
+	}
+	return s.Err()
 }

@@ -143,3 +143,25 @@ func TestWriteFailure(t *testing.T) {
 		t.Fatal("onFail called twice")
 	}
 }
+
+// TestPlay: the output events, in order, and nothing else.
+func TestPlay(t *testing.T) {
+	c, err := Create(t.TempDir(), "s1-4", Header{}, 0, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Output([]byte("one "))
+	c.Input([]byte("typed"))
+	c.Marker("a marker")
+	c.Output([]byte("two\n"))
+	c.Close(nil, "")
+	f, _ := os.Open(c.Path)
+	defer f.Close()
+	var out strings.Builder
+	if err := Play(&out, f, 1000, 0); err != nil || out.String() != "one two\n" {
+		t.Fatalf("Play: %q, %v", out.String(), err)
+	}
+	if err := Play(&out, strings.NewReader("{}\n"), 1, 0); err == nil {
+		t.Fatal("Play took a file that is not a cast")
+	}
+}

@@ -32,6 +32,10 @@ const usage = `usage:
   bastion keys known-hosts --config FILE   print the known_hosts line users add once
   bastion config check --config FILE       validate the configuration
   bastion trust ls --config FILE           each VM's trust: state, expiry, pinned host key
+  bastion sessions ls --config FILE [--account A] [--vm V] [--since T] [--until T]
+                                           the session channels in the audit file
+  bastion sessions play --config FILE [--speed N] [--idle-limit D] ID
+                                           play a session's recording in this terminal
   bastion policy check [--config FILE] [POLICY]
                                            validate a policy file, or the configuration's policy
   bastion vm dispense --config FILE --template T VM
@@ -77,7 +81,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 		return vmLocal(configPath, rest, stdout)
 	}
-	if (cmd == "keys" || cmd == "config" || cmd == "trust" || cmd == "policy") && len(args) > 0 {
+	if (cmd == "keys" || cmd == "config" || cmd == "trust" || cmd == "policy" || cmd == "sessions") && len(args) > 0 {
 		cmd, args = cmd+" "+args[0], args[1:]
 	}
 	fs := flag.NewFlagSet("bastion "+cmd, flag.ContinueOnError)
@@ -87,10 +91,12 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if cmd == "policy test" {
 		q.flags(fs)
 	}
+	var sq sessionFilter
+	sq.flags(fs, cmd)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if fs.NArg() > 0 && !(cmd == "policy check" && fs.NArg() == 1) {
+	if fs.NArg() > 0 && !((cmd == "policy check" || cmd == "sessions play") && fs.NArg() == 1) {
 		return fmt.Errorf("%s: unexpected argument %q", cmd, fs.Arg(fs.NArg()-1))
 	}
 	switch cmd {
@@ -121,6 +127,13 @@ func run(args []string, stdout, stderr io.Writer) error {
 			return err
 		}
 		return trust.List(stdout, records, time.Now())
+	case "sessions ls":
+		return sessionsLs(*configPath, sq, stdout)
+	case "sessions play":
+		if fs.NArg() != 1 {
+			return errors.New("sessions play: which session? (bastion sessions ls lists them)")
+		}
+		return sessionsPlay(*configPath, fs.Arg(0), sq, stdout)
 	case "config check":
 		if _, err := LoadConfig(*configPath); err != nil {
 			return err
