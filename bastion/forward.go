@@ -78,6 +78,8 @@ type sessionForward struct {
 	// Set before the start is sent upstream, read after started closes:
 	cast       *record.Cast // the recording, if the session is recorded
 	recordMode record.Mode
+	live       *live  // set when a session with a terminal starts: its watchers
+	unlive     func() // ends the watch
 }
 
 // run copies data and requests both ways until both sides are done.
@@ -165,6 +167,9 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 				in = recorded{in, f.cast.Input}
 			}
 		}
+		if f.live != nil {
+			out, errOut = recorded{out, f.live.publish}, recorded{errOut, f.live.publish}
+		}
 		go copier{dst: errOut, src: f.up.Stderr(), count: &f.bytesDown}.run(output)
 		if f.readOnly {
 			if err := readOnlySFTP(f.up, f.down); err != nil {
@@ -237,6 +242,16 @@ func (f *sessionForward) started() {
 	ev := f.link.event().With(audit.SessionStart, string(f.start.kind), "", "")
 	ev.Activity = &act
 	f.link.srv.audit(ev)
+	if f.pty {
+		l := f.link
+		f.live = &live{id: f.key(), account: l.front.who().Name, vm: l.vm, login: l.login,
+			marker: func(m string) {
+				if f.cast != nil {
+					f.cast.Marker(m)
+				}
+			}}
+		f.unlive = l.srv.goLive(f.live)
+	}
 }
 
 // ended audits the end of a session that started: how its program ended,
@@ -247,6 +262,9 @@ func (f *sessionForward) ended() {
 	f.endMu.Unlock()
 	if began.IsZero() {
 		return
+	}
+	if f.unlive != nil {
+		f.unlive()
 	}
 	act := audit.Activity{ChannelID: f.id, Kind: start.Kind, Command: start.Command, ExitStatus: f.exitStatus, ExitSignal: f.exitSignal,
 		Seconds: seconds(time.Since(began)), BytesUp: f.bytesUp.Load(), BytesDown: f.bytesDown.Load()}
@@ -262,6 +280,10 @@ func (f *sessionForward) ended() {
 	ev.Activity = &act
 	f.link.srv.audit(ev)
 }
+
+// key names the session channel in recordings and for watch: the
+// connection's session id and the channel id.
+func (f *sessionForward) key() string { return fmt.Sprintf("%s-%d", f.link.front.id, f.id) }
 
 // seconds is d in seconds, to the millisecond.
 func seconds(d time.Duration) float64 { return float64(d.Milliseconds()) / 1000 }
@@ -375,7 +397,7 @@ func (f *sessionForward) record(d policy.Decision) error {
 	if s.Recordings == "" || mode == record.None || !f.pty && !(f.start.kind == policy.Exec && d.RecordExec) {
 		return nil
 	}
-	id := fmt.Sprintf("%s-%d", l.front.id, f.id)
+	id := f.key()
 	title := fmt.Sprintf("%s on %s as %s", l.front.who().Name, l.vm.Name, l.login)
 	c, err := record.Create(s.Recordings, id, record.Header{Cols: f.act.Cols, Rows: f.act.Rows, Term: f.act.Term,
 		Command: cut(f.start.command, maxCommandAudited), Title: title}, s.recordingMaxBytes(), func(err error) {

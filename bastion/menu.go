@@ -39,6 +39,12 @@ func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
 			var cmd struct{ Command string }
 			gossh.Unmarshal(req.Payload, &cmd)
 			args := strings.Fields(cmd.Command)
+			if len(args) > 0 && args[0] == "watch" {
+				req.Reply(true, nil)
+				go gossh.DiscardRequests(reqs)
+				s.watch(fc, ch, cmd.Command, args)
+				return
+			}
 			if len(args) > 0 && s.Commands[args[0]] != nil {
 				req.Reply(true, nil)
 				go gossh.DiscardRequests(reqs)

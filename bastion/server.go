@@ -138,6 +138,7 @@ type Server struct {
 	fronts  map[*frontConn]bool // authenticated front-door connections
 	pending map[string]int      // links being set up, by account
 	turns   map[string]*turns   // handshakes with each VM's sshd, by address
+	lives   map[string]*live    // running sessions with a terminal, by id, for watch
 }
 
 // Counts are what the server holds open now: authenticated front-door

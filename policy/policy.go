@@ -35,13 +35,14 @@ const (
 	X11           Channel = "x11"
 	Dispense      Channel = "dispense" // make a new VM (the VM selectors apply to its name and template labels)
 	Destroy       Channel = "destroy"  // remove a VM
+	Watch         Channel = "watch"    // follow another person's running session on the VM, read-only (the login is not asked)
 )
 
 // Kinds lists the channel kinds a rule may name.
-var Kinds = []Channel{Shell, Exec, SCP, SCPRead, SFTP, SFTPRead, LocalForward, RemoteForward, Agent, X11, Dispense, Destroy}
+var Kinds = []Channel{Shell, Exec, SCP, SCPRead, SFTP, SFTPRead, LocalForward, RemoteForward, Agent, X11, Dispense, Destroy, Watch}
 
 // vmKinds are about VMs themselves, not logins on them.
-var vmKinds = []Channel{Dispense, Destroy}
+var vmKinds = []Channel{Dispense, Destroy, Watch}
 
 // sessionKinds are what an allow rule grants when it lists no channels.
 var sessionKinds = []Channel{Shell, Exec, SCP, SFTP}
