@@ -6,6 +6,7 @@ import (
 	"io"
 	"os"
 	"path"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -78,8 +79,9 @@ type sessionForward struct {
 	// Set before the start is sent upstream, read after started closes:
 	cast       *record.Cast // the recording, if the session is recorded
 	recordMode record.Mode
-	live       *live  // set when a session with a terminal starts: its watchers
-	unlive     func() // ends the watch
+	live       *live         // set when a session with a terminal starts: its watchers
+	unlive     func()        // ends the watch
+	trail      *sftpFollower // set when an sftp session starts (not read-only)
 }
 
 // run copies data and requests both ways until both sides are done.
@@ -170,9 +172,17 @@ func (f *sessionForward) serve(upReqs, downReqs <-chan *gossh.Request, alreadySt
 		if f.live != nil {
 			out, errOut = recorded{out, f.live.publish}, recorded{errOut, f.live.publish}
 		}
+		if f.trail != nil {
+			out, in = seenFirst{out, f.trail.FromVM}, seenFirst{in, f.trail.ToVM}
+		}
 		go copier{dst: errOut, src: f.up.Stderr(), count: &f.bytesDown}.run(output)
 		if f.readOnly {
-			if err := readOnlySFTP(f.up, f.down); err != nil {
+			refused := func(method, path string) {
+				ev := f.link.event().With(audit.Denied, string(policy.SFTP), "", "sftp is read-only: "+method+" refused")
+				ev.Detail = cut(path, maxPathAudited)
+				f.link.srv.audit(ev)
+			}
+			if err := readOnlySFTP(f.up, f.down, refused); err != nil {
 				f.link.log.Info("read-only sftp ended", "err", err)
 			}
 			output <- nil
@@ -234,6 +244,7 @@ func (f *sessionForward) started() {
 		f.act.Kind, f.act.Command = "subsystem", cut(f.start.command, maxCommandAudited)
 	default:
 		f.act.Kind, f.act.Command = "exec", cut(f.start.command, maxCommandAudited)
+		f.act.Direction, f.act.Path = transferOf(f.start.command)
 	}
 	act := f.act
 	f.endMu.Lock()
@@ -242,6 +253,9 @@ func (f *sessionForward) started() {
 	ev := f.link.event().With(audit.SessionStart, string(f.start.kind), "", "")
 	ev.Activity = &act
 	f.link.srv.audit(ev)
+	if f.start.kind == policy.SFTP && !f.readOnly {
+		f.trail = newSFTPFollower(f.fileEvent)
+	}
 	if f.pty {
 		l := f.link
 		f.live = &live{id: f.key(), account: l.front.who().Name, vm: l.vm, login: l.login,
@@ -266,6 +280,9 @@ func (f *sessionForward) ended() {
 	if f.unlive != nil {
 		f.unlive()
 	}
+	if f.trail != nil {
+		f.fileEvent(f.trail.summary())
+	}
 	act := audit.Activity{ChannelID: f.id, Kind: start.Kind, Command: start.Command, ExitStatus: f.exitStatus, ExitSignal: f.exitSignal,
 		Seconds: seconds(time.Since(began)), BytesUp: f.bytesUp.Load(), BytesDown: f.bytesDown.Load()}
 	if f.cast != nil {
@@ -279,6 +296,34 @@ func (f *sessionForward) ended() {
 	ev := f.link.event().With(audit.SessionEnd, string(kind), "", reason)
 	ev.Activity = &act
 	f.link.srv.audit(ev)
+}
+
+// fileEvent audits what an sftp session did to a file.
+func (f *sessionForward) fileEvent(act audit.Activity) {
+	act.ChannelID = f.id
+	ev := f.link.event().With(audit.File, string(policy.SFTP), "", "")
+	ev.Activity = &act
+	f.link.srv.audit(ev)
+}
+
+// transferOf is what a legacy scp or an rsync command copies: its
+// direction and the path on the VM, or nothing for other commands.
+func transferOf(command string) (direction, where string) {
+	if c, ok := policy.ParseSCP(command); ok {
+		if c.Download {
+			return "download", cut(c.Path, maxPathAudited)
+		}
+		return "upload", cut(c.Path, maxPathAudited)
+	}
+	words, err := policy.Words(command)
+	if err != nil || len(words) < 3 || path.Base(words[0]) != "rsync" || words[1] != "--server" {
+		return "", ""
+	}
+	direction = "upload"
+	if slices.Contains(words, "--sender") {
+		direction = "download"
+	}
+	return direction, cut(words[len(words)-1], maxPathAudited)
 }
 
 // key names the session channel in recordings and for watch: the
@@ -422,6 +467,17 @@ func (f *sessionForward) discardRecording() {
 		os.Remove(f.cast.Path)
 		f.cast = nil
 	}
+}
+
+// seenFirst is a writer whose bytes go to see before they are written.
+type seenFirst struct {
+	w   io.Writer
+	see func([]byte)
+}
+
+func (s seenFirst) Write(p []byte) (int, error) {
+	s.see(p)
+	return s.w.Write(p)
 }
 
 // recorded is a writer whose bytes also go to a recording.

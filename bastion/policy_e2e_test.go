@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -132,6 +133,16 @@ func TestReadOnlySFTP(t *testing.T) {
 	}
 	if info, _ := os.Stat(filepath.Join(remote, "readme")); info.Mode().Perm() != 0o644 {
 		t.Fatalf("mode changed: %v", info.Mode())
+	}
+	// Each refusal is in the trail, with the path.
+	var refused []string
+	for _, e := range f.audit.of(audit.Denied) {
+		if e.Channel == "sftp" && strings.HasPrefix(e.Reason, "sftp is read-only: ") {
+			refused = append(refused, strings.TrimSuffix(strings.TrimPrefix(e.Reason, "sftp is read-only: "), " refused")+" "+e.Detail)
+		}
+	}
+	if !slices.Contains(refused, "Put "+remote+"/new") || !slices.Contains(refused, "Remove "+remote+"/readme") || len(refused) < 6 {
+		t.Fatalf("denied events of read-only sftp: %q", refused)
 	}
 }
 

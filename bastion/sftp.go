@@ -14,7 +14,9 @@ import (
 //
 // up carries the VM's sftp subsystem, already started; down is the
 // client's channel. Serve returns when the client ends the session.
-func readOnlySFTP(up io.ReadWriteCloser, down io.ReadWriteCloser) error {
+// refused, if set, hears of each change refused: the request's method
+// (Put, Rename, Remove, Mkdir, ...) and path.
+func readOnlySFTP(up io.ReadWriteCloser, down io.ReadWriteCloser, refused func(method, path string)) error {
 	client, err := sftp.NewClientPipe(up, up)
 	if err != nil {
 		return err
@@ -24,7 +26,7 @@ func readOnlySFTP(up io.ReadWriteCloser, down io.ReadWriteCloser) error {
 	if home, err := client.Getwd(); err == nil {
 		opts = append(opts, sftp.WithStartDirectory(home))
 	}
-	fs := readOnlyFS{client}
+	fs := readOnlyFS{client, refused}
 	server := sftp.NewRequestServer(down, sftp.Handlers{FileGet: fs, FilePut: fs, FileCmd: fs, FileList: fs}, opts...)
 	defer server.Close()
 	if err := server.Serve(); err != io.EOF {
@@ -34,18 +36,29 @@ func readOnlySFTP(up io.ReadWriteCloser, down io.ReadWriteCloser) error {
 }
 
 // readOnlyFS is the VM's file system through its sftp server, read-only.
-type readOnlyFS struct{ c *sftp.Client }
+type readOnlyFS struct {
+	c       *sftp.Client
+	refused func(method, path string)
+}
+
+// refuse reports r as refused and answers it.
+func (fs readOnlyFS) refuse(r *sftp.Request) error {
+	if fs.refused != nil {
+		fs.refused(r.Method, r.Filepath)
+	}
+	return sftp.ErrSSHFxPermissionDenied
+}
 
 func (fs readOnlyFS) Fileread(r *sftp.Request) (io.ReaderAt, error) {
 	return fs.c.Open(r.Filepath)
 }
 
-func (fs readOnlyFS) Filewrite(*sftp.Request) (io.WriterAt, error) {
-	return nil, sftp.ErrSSHFxPermissionDenied
+func (fs readOnlyFS) Filewrite(r *sftp.Request) (io.WriterAt, error) {
+	return nil, fs.refuse(r)
 }
 
-func (fs readOnlyFS) Filecmd(*sftp.Request) error {
-	return sftp.ErrSSHFxPermissionDenied
+func (fs readOnlyFS) Filecmd(r *sftp.Request) error {
+	return fs.refuse(r)
 }
 
 func (fs readOnlyFS) Filelist(r *sftp.Request) (sftp.ListerAt, error) {

@@ -67,7 +67,7 @@ func FuzzReadOnlySFTP(f *testing.F) {
 		served := make(chan struct{})
 		go func() {
 			defer close(served)
-			readOnlySFTP(upBastion, downBastion)
+			readOnlySFTP(upBastion, downBastion, nil)
 			downBastion.Close()
 		}()
 		go io.Copy(io.Discard, downClient) // the replies

@@ -35,6 +35,7 @@ const (
 	SessionEnd     Type = "session_end"      // it ended
 	ForwardStart   Type = "forward_start"    // a forwarded TCP, unix-socket, agent or X11 channel opened
 	ForwardEnd     Type = "forward_end"      // it closed
+	File           Type = "file"             // an sftp session closed a file or changed one (op), or ended (op summary)
 )
 
 // Version is the format version every event carries in "v". Version 1
@@ -82,6 +83,19 @@ type Activity struct {
 	Recording       string `json:"recording,omitempty"`        // the recording's id: its file name in server.recordings, less .cast
 	RecordingSHA256 string `json:"recording_sha256,omitempty"` // of the sealed file, hex
 	RecordingCapped bool   `json:"recording_capped,omitempty"` // server.recording_max_bytes ended it before the session
+
+	// File events (sftp):
+	Op        string   `json:"op,omitempty"`        // file (a handle closed), rename, remove, mkdir, rmdir, setstat, symlink, link, summary
+	Path      string   `json:"path,omitempty"`      // as the client named it
+	Target    string   `json:"target,omitempty"`    // rename's new name, symlink's and link's target
+	Direction string   `json:"direction,omitempty"` // upload, download or both; empty if nothing moved
+	Flags     []string `json:"flags,omitempty"`     // the open flags: read, write, append, create, truncate, exclusive
+	SHA256    string   `json:"sha256,omitempty"`    // of every byte from offset 0, when all were seen in order
+	Unhashed  string   `json:"unhashed,omitempty"`  // why there is no sha256; for summary, why the trail stopped
+	Status    string   `json:"status,omitempty"`    // ok, partial, denied, error
+	Files     int      `json:"files,omitempty"`     // summary: handles closed
+	FileOps   int      `json:"file_ops,omitempty"`  // summary: other operations
+	Failures  int      `json:"failures,omitempty"`  // summary: what the VM refused
 }
 
 // With returns a copy of e with the given type and decision fields.

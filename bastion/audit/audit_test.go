@@ -23,6 +23,8 @@ func TestFormatGolden(t *testing.T) {
 	session := "4307217e2c208b23"
 	link := Event{Session: session, Account: "alice", Source: "203.0.113.24:53122", VM: "web1", Login: "dev"}
 	with := func(e Event, t Type, a *Activity) Event { e.Type, e.Activity = t, a; return e }
+	sftp := link
+	sftp.Channel = "sftp"
 	events := []Event{
 		{Type: Login, Session: session, Account: "alice", Source: "203.0.113.24:53122"},
 		{Type: LoginFailed, Session: "9f1c2b7a00d4e561", Source: "198.51.100.9:40218", Reason: "unknown key", Detail: "SHA256:…"},
@@ -34,6 +36,15 @@ func TestFormatGolden(t *testing.T) {
 			Recording: session + "-2", RecordingSHA256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", RecordingCapped: true}),
 		with(link, ForwardStart, &Activity{ChannelID: 3, Kind: "direct-tcpip", Host: "127.0.0.1", Port: 5432}),
 		with(link, ForwardEnd, &Activity{ChannelID: 3, Kind: "direct-tcpip", Host: "127.0.0.1", Port: 5432, Seconds: 12.3, BytesUp: 512, BytesDown: 4096}),
+		with(sftp, SessionStart, &Activity{ChannelID: 4, Kind: "subsystem", Command: "sftp"}),
+		with(sftp, File, &Activity{ChannelID: 4, Op: "file", Path: "/srv/app.tar", Direction: "upload", Flags: []string{"write", "create", "truncate"},
+			Seconds: 0.812, BytesUp: 1048576, SHA256: "5c4c8e1b0a9d2f8e7b6a5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f", Status: "ok"}),
+		with(sftp, File, &Activity{ChannelID: 4, Op: "file", Path: "/var/log/syslog", Direction: "download", Flags: []string{"read"},
+			Seconds: 0.2, BytesDown: 65536, Unhashed: "read only in part", Status: "partial"}),
+		with(sftp, File, &Activity{ChannelID: 4, Op: "rename", Path: "/srv/app.tar", Target: "/srv/app-1.tar", Status: "ok"}),
+		with(sftp, File, &Activity{ChannelID: 4, Op: "remove", Path: "/etc/shadow", Status: "denied"}),
+		with(sftp, File, &Activity{ChannelID: 4, Op: "summary", Files: 2, FileOps: 2, Failures: 1}),
+		with(link, SessionStart, &Activity{ChannelID: 5, Kind: "exec", Command: "scp -t /srv/drop", Direction: "upload", Path: "/srv/drop"}),
 		with(link, Disconnected, &Activity{Seconds: 3612.9, BytesUp: 1712, BytesDown: 102182}),
 		{Type: UpstreamFailed, Session: session, Account: "alice", VM: "web2", Login: "dev", Reason: "the VM's sshd cannot be reached"},
 		{Type: TrustVerified, VM: "web1", Login: "dev", Detail: "addr 192.168.214.10:22 host key SHA256:… modes [ob-ib ib-ob] expires 2026-12-02T10:15:11Z took 1.63s"},
