@@ -290,7 +290,7 @@ func (f *sessionForward) ended() {
 		if err != nil {
 			f.link.log.Error("the recording could not be written whole", "recording", f.cast.ID, "err", err)
 		}
-		act.Recording, act.RecordingSHA256, act.RecordingCapped = f.cast.ID, sum, f.cast.Capped()
+		act.Recording, act.RecordingSHA256, act.RecordingCapped, act.RecordingBytes = f.cast.ID, sum, f.cast.Capped(), f.cast.Size()
 	}
 	f.link.addBytes(act.BytesUp, act.BytesDown)
 	ev := f.link.event().With(audit.SessionEnd, string(kind), "", reason)

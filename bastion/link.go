@@ -222,12 +222,13 @@ func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, err
 	target, err := s.Resolver.Resolve(ctx, d, login)
 	if err != nil {
 		log.Warn("resolve failed", "err", err)
-		s.audit(ev.With(audit.UpstreamFailed, "", "", err.Error()))
+		s.audit(upstreamFailed(ev, err, true))
 		return nil, err
 	}
 	l := &link{srv: s, front: fc, vm: d, login: login, log: log, done: make(chan struct{}), began: time.Now(),
 		forwards: make(map[string]bool), active: make(map[*activeChannel]bool)}
 	l.ended, l.endedNow = context.WithCancel(context.Background())
+	dialed := time.Now()
 	err = l.dial(ctx, target)
 	if errors.Is(err, ErrUpstreamAuth) || errors.Is(err, keys.ErrHostKeyMismatch) {
 		// The VM no longer takes the trust's key (configuration management
@@ -238,19 +239,55 @@ func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, err
 		s.Resolver.Forget(d, login, err.Error())
 		if target, err = s.Resolver.Resolve(ctx, d, login); err != nil {
 			log.Warn("resolve failed", "err", err)
-			s.audit(ev.With(audit.UpstreamFailed, "", "", err.Error()))
+			s.audit(upstreamFailed(ev, err, true))
 			return nil, err
 		}
+		dialed = time.Now()
 		err = l.dial(ctx, target)
 	}
 	if err != nil {
 		log.Warn("upstream failed", "addr", target.Addr, "err", err)
-		s.audit(ev.With(audit.UpstreamFailed, "", "", err.Error()))
+		s.audit(upstreamFailed(ev, err, false))
 		return nil, err
 	}
 	log.Info("connected", "addr", target.Addr)
-	s.audit(ev.With(audit.Connected, "", "", ""))
+	connected := ev.With(audit.Connected, "", "", "")
+	// How long reaching the VM's sshd took: the wait for a turn, TCP, the
+	// handshake and the bastion's authentication.
+	connected.Activity = &audit.Activity{Seconds: seconds(time.Since(dialed))}
+	s.audit(connected)
 	return l, nil
+}
+
+// upstreamFailed is the upstream_failed event of err, with its cause;
+// resolving says the error is the verification's, not the dial's.
+func upstreamFailed(ev audit.Event, err error, resolving bool) audit.Event {
+	ev = ev.With(audit.UpstreamFailed, "", "", err.Error())
+	ev.Cause = upstreamCause(err, resolving)
+	return ev
+}
+
+// upstreamCause names the kind of an error of reaching a VM, one of
+// audit.Causes: a bounded word for metrics and alerts, where the reason
+// tells the whole story.
+func upstreamCause(err error, resolving bool) string {
+	var te interface{ Timeout() bool }
+	switch {
+	case errors.Is(err, vm.ErrNoSuchVM):
+		return "no_such_vm"
+	case resolving:
+		return "not_verified"
+	case errors.Is(err, keys.ErrHostKeyMismatch):
+		return "host_key"
+	case errors.Is(err, ErrUpstreamAuth):
+		return "auth"
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &te) && te.Timeout():
+		return "timeout"
+	case errors.Is(err, ErrUpstreamUnreachable):
+		return "unreachable"
+	default:
+		return "not_verified"
+	}
 }
 
 // beginPending counts one more link being set up for account, unless it

@@ -150,6 +150,13 @@ func (s *Server) Counts() (connections, links int) {
 	return len(s.fronts), len(s.links)
 }
 
+// Unauthenticated is how many front-door connections have not yet
+// authenticated (each holds one of the MaxStartups places).
+func (s *Server) Unauthenticated() int {
+	s.initOnce.Do(s.init)
+	return s.startups.unauthenticated()
+}
+
 // Draining reports whether Shutdown or Close has begun.
 func (s *Server) Draining() bool {
 	s.initOnce.Do(s.init)

@@ -168,6 +168,13 @@ func (s *startups) dropPercent() int {
 }
 
 // counts reports the unauthenticated connections, in all and from addr.
+// unauthenticated is how many connections hold places now.
+func (s *startups) unauthenticated() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.total
+}
+
 func (s *startups) counts(addr net.Addr) (total, fromSource int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()

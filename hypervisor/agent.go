@@ -38,6 +38,7 @@ func (p *Pool) agent(ctx context.Context, d vm.Domain, command string, args any,
 		// libvirt was reconnected a moment ago and is still reaching the
 		// guest agents: wait for this one within the caller's deadline.
 	}
+	p.noteAgent(d, err)
 	if err != nil {
 		return fmt.Errorf("%s: %s: %w", d.Name, command, err)
 	}
@@ -54,6 +55,61 @@ func (p *Pool) agent(ctx context.Context, d vm.Domain, command string, args any,
 		return fmt.Errorf("%s: %s: %w: unexpected reply: %w", d.Name, command, ErrAgentFailed, err)
 	}
 	return nil
+}
+
+// noteAgent keeps what the last command to d's agent showed of it: up if
+// it answered (even with an error of its own), down if it is not
+// connected or did not answer; a guest that is not running is forgotten.
+func (p *Pool) noteAgent(d vm.Domain, err error) {
+	k := [2]string{d.URI, d.UUID}
+	p.agentsMu.Lock()
+	defer p.agentsMu.Unlock()
+	if p.agents == nil {
+		p.agents = make(map[[2]string]bool)
+	}
+	switch {
+	case err == nil, errors.Is(err, ErrAgentFailed), errors.Is(err, ErrCommandDisabled), errors.Is(err, ErrNoSuchUser):
+		p.agents[k] = true
+	case errors.Is(err, ErrAgentNotConnected), errors.Is(err, ErrAgentSilent):
+		p.agents[k] = false
+	case errors.Is(err, vm.ErrNotRunning), errors.Is(err, vm.ErrNoSuchVM):
+		delete(p.agents, k)
+	}
+}
+
+// noteAgentEvent keeps what a lifecycle or agent event says of a guest's
+// agent.
+func (p *Pool) noteAgentEvent(e vm.Event) {
+	k := [2]string{e.URI, e.UUID}
+	p.agentsMu.Lock()
+	defer p.agentsMu.Unlock()
+	if p.agents == nil {
+		p.agents = make(map[[2]string]bool)
+	}
+	switch e.Kind {
+	case vm.EventAgentArrived:
+		p.agents[k] = true
+	case vm.EventAgentGone:
+		p.agents[k] = false
+	case vm.EventStopped, vm.EventUndefined, vm.EventMigrated:
+		delete(p.agents, k)
+	}
+}
+
+// Agents counts the guests whose agent answered the last command or
+// event (up) and those whose agent did not (down), of the running guests
+// the bastion has talked to or heard from since it started.
+func (p *Pool) Agents() (up, down int) {
+	p.agentsMu.Lock()
+	defer p.agentsMu.Unlock()
+	for _, ok := range p.agents {
+		if ok {
+			up++
+		} else {
+			down++
+		}
+	}
+	return up, down
 }
 
 // libvirtSend is how the pool reaches a guest agent: through libvirt's

@@ -12,6 +12,7 @@ func (p *Pool) subscribe(uri string, c *libvirt.Connect) error {
 		e := vm.Event{URI: uri, Kind: kind}
 		e.UUID, _ = d.GetUUIDString()
 		e.Name, _ = d.GetName()
+		p.noteAgentEvent(e)
 		p.events(e)
 	}
 	_, err := c.DomainEventLifecycleRegister(nil, func(_ *libvirt.Connect, d *libvirt.Domain, ev *libvirt.DomainEventLifecycle) {

@@ -54,6 +54,9 @@ type Pool struct {
 	mu     sync.Mutex // protects conns and opened
 	conns  map[string]*libvirt.Connect
 	opened map[string]time.Time // when each URI's connection was last (re)opened
+
+	agentsMu sync.Mutex
+	agents   map[[2]string]bool // URI and UUID → whether each guest's agent answered last, of the guests heard from
 }
 
 // agentSettle is how long after libvirt was (re)connected the pool waits

@@ -38,6 +38,9 @@ const (
 	File           Type = "file"             // an sftp session closed a file or changed one (op), or ended (op summary)
 )
 
+// Causes are the values of an upstream_failed event's cause.
+var Causes = []string{"no_such_vm", "not_verified", "host_key", "auth", "timeout", "unreachable"}
+
 // Version is the format version every event carries in "v". Version 1
 // had no "v" field and no per-channel events.
 const Version = 2
@@ -59,6 +62,7 @@ type Event struct {
 	Detail  string    `json:"detail,omitempty"` // the command, forward target or subsystem
 	Rule    string    `json:"rule,omitempty"`
 	Reason  string    `json:"reason,omitempty"`
+	Cause   string    `json:"cause,omitempty"` // upstream_failed: the kind of failure, one of Causes
 	*Activity
 }
 
@@ -83,6 +87,7 @@ type Activity struct {
 	Recording       string `json:"recording,omitempty"`        // the recording's id: its file name in server.recordings, less .cast
 	RecordingSHA256 string `json:"recording_sha256,omitempty"` // of the sealed file, hex
 	RecordingCapped bool   `json:"recording_capped,omitempty"` // server.recording_max_bytes ended it before the session
+	RecordingBytes  int64  `json:"recording_bytes,omitempty"`  // the sealed file's size
 
 	// File events (sftp):
 	Op        string   `json:"op,omitempty"`        // file (a handle closed), rename, remove, mkdir, rmdir, setstat, symlink, link, summary

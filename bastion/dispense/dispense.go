@@ -102,8 +102,10 @@ func (d *Dispenser) Plan(template, name string) (vm.Domain, []string, error) {
 // progress to out, and audits the outcome. On any failure it removes what
 // it made.
 func (d *Dispenser) Dispense(ctx context.Context, template, name, by string, out io.Writer) (vm.Domain, error) {
+	began := time.Now()
 	dom, err := d.dispense(ctx, template, name, by, out)
-	ev := audit.Event{Account: by, VM: name, Detail: template}
+	ev := audit.Event{Account: by, VM: name, Detail: template,
+		Activity: &audit.Activity{Seconds: float64(time.Since(began).Milliseconds()) / 1000}}
 	if err != nil {
 		ev.Type, ev.Reason = audit.DispenseFailed, err.Error()
 	} else {

@@ -34,6 +34,20 @@ type Metrics struct {
 	trustDrops      prometheus.Counter
 	reloads         *prometheus.CounterVec
 	dispenses       *prometheus.CounterVec
+
+	bytes           *prometheus.CounterVec
+	channels        *prometheus.CounterVec
+	channelsActive  *prometheus.GaugeVec
+	sessionSeconds  prometheus.Histogram
+	files           *prometheus.CounterVec
+	fileOps         *prometheus.CounterVec
+	recordings      *prometheus.CounterVec
+	recordingFailed prometheus.Counter
+	recordingBytes  prometheus.Counter
+	auditFailures   prometheus.Counter
+	dialSeconds     prometheus.Histogram
+	upstreamFailed  *prometheus.CounterVec
+	dispenseSeconds *prometheus.HistogramVec
 }
 
 // New makes the collectors, with the build's version in bastion_build_info.
@@ -57,6 +71,32 @@ func New(version string) *Metrics {
 		Buckets: []float64{0.25, 0.5, 1, 2, 4, 8, 16, 32},
 	}, []string{"result"})
 	m.trustDrops = prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_trust_dropped_total", Help: "Trusts dropped before their expiry."})
+	m.bytes = counter("bytes_total", "Bytes carried by sessions and forwards that ended, by direction (up: to the VM, down: from it).", "direction")
+	m.channels = counter("channels_opened_total", "Session and forward channels that started, by type (shell, exec, subsystem, or the forward's SSH channel type).", "type")
+	m.channelsActive = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "bastion_channels_active", Help: "Session and forward channels open now, by kind (session, forward)."}, []string{"kind"})
+	m.sessionSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "bastion_session_duration_seconds",
+		Help:    "How long sessions (shell, exec, subsystem) ran.",
+		Buckets: []float64{1, 10, 60, 300, 900, 3600, 4 * 3600, 12 * 3600, 24 * 3600},
+	})
+	m.files = counter("sftp_files_total", "Files sftp sessions closed, by direction (upload, download, both, none) and status (ok, partial, denied, error).", "direction", "status")
+	m.fileOps = counter("sftp_file_operations_total", "sftp operations other than reading and writing (rename, remove, mkdir, rmdir, setstat, symlink, link), by op and status.", "op", "status")
+	m.recordings = counter("recordings_total", "Session recordings sealed, by result (whole, capped).", "result")
+	m.recordingFailed = prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_recording_failures_total", Help: "Sessions refused because their recording could not be written."})
+	m.auditFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_audit_write_failures_total", Help: "Audit events that could not be written to the trail."})
+	m.recordingBytes = prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_recording_bytes_total", Help: "Bytes of session recordings sealed."})
+	m.dialSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "bastion_upstream_dial_duration_seconds",
+		Help:    "How long reaching a VM's sshd took once it was verified: the wait for a turn, TCP, the handshake and authentication.",
+		Buckets: []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30},
+	})
+	m.upstreamFailed = counter("upstream_failures_total", "Upstream connections that failed, by cause ("+strings.Join(audit.Causes, ", ")+").", "cause")
+	m.dispenseSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "bastion_dispense_duration_seconds",
+		Help:    "How long making a VM from a template took, until it was reachable, by result (ok, failed).",
+		Buckets: []float64{1, 5, 10, 20, 30, 60, 120, 300, 600},
+	}, []string{"result"})
+	m.reg.MustRegister(m.channelsActive, m.sessionSeconds, m.recordingFailed, m.recordingBytes, m.auditFailures, m.dialSeconds, m.dispenseSeconds)
 	info := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "bastion_build_info",
 		Help:        "The running build: always 1, with its version and Go version as labels.",
@@ -80,8 +120,23 @@ func New(version string) *Metrics {
 		m.reloads.WithLabelValues(r)
 		m.dispenses.WithLabelValues(r)
 	}
+	for _, d := range []string{"up", "down"} {
+		m.bytes.WithLabelValues(d)
+	}
+	for _, k := range []string{"session", "forward"} {
+		m.channelsActive.WithLabelValues(k)
+	}
+	for _, r := range []string{"whole", "capped"} {
+		m.recordings.WithLabelValues(r)
+	}
+	for _, c := range audit.Causes {
+		m.upstreamFailed.WithLabelValues(c)
+	}
 	return m
 }
+
+// AuditWriteFailed counts an audit event the trail could not take.
+func (m *Metrics) AuditWriteFailed() { m.auditFailures.Inc() }
 
 // Register adds a collector of the caller's (a gauge read at scrape time,
 // say) to the registry.
@@ -94,13 +149,44 @@ var knownTypes = map[audit.Type]bool{
 	audit.TrustDropped: true, audit.HostKeyChanged: true, audit.Reloaded: true, audit.ReloadFailed: true,
 	audit.Ended: true, audit.Dispensed: true, audit.DispenseFailed: true, audit.Destroyed: true,
 	audit.SessionStart: true, audit.SessionEnd: true, audit.ForwardStart: true, audit.ForwardEnd: true,
+	audit.File: true,
+}
+
+// knownKinds bounds the type label of channels.
+var knownKinds = map[string]bool{
+	"shell": true, "exec": true, "subsystem": true, "direct-tcpip": true, "forwarded-tcpip": true,
+	"auth-agent@openssh.com": true, "x11": true, "direct-streamlocal@openssh.com": true,
+	"forwarded-streamlocal@openssh.com": true,
+}
+
+// knownFileOps bounds the labels of file events.
+var knownFileOps = map[string]bool{
+	"rename": true, "remove": true, "mkdir": true, "rmdir": true, "setstat": true, "symlink": true, "link": true,
+	"ok": true, "partial": true, "denied": true, "error": true, "upload": true, "download": true, "both": true, "none": true,
+}
+
+// knownCauses bounds the cause label of upstream failures.
+var knownCauses = func() map[string]bool {
+	known := make(map[string]bool)
+	for _, c := range audit.Causes {
+		known[c] = true
+	}
+	return known
+}()
+
+// bounded is v if known says so, else "other".
+func bounded(known map[string]bool, v string) string {
+	if known[v] {
+		return v
+	}
+	return "other"
 }
 
 // knownChannels bounds the channel label of denials.
 var knownChannels = map[string]bool{
 	"shell": true, "exec": true, "scp": true, "scp-read": true, "sftp": true, "sftp-read": true,
 	"local-forward": true, "remote-forward": true, "agent": true, "x11": true, "dispense": true,
-	"destroy": true, "jump": true,
+	"destroy": true, "jump": true, "watch": true, "connect": true, "session": true, "direct-tcpip": true,
 }
 
 // Observe counts e. It is an audit.Sink: tee the bastion's sink into it.
@@ -116,15 +202,50 @@ func (m *Metrics) Observe(e audit.Event) {
 	case audit.LoginFailed:
 		m.authentications.WithLabelValues("failure").Inc()
 	case audit.Denied:
-		ch := e.Channel
-		if !knownChannels[ch] {
-			ch = "other"
+		m.denials.WithLabelValues(bounded(knownChannels, e.Channel)).Inc()
+		if strings.HasPrefix(e.Reason, "the recording cannot be written") {
+			m.recordingFailed.Inc()
 		}
-		m.denials.WithLabelValues(ch).Inc()
+	case audit.SessionStart, audit.ForwardStart:
+		if e.Activity != nil && e.Channel != "watch" && e.Channel != "command" {
+			m.channels.WithLabelValues(bounded(knownKinds, e.Kind)).Inc()
+			m.channelsActive.WithLabelValues(channelKind(e.Type)).Inc()
+		}
+	case audit.SessionEnd, audit.ForwardEnd:
+		if e.Activity != nil && e.Channel != "watch" && e.Channel != "command" {
+			m.channelsActive.WithLabelValues(channelKind(e.Type)).Dec()
+			m.bytes.WithLabelValues("up").Add(float64(e.BytesUp))
+			m.bytes.WithLabelValues("down").Add(float64(e.BytesDown))
+			if e.Type == audit.SessionEnd {
+				m.sessionSeconds.Observe(e.Seconds)
+			}
+			switch {
+			case e.Recording != "" && e.RecordingCapped:
+				m.recordings.WithLabelValues("capped").Inc()
+			case e.Recording != "":
+				m.recordings.WithLabelValues("whole").Inc()
+			}
+			m.recordingBytes.Add(float64(e.RecordingBytes))
+		}
+	case audit.File:
+		if e.Activity == nil {
+			break
+		}
+		switch e.Op {
+		case "file":
+			m.files.WithLabelValues(bounded(knownFileOps, or(e.Direction, "none")), bounded(knownFileOps, e.Status)).Inc()
+		case "summary":
+		default:
+			m.fileOps.WithLabelValues(bounded(knownFileOps, e.Op), bounded(knownFileOps, e.Status)).Inc()
+		}
 	case audit.Connected:
 		m.upstreams.WithLabelValues("connected").Inc()
+		if e.Activity != nil {
+			m.dialSeconds.Observe(e.Seconds)
+		}
 	case audit.UpstreamFailed:
 		m.upstreams.WithLabelValues("failed").Inc()
+		m.upstreamFailed.WithLabelValues(bounded(knownCauses, e.Cause)).Inc()
 	case audit.TrustVerified, audit.TrustFailed:
 		result := "verified"
 		if e.Type == audit.TrustFailed {
@@ -140,11 +261,31 @@ func (m *Metrics) Observe(e audit.Event) {
 		m.reloads.WithLabelValues("ok").Inc()
 	case audit.ReloadFailed:
 		m.reloads.WithLabelValues("failed").Inc()
-	case audit.Dispensed:
-		m.dispenses.WithLabelValues("ok").Inc()
-	case audit.DispenseFailed:
-		m.dispenses.WithLabelValues("failed").Inc()
+	case audit.Dispensed, audit.DispenseFailed:
+		result := "ok"
+		if e.Type == audit.DispenseFailed {
+			result = "failed"
+		}
+		m.dispenses.WithLabelValues(result).Inc()
+		if e.Activity != nil {
+			m.dispenseSeconds.WithLabelValues(result).Observe(e.Seconds)
+		}
 	}
+}
+
+// channelKind is session or forward, for the active gauge.
+func channelKind(t audit.Type) string {
+	if t == audit.SessionStart || t == audit.SessionEnd {
+		return "session"
+	}
+	return "forward"
+}
+
+func or(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
 }
 
 // tookOf reads the "took 1.63s" fact of a trust event's detail.

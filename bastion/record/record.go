@@ -60,6 +60,7 @@ type Cast struct {
 	began    time.Time
 	max      int64 // of output and input data; 0 means no cap
 	recorded int64
+	written  int64 // bytes in the file, header and events
 	capped   bool
 	pending  [2][]byte // output, input: the start of a character the next write completes
 	err      error     // the first write that failed
@@ -150,6 +151,13 @@ func (c *Cast) Marker(text string) {
 	c.eventLocked("m", text)
 }
 
+// Size is how many bytes the file holds so far.
+func (c *Cast) Size() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.written
+}
+
 // Capped reports whether the cap ended the recording of data.
 func (c *Cast) Capped() bool {
 	c.mu.Lock()
@@ -226,6 +234,7 @@ func (c *Cast) eventLocked(code, data string) {
 func (c *Cast) writeLocked(b []byte) error {
 	n, err := c.f.Write(b)
 	c.sum.Write(b[:n])
+	c.written += int64(n)
 	if err != nil {
 		c.err = err
 	}

@@ -197,6 +197,21 @@ func (m *Manager) Establish(ctx context.Context, d vm.Domain, login string) erro
 	return err
 }
 
+// Counts returns how many trusts are held and unexpired (valid) and how
+// many checks are under way (checking), refreshes of valid trusts among
+// them.
+func (m *Manager) Counts() (valid, checking int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := time.Now()
+	for _, t := range m.trusts {
+		if now.Before(t.Expires) {
+			valid++
+		}
+	}
+	return valid, len(m.inflight)
+}
+
 // Get returns a fresh trust for login on d, running the dual-band check
 // when there is none. Concurrent callers for the same VM and login share
 // one check. A trust in the last quarter of its life is returned and

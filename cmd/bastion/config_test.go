@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -123,4 +124,16 @@ func TestAuditFileNotThroughASymlink(t *testing.T) {
 		t.Fatalf("a plain audit file: %v", err)
 	}
 	closeAudit()
+}
+
+// TestAlertRulesAreValid: the example alerting rules load in Prometheus's
+// own checker, and each names a bastion metric.
+func TestAlertRulesAreValid(t *testing.T) {
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Fatalf("promtool is not installed (testbed/install-host.sh installs prometheus): %v", err)
+	}
+	if out, err := exec.Command(promtool, "check", "rules", "../../docs/prometheus-alerts.yml").CombinedOutput(); err != nil {
+		t.Fatalf("promtool check rules: %v\n%s", err, out)
+	}
 }

@@ -175,6 +175,14 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	var ops *metrics.Metrics
 	if c.Server.OpsListen != "" {
 		ops = metrics.New(buildVersion())
+		if trail != nil {
+			sink = func(e audit.Event) {
+				trail.Emit(e)
+				if trail.Err() != nil {
+					ops.AuditWriteFailed()
+				}
+			}
+		}
 		sink = tee(sink, ops.Observe)
 	}
 
@@ -217,6 +225,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	}
 	defer ln.Close() // for the failures before Serve, which closes it itself
 	var pool *hypervisor.Pool
+	var trusts *trust.Manager
 	if len(c.Hypervisors) == 0 {
 		logger.Warn("no [[hypervisor]] configured: no VM can be reached")
 	} else {
@@ -232,13 +241,13 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		}
 		defer stopTrust()
 		srv.VMs, srv.Resolver = f.pool, f.trust
-		pool = f.pool
+		pool, trusts = f.pool, f.trust
 		// The ssh -J line after a dispense names the real listen address.
 		vm := f.vmCommand(live, ln.Addr().String(), c.Server.StateDir, sink)
 		srv.Commands = map[string]bastion.CommandFunc{"vm": vm.Run}
 	}
 	if ops != nil {
-		stopOps, err := serveOps(c.Server.OpsListen, ops, srv, pool, logger)
+		stopOps, err := serveOps(c.Server.OpsListen, ops, srv, pool, trusts, logger)
 		if err != nil {
 			return err
 		}

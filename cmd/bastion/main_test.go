@@ -400,8 +400,19 @@ func TestOpsListener(t *testing.T) {
 			t.Fatalf("the broken config was not refused:\n%s", logs.String())
 		}
 	}
+	// A connection that has not authenticated: its banner shows it was
+	// admitted.
+	raw, err := net.Dial("tcp", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	if _, err := raw.Read(make([]byte, 64)); err != nil {
+		t.Fatalf("no banner: %v", err)
+	}
 	_, body := get(ops, "/metrics")
 	for series, want := range map[string]string{
+		`bastion_connections_unauthenticated`:             "1",
 		`bastion_authentications_total{result="failure"}`: "1",
 		`bastion_authentications_total{result="success"}`: "1",
 		`bastion_audit_events_total{type="login"}`:        "1",
@@ -419,6 +430,17 @@ func TestOpsListener(t *testing.T) {
 	}
 	if strings.Contains(body, "carol") || strings.Contains(body, "127.0.0.1") {
 		t.Errorf("the metrics name a person or an address:\n%s", body)
+	}
+	// Prometheus's own linter takes the exposition (promtool comes with
+	// Debian's prometheus, which testbed/install-host.sh installs).
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Fatalf("promtool is not installed (testbed/install-host.sh installs prometheus): %v", err)
+	}
+	check := exec.Command(promtool, "check", "metrics")
+	check.Stdin = strings.NewReader(body)
+	if out, err := check.CombinedOutput(); err != nil {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 
 	// SIGTERM with carol's connection open: draining, not ready.

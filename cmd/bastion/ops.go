@@ -15,6 +15,7 @@ import (
 	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/bastion/metrics"
+	"github.com/bastionvm/bastion/bastion/trust"
 	"github.com/bastionvm/bastion/hypervisor"
 )
 
@@ -22,25 +23,37 @@ import (
 // liveness and readiness. Ready means the configuration is loaded (it is,
 // once this runs), every hypervisor answers, and the server is not
 // draining. It returns a function that stops the listener.
-func serveOps(addr string, m *metrics.Metrics, srv *bastion.Server, pool *hypervisor.Pool, logger *slog.Logger) (func(), error) {
+func serveOps(addr string, m *metrics.Metrics, srv *bastion.Server, pool *hypervisor.Pool, trusts *trust.Manager, logger *slog.Logger) (func(), error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("server.ops_listen: %w", err)
 	}
-	m.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bastion_connections_active",
-		Help: "Authenticated front-door connections open now."},
-		func() float64 { n, _ := srv.Counts(); return float64(n) }))
-	m.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bastion_links_active",
-		Help: "Links to VMs open now (one connection's channels to one VM)."},
-		func() float64 { _, n := srv.Counts(); return float64(n) }))
-	m.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bastion_ready",
-		Help: "1 while /readyz answers ready, else 0."},
+	gauge := func(name, help string, labels prometheus.Labels, f func() float64) {
+		m.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "bastion_" + name, Help: help, ConstLabels: labels}, f))
+	}
+	gauge("connections_active", "Authenticated front-door connections open now.", nil,
+		func() float64 { n, _ := srv.Counts(); return float64(n) })
+	gauge("connections_unauthenticated", "Front-door connections not yet authenticated (each holds a max_startups place).", nil,
+		func() float64 { return float64(srv.Unauthenticated()) })
+	gauge("links_active", "Links to VMs open now (one connection's channels to one VM).", nil,
+		func() float64 { _, n := srv.Counts(); return float64(n) })
+	gauge("ready", "1 while /readyz answers ready, else 0.", nil,
 		func() float64 {
 			if ready(srv, pool) != nil {
 				return 0
 			}
 			return 1
-		}))
+		})
+	if trusts != nil {
+		const help = "Trusts by state: valid (verified and unexpired), checking (a dual-band check under way)."
+		gauge("trusts", help, prometheus.Labels{"state": "valid"}, func() float64 { n, _ := trusts.Counts(); return float64(n) })
+		gauge("trusts", help, prometheus.Labels{"state": "checking"}, func() float64 { _, n := trusts.Counts(); return float64(n) })
+	}
+	if pool != nil {
+		const help = "Running guests whose agent answered the last command or event (up) or did not (down), of those heard from since start."
+		gauge("guest_agents", help, prometheus.Labels{"state": "up"}, func() float64 { n, _ := pool.Agents(); return float64(n) })
+		gauge("guest_agents", help, prometheus.Labels{"state": "down"}, func() float64 { _, n := pool.Agents(); return float64(n) })
+	}
 	hs := &http.Server{
 		Handler:           m.Handler(func() error { return ready(srv, pool) }),
 		ReadHeaderTimeout: 5 * time.Second,
