@@ -61,7 +61,7 @@ name = "demo"
 groups = ["demo"]
 vms = ["bt-*"]
 logins = ["root", "user"]
-channels = ["shell", "exec", "sftp", "local-forward", "remote-forward"]
+channels = ["shell", "exec", "sftp", "scp", "local-forward", "remote-forward"]
 TOML
 bin/bastion config check --config "$demo/bastion.toml" >/dev/null
 

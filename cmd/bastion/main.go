@@ -3,6 +3,8 @@
 //	bastion serve --config bastion.toml
 //	bastion keys known-hosts --config bastion.toml
 //	bastion config check --config bastion.toml
+//
+// bastion help lists every command; cli.go describes them.
 package main
 
 import (
@@ -27,27 +29,6 @@ import (
 	"github.com/bastionvm/bastion/keys"
 )
 
-const usage = `usage:
-  bastion serve --config FILE              run the bastion
-  bastion keys known-hosts --config FILE   print the known_hosts line users add once
-  bastion config check --config FILE       validate the configuration
-  bastion trust ls --config FILE           each VM's trust: state, expiry, pinned host key
-  bastion sessions ls --config FILE [--account A] [--vm V] [--since T] [--until T]
-                                           the session channels in the audit file
-  bastion sessions play --config FILE [--speed N] [--idle-limit D] ID
-                                           play a session's recording in this terminal
-  bastion policy check [--config FILE] [POLICY]
-                                           validate a policy file, or the configuration's policy
-  bastion vm dispense --config FILE --template T VM
-  bastion vm ls --config FILE
-  bastion vm destroy --config FILE [--force] VM
-                                           make, list and remove VMs (also over SSH: ssh you@bastion vm ...)
-  bastion policy test --config FILE --account A --vm V --login L --channel C
-                      [--command CMD] [--host H --port P] [--source IP] [--time RFC3339]
-                      [--uuid U] [--hypervisor URI] [--label K=V]...
-                                           print the decision and the deciding rule
-`
-
 // heapReserve is the heap the serving bastion reserves (see reserveHeap):
 // address space, not memory.
 const heapReserve = 64 << 20
@@ -61,13 +42,41 @@ func main() {
 
 func run(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
+		printUsage(stderr, "")
 		return errors.New("no command")
 	}
+	switch args[0] {
+	case "help", "-h", "-help", "--help":
+		if wantsHelp(args[1:]) {
+			args = []string{"help", "help"}
+		}
+		return help(args[1:], stdout)
+	}
 	cmd, args := args[0], args[1:]
-	if cmd == "vm" {
+	if isGroup(cmd) {
+		if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+			if wantsHelp(args) {
+				printUsage(stdout, cmd)
+				return nil
+			}
+			printUsage(stderr, cmd)
+			return fmt.Errorf("%s: which command?", cmd)
+		}
+		cmd, args = cmd+" "+args[0], args[1:]
+	}
+	c, known := lookup(cmd)
+	if !known {
+		printUsage(stderr, "")
+		return fmt.Errorf("unknown command %q", cmd)
+	}
+	fs, f := newFlags(cmd, stderr)
+	if wantsHelp(args) {
+		printHelp(stdout, c, fs)
+		return nil
+	}
+	if sub, ok := strings.CutPrefix(cmd, "vm "); ok {
 		configPath := "bastion.toml"
-		var rest []string
+		rest := []string{sub}
 		for i := 0; i < len(args); i++ {
 			switch {
 			case (args[i] == "--config" || args[i] == "-config") && i+1 < len(args):
@@ -81,24 +90,23 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 		return vmLocal(configPath, rest, stdout)
 	}
-	if (cmd == "keys" || cmd == "config" || cmd == "trust" || cmd == "policy" || cmd == "sessions") && len(args) > 0 {
-		cmd, args = cmd+" "+args[0], args[1:]
+	if cmd == "help" {
+		return help(args, stdout)
 	}
-	fs := flag.NewFlagSet("bastion "+cmd, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	configPath := fs.String("config", "bastion.toml", "configuration file")
-	var q policyQuery
-	if cmd == "policy test" {
-		q.flags(fs)
+	if cmd == "completion" {
+		if len(args) != 1 || args[0] != "bash" {
+			return errors.New("completion: bash is the shell it writes for: bastion completion bash")
+		}
+		completionScript(stdout)
+		return nil
 	}
-	var sq sessionFilter
-	sq.flags(fs, cmd)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 && !((cmd == "policy check" || cmd == "sessions play") && fs.NArg() == 1) {
 		return fmt.Errorf("%s: unexpected argument %q", cmd, fs.Arg(fs.NArg()-1))
 	}
+	configPath, q, sq := f.config, &f.q, f.sq
 	switch cmd {
 	case "policy check":
 		return policyCheck(*configPath, fs.Arg(0), stdout)
@@ -140,10 +148,35 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 		fmt.Fprintf(stdout, "%s: ok\n", *configPath)
 		return nil
-	default:
-		fmt.Fprint(stderr, usage)
-		return fmt.Errorf("unknown command %q", cmd)
 	}
+	return fmt.Errorf("unknown command %q", cmd)
+}
+
+// cliFlags are the values of a command's flags.
+type cliFlags struct {
+	config *string
+	q      policyQuery
+	sq     sessionFilter
+}
+
+// newFlags is the flag set of the command name, writing its errors to out.
+func newFlags(name string, out io.Writer) (*flag.FlagSet, *cliFlags) {
+	fs := flag.NewFlagSet("bastion "+name, flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.Usage = func() { fmt.Fprintf(out, "bastion %s --help shows its flags and an example\n", name) }
+	f := &cliFlags{}
+	if name == "help" || name == "completion" {
+		return fs, f
+	}
+	f.config = fs.String("config", "bastion.toml", "configuration file")
+	if name == "policy test" {
+		f.q.flags(fs)
+	}
+	f.sq.flags(fs, name)
+	if c, ok := lookup(name); ok && c.flags != nil {
+		c.flags(fs)
+	}
+	return fs, f
 }
 
 func serve(configPath string, stderr, stdout io.Writer) error {

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/BurntSushi/toml"
+
 	"github.com/bastionvm/bastion/policy"
 	"github.com/bastionvm/bastion/vm"
 )
@@ -23,10 +25,14 @@ func policyCheck(configPath, file string, out io.Writer) error {
 		if err != nil {
 			return err
 		}
-		if p, err = policy.Parse(file, data, true); err != nil {
+		if isConfiguration(data) {
+			// A whole bastion.toml: its policy is what was meant.
+			configPath, file = file, ""
+		} else if p, err = policy.Parse(file, data, true); err != nil {
 			return err
 		}
-	} else {
+	}
+	if file == "" {
 		c, err := LoadConfig(configPath)
 		if err != nil {
 			return err
@@ -46,6 +52,21 @@ func policyCheck(configPath, file string, out io.Writer) error {
 	}
 	fmt.Fprintf(out, "%s: ok: %d allow and %d deny rules\n", file, allow, deny)
 	return nil
+}
+
+// isConfiguration reports whether data is a bastion configuration rather
+// than a policy file: it has a table only a configuration has.
+func isConfiguration(data []byte) bool {
+	var top map[string]toml.Primitive
+	if _, err := toml.Decode(string(data), &top); err != nil {
+		return false // policy.Parse will say what is wrong
+	}
+	for _, k := range []string{"server", "account", "hypervisor", "trust", "template"} {
+		if _, ok := top[k]; ok {
+			return true
+		}
+	}
+	return false
 }
 
 // policyQuery is `bastion policy test`'s request.
