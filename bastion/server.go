@@ -104,6 +104,12 @@ type Server struct {
 	MaxStartups          MaxStartups   // unauthenticated connections in all; zero means DefaultMaxStartups
 	PerSourceMaxStartups int           // unauthenticated connections from one IPv4 address or IPv6 /64; 0 means 10, negative means no cap
 
+	// ProxyProtocol, if set, names the load balancers in front: every
+	// connection must come from one of them and start with a PROXY
+	// protocol header (v1 or v2), whose client address is the source the
+	// policy, the limits and the audit see. Others are refused.
+	ProxyProtocol []netip.Prefix
+
 	// Commands are the bastion's own commands, run by `ssh alice@bastion
 	// NAME args...`, by NAME. A command not here gets the menu's answer.
 	Commands map[string]CommandFunc
@@ -299,12 +305,13 @@ func newSessionID() string {
 
 // frontConn is the state of one front-door connection.
 type frontConn struct {
-	id     string // the session id in its audit events
-	ctx    ssh.Context
-	raw    net.Conn          // the TCP connection, for closing it from outside
-	conn   *gossh.ServerConn // set by state
-	source net.Addr
-	local  net.Addr
+	id       string // the session id in its audit events
+	ctx      ssh.Context
+	raw      net.Conn          // the TCP connection, for closing it from outside
+	conn     *gossh.ServerConn // set by state
+	source   net.Addr          // the client: the PROXY header's source behind a load balancer
+	balancer net.Addr          // the load balancer it came through, or nil
+	local    net.Addr
 
 	accountMu sync.Mutex      // protects key and account
 	key       gossh.PublicKey // the key it authenticated with; set by loggedIn
@@ -456,7 +463,11 @@ func (s *Server) init() {
 // and attaches the connection's state. An admitted connection must
 // authenticate within the login grace time.
 func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
-	source := conn.RemoteAddr()
+	conn, source, balancer, err := s.fromBalancer(conn)
+	if err != nil {
+		s.refused(source, err.Error())
+		return nil
+	}
 	release, err := s.startups.admit(source, startupWait)
 	if err != nil {
 		s.refused(source, err.Error())
@@ -473,7 +484,7 @@ func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 			return nil
 		}
 	}
-	fc := &frontConn{ctx: ctx, raw: conn, source: source, local: conn.LocalAddr(), id: newSessionID()}
+	fc := &frontConn{ctx: ctx, raw: conn, source: source, balancer: balancer, local: conn.LocalAddr(), id: newSessionID()}
 	var grace *time.Timer
 	if d := s.loginGraceTime(); d > 0 {
 		grace = time.AfterFunc(d, func() {
@@ -503,6 +514,14 @@ func (s *Server) accept(ctx ssh.Context, conn net.Conn) net.Conn {
 		}
 		fc.authenticated()
 	}}
+}
+
+// addrString is a's text, or "" for none.
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
 }
 
 // startupWait is how long a connection from a source at its cap of
@@ -577,7 +596,7 @@ func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.
 			if skipped > 0 {
 				detail = fmt.Sprintf("and %d more failed attempts since the last event", skipped)
 			}
-			s.audit(audit.Event{Type: audit.LoginFailed, Session: fc.id, Source: fc.source.String(), Reason: reason, Detail: detail})
+			s.audit(audit.Event{Type: audit.LoginFailed, Session: fc.id, Source: fc.source.String(), Balancer: addrString(fc.balancer), Reason: reason, Detail: detail})
 		}
 		return nil, errors.New(reason)
 	}
@@ -620,7 +639,7 @@ func (s *Server) loggedIn(fc *frontConn, id identity, user string) {
 	fc.key, fc.account = id.key, id.account
 	fc.accountMu.Unlock()
 	s.logger().Info("login", "account", id.account.Name, "source", fc.source.String(), "user", user)
-	s.audit(audit.Event{Type: audit.Login, Session: fc.id, Account: id.account.Name, Source: fc.source.String()})
+	s.audit(audit.Event{Type: audit.Login, Session: fc.id, Account: id.account.Name, Source: fc.source.String(), Balancer: addrString(fc.balancer)})
 	s.linksMu.Lock()
 	if s.fronts == nil {
 		s.fronts = make(map[*frontConn]bool)

@@ -56,13 +56,17 @@ type Event struct {
 	Session string    `json:"session,omitempty"` // the front-door connection, across its links and channels
 	Account string    `json:"account,omitempty"`
 	Source  string    `json:"source,omitempty"`
-	VM      string    `json:"vm,omitempty"`
-	Login   string    `json:"login,omitempty"`
-	Channel string    `json:"channel,omitempty"`
-	Detail  string    `json:"detail,omitempty"` // the command, forward target or subsystem
-	Rule    string    `json:"rule,omitempty"`
-	Reason  string    `json:"reason,omitempty"`
-	Cause   string    `json:"cause,omitempty"` // upstream_failed: the kind of failure, one of Causes
+	// Balancer is the load balancer a connection came through (PROXY
+	// protocol); Source is then the client behind it.
+	Balancer string `json:"balancer,omitempty"`
+	Replica  string `json:"replica,omitempty"` // the bastion that emitted it: server.replica
+	VM       string `json:"vm,omitempty"`
+	Login    string `json:"login,omitempty"`
+	Channel  string `json:"channel,omitempty"`
+	Detail   string `json:"detail,omitempty"` // the command, forward target or subsystem
+	Rule     string `json:"rule,omitempty"`
+	Reason   string `json:"reason,omitempty"`
+	Cause    string `json:"cause,omitempty"` // upstream_failed: the kind of failure, one of Causes
 	*Activity
 }
 

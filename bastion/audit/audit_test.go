@@ -26,7 +26,7 @@ func TestFormatGolden(t *testing.T) {
 	sftp := link
 	sftp.Channel = "sftp"
 	events := []Event{
-		{Type: Login, Session: session, Account: "alice", Source: "203.0.113.24:53122"},
+		{Type: Login, Session: session, Account: "alice", Source: "203.0.113.24:53122", Balancer: "10.0.0.5:41872", Replica: "b1"},
 		{Type: LoginFailed, Session: "9f1c2b7a00d4e561", Source: "198.51.100.9:40218", Reason: "unknown key", Detail: "SHA256:…"},
 		{Type: Denied, Session: session, Account: "alice", Source: "203.0.113.24:53122", VM: "db1", Channel: "jump", Reason: "no rule allows it"},
 		with(link, Connected, &Activity{Seconds: 0.041}),

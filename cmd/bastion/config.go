@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -77,6 +78,12 @@ type ServerConfig struct {
 	LoginGraceTime       Duration    `toml:"login_grace_time"`
 	MaxStartups          MaxStartups `toml:"max_startups"`
 	PerSourceMaxStartups int         `toml:"per_source_max_startups"`
+
+	// Replicas behind a load balancer.
+	ProxyProtocol []string `toml:"proxy_protocol"` // the balancers' CIDR ranges; PROXY headers required from them, others refused
+	Replica       string   `toml:"replica"`        // this replica's name in every audit event; default the host name
+
+	balancers []netip.Prefix // ProxyProtocol, parsed
 }
 
 // MaxStartups is server.max_startups, "start:rate:full" as in sshd_config.
@@ -258,6 +265,16 @@ func (c *Config) validate() error {
 	if c.Server.PerSourceMaxStartups < 0 {
 		return fmt.Errorf("server.per_source_max_startups: %d is negative (0 means no cap per source)", c.Server.PerSourceMaxStartups)
 	}
+	var err error
+	if c.Server.balancers, err = bastion.ParseBalancers(c.Server.ProxyProtocol); err != nil {
+		return fmt.Errorf("server.proxy_protocol: %w", err)
+	}
+	if c.Server.Replica == "" {
+		c.Server.Replica, _ = os.Hostname()
+	}
+	if strings.ContainsFunc(c.Server.Replica, func(r rune) bool { return r < ' ' || r == 0x7f }) || len(c.Server.Replica) > 253 {
+		return fmt.Errorf("server.replica: %q is not a plain name", c.Server.Replica)
+	}
 	for i, h := range c.Hypervisors {
 		if h.URI == "" {
 			return fmt.Errorf("hypervisor #%d: uri is empty", i+1)
@@ -280,7 +297,7 @@ func (c *Config) validate() error {
 	if _, err := c.templates(); err != nil {
 		return err
 	}
-	_, err := c.accounts()
+	_, err = c.accounts()
 	return err
 }
 

@@ -53,6 +53,8 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		{"audit required but off", "[server]\naudit = \"off\"\naudit_required = true\n", `server.audit_required is true but server.audit is "off"`},
 		{"small recording cap", "[server]\nrecording_max_bytes = 100\n", `server.recording_max_bytes: 100 is less than 4096`},
 		{"relative recordings", "[server]\nrecordings = \"casts\"\n", `server.recordings: "casts" is not an absolute path`},
+		{"proxy protocol", "[server]\nproxy_protocol = [\"10.0.0.0/8\", \"lb1.example.com\"]\n", `server.proxy_protocol: "lb1.example.com" is neither a CIDR range nor an address`},
+		{"replica", "[server]\nreplica = \"r1\\n\"\n", `server.replica: "r1\n" is not a plain name`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := ParseConfig("bastion.toml", []byte(tc.toml))

@@ -218,6 +218,14 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		}
 		sink = tee(sink, ops.Observe)
 	}
+	if next, replica := sink, c.Server.Replica; next != nil {
+		// Every event names the replica that emitted it, for a trail that
+		// gathers several.
+		sink = func(e audit.Event) {
+			e.Replica = replica
+			next(e)
+		}
+	}
 
 	reserveHeap(heapReserve)
 	srv := &bastion.Server{
@@ -235,6 +243,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		MaxChannels:          c.Server.MaxChannels,
 		MaxPending:           c.Server.MaxPending,
 		UpstreamHandshakes:   c.Server.UpstreamHandshakes,
+		ProxyProtocol:        c.Server.balancers,
 		Logger:               logger,
 		Audit:                sink,
 	}

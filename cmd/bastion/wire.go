@@ -54,7 +54,9 @@ func openFleet(c *Config, logger *slog.Logger, sink audit.Sink, onEvent func(vm.
 	}
 	instance := c.Trust.Instance
 	if instance == "" {
-		instance, _ = os.Hostname()
+		// Each replica keeps its own epochs: the keys of one are not
+		// stale keys of another.
+		instance = c.Server.Replica
 	}
 	var modes []trust.Mode
 	for _, m := range c.Trust.Modes {
