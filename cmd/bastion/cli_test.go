@@ -167,3 +167,24 @@ func TestDemoRule(t *testing.T) {
 		}
 	}
 }
+
+// TestFlagsBeforeSubcommand keeps `bastion GROUP --config F SUB` working,
+// the order scripts written against earlier releases use.
+func TestFlagsBeforeSubcommand(t *testing.T) {
+	var out strings.Builder
+	if err := run([]string{"config", "--config", "../../bastion.toml.example", "check"}, &out, &out); err != nil {
+		t.Errorf("config --config FILE check: %v\n%s", err, out.String())
+	}
+	missing := filepath.Join(t.TempDir(), "missing.toml")
+	for _, args := range [][]string{
+		{"vm", "--config", missing, "ls"},
+		{"vm", "--config=" + missing, "ls"},
+		{"trust", "-config", missing, "ls"},
+	} {
+		out.Reset()
+		err := run(args, &out, &out)
+		if err == nil || !strings.Contains(err.Error(), "missing.toml") {
+			t.Errorf("bastion %v: %v, want an error naming missing.toml\n%s", args, err, out.String())
+		}
+	}
+}

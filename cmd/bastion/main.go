@@ -40,6 +40,22 @@ func main() {
 	}
 }
 
+// subcommandAt is the index of a group's subcommand in args: the first
+// word that is neither a flag nor the value of --config. It is -1 when
+// there is none.
+func subcommandAt(args []string) int {
+	for i := 0; i < len(args); i++ {
+		switch a := args[i]; {
+		case a == "--config" || a == "-config":
+			i++
+		case strings.HasPrefix(a, "-"):
+		default:
+			return i
+		}
+	}
+	return -1
+}
+
 func run(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		printUsage(stderr, "")
@@ -54,7 +70,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	cmd, args := args[0], args[1:]
 	if isGroup(cmd) {
-		if len(args) == 0 || strings.HasPrefix(args[0], "-") {
+		i := subcommandAt(args)
+		if i < 0 {
 			if wantsHelp(args) {
 				printUsage(stdout, cmd)
 				return nil
@@ -62,7 +79,9 @@ func run(args []string, stdout, stderr io.Writer) error {
 			printUsage(stderr, cmd)
 			return fmt.Errorf("%s: which command?", cmd)
 		}
-		cmd, args = cmd+" "+args[0], args[1:]
+		// Flags given before the subcommand (bastion vm --config F ls)
+		// are kept, after it.
+		cmd, args = cmd+" "+args[i], append(append([]string{}, args[:i]...), args[i+1:]...)
 	}
 	c, known := lookup(cmd)
 	if !known {
