@@ -126,6 +126,12 @@ func (l *liveAccounts) Identify(key gossh.PublicKey) (bastion.Account, bool) {
 	return l.p.Load().Identify(key)
 }
 
+func (l *liveAccounts) IdentifyCert(cert *gossh.Certificate, account string, source netip.Addr, now time.Time) (bastion.Account, *bastion.CertLogin, error) {
+	return l.p.Load().IdentifyCert(cert, account, source, now)
+}
+
+func (l *liveAccounts) Revoked(key gossh.PublicKey) string { return l.p.Load().Revoked(key) }
+
 // livePolicy is a policy that can be replaced while the server runs.
 type livePolicy struct{ p atomic.Pointer[policy.Policy] }
 

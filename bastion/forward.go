@@ -338,6 +338,7 @@ func seconds(d time.Duration) float64 { return float64(d.Milliseconds()) / 1000 
 // the policy refuses is reported as denied, and not sent.
 func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Channel) {
 	l := f.link
+	req = forced(l.front.certLogin(), req)
 	switch req.Type {
 	case "window-change":
 		var size struct{ Cols, Rows, W, H uint32 }
@@ -346,6 +347,9 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		}
 	case "signal", "break", "eow@openssh.com":
 	case "pty-req":
+		if !l.front.certLogin().Permits("permit-pty") {
+			return false, ""
+		}
 		f.notePty(req.Payload)
 	case "env":
 		var env struct{ Name, Value string }
@@ -426,6 +430,22 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		}
 	}
 	return ok, ""
+}
+
+// forced is req as the certificate c has it: with a force-command, a
+// shell, a command or a subsystem runs that command instead, as sshd runs
+// it. A reply still goes to the client's request.
+func forced(c *CertLogin, req *gossh.Request) *gossh.Request {
+	if c == nil || c.ForceCommand == "" {
+		return req
+	}
+	switch req.Type {
+	case "shell", "exec", "subsystem":
+		r := *req
+		r.Type, r.Payload = "exec", gossh.Marshal(struct{ Command string }{c.ForceCommand})
+		return &r
+	}
+	return req
 }
 
 // record starts the session's recording before its shell or command

@@ -1,6 +1,8 @@
 package bastion
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -10,6 +12,7 @@ import (
 
 	gossh "golang.org/x/crypto/ssh"
 
+	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/policy"
 )
 
@@ -124,13 +127,16 @@ func parseExpiryTime(v string) (time.Time, error) {
 
 // AccountSet maps public keys to accounts. It is immutable once built.
 type AccountSet struct {
-	byKey map[string]*Account // by the key's wire encoding
+	byKey   map[string]*Account // by the key's wire encoding
+	byName  map[string]*Account
+	cas     []UserCA
+	revoked *keys.KRL
 }
 
 // NewAccountSet indexes accounts by key. A key listed for two accounts, or
 // two accounts with one name, is an error: one key maps to one account.
 func NewAccountSet(accounts []Account) (*AccountSet, error) {
-	set := &AccountSet{byKey: make(map[string]*Account)}
+	set := &AccountSet{byKey: make(map[string]*Account), byName: make(map[string]*Account)}
 	names := make(map[string]bool)
 	for i := range accounts {
 		a := &accounts[i]
@@ -141,6 +147,7 @@ func NewAccountSet(accounts []Account) (*AccountSet, error) {
 			return nil, fmt.Errorf("account %q is defined twice", a.Name)
 		}
 		names[a.Name] = true
+		set.byName[a.Name] = a
 		for _, k := range a.Keys {
 			if other, ok := set.byKey[string(k.Marshal())]; ok {
 				return nil, fmt.Errorf("key %s is listed for both %q and %q; one key maps to one account",
@@ -250,4 +257,158 @@ func (l *failureLimiter) prune(now time.Time) {
 			delete(l.buckets, src)
 		}
 	}
+}
+
+// UserCA is a certificate authority whose user certificates log people in
+// ([[user_ca]]): an SSO's issuer, Vault's SSH engine, or ssh-keygen -s.
+type UserCA struct {
+	Key gossh.PublicKey
+	// Principals maps the certificates' principals to account names; nil
+	// means a principal is an account's name.
+	Principals map[string]string
+}
+
+// CertLogin is what the certificate a connection logged in with says of
+// it: who issued it to whom, and what it restricts.
+type CertLogin struct {
+	KeyID        string
+	Serial       uint64
+	Principal    string // the one that named the account
+	ForceCommand string // force-command: every session runs this instead
+	Extensions   map[string]string
+}
+
+// Permits reports whether the certificate grants the permit-* extension
+// name (permit-pty, permit-port-forwarding, ...). A nil CertLogin (a
+// plain key) permits everything.
+func (c *CertLogin) Permits(name string) bool {
+	if c == nil {
+		return true
+	}
+	_, ok := c.Extensions[name]
+	return ok
+}
+
+// certOptions are the critical options the bastion honours; a certificate
+// with any other is refused, as OpenSSH's sshd does.
+var certOptions = []string{"source-address", "force-command"}
+
+// SetCertificates makes s take user certificates from cas, and refuse the
+// keys and certificates revoked lists. Call it before s is used.
+func (s *AccountSet) SetCertificates(cas []UserCA, revoked *keys.KRL) {
+	s.cas, s.revoked = cas, revoked
+}
+
+// Revoked reports why key is revoked (the KRL of SetCertificates lists
+// it), or "".
+func (s *AccountSet) Revoked(key gossh.PublicKey) string {
+	if s == nil {
+		return ""
+	}
+	return s.revoked.Revoked(key)
+}
+
+// IdentifyCert returns the account a user certificate names. account is
+// the account the client asked for by user name, or "" when the user name
+// is a target (login@vm), in which case the certificate must name exactly
+// one account. It checks the certificate as sshd does: a known CA, its
+// signature, its validity at now, no critical option but source-address
+// (which source must match) and force-command, not revoked.
+func (s *AccountSet) IdentifyCert(cert *gossh.Certificate, account string, source netip.Addr, now time.Time) (Account, *CertLogin, error) {
+	if s == nil {
+		return Account{}, nil, errors.New("no accounts")
+	}
+	if cert.CertType != gossh.UserCert {
+		return Account{}, nil, errors.New("certificate: a host certificate offered as a user's")
+	}
+	var ca *UserCA
+	for i := range s.cas {
+		if bytes.Equal(s.cas[i].Key.Marshal(), cert.SignatureKey.Marshal()) {
+			ca = &s.cas[i]
+			break
+		}
+	}
+	if ca == nil {
+		return Account{}, nil, fmt.Errorf("certificate signed by a CA that is not a [[user_ca]] (%s)", gossh.FingerprintSHA256(cert.SignatureKey))
+	}
+	if len(cert.ValidPrincipals) == 0 {
+		return Account{}, nil, errors.New("certificate names no principals")
+	}
+	principalOf := make(map[string]string)
+	var names []string
+	for _, p := range cert.ValidPrincipals {
+		name := p
+		if ca.Principals != nil {
+			var ok bool
+			if name, ok = ca.Principals[p]; !ok {
+				continue
+			}
+		}
+		if _, ok := s.byName[name]; ok && principalOf[name] == "" {
+			principalOf[name] = p
+			names = append(names, name)
+		}
+	}
+	principals := strings.Join(cert.ValidPrincipals, ",")
+	switch {
+	case account != "":
+		if principalOf[account] == "" {
+			return Account{}, nil, fmt.Errorf("certificate %q does not name account %q (principals %s)", cert.KeyId, account, clipText(principals))
+		}
+	case len(names) == 0:
+		return Account{}, nil, fmt.Errorf("certificate %q names no account of this bastion (principals %s)", cert.KeyId, clipText(principals))
+	case len(names) > 1:
+		return Account{}, nil, fmt.Errorf("certificate %q names the accounts %s; log in as one of them (ACCOUNT@bastion)", cert.KeyId, strings.Join(names, ", "))
+	default:
+		account = names[0]
+	}
+	checker := gossh.CertChecker{
+		IsUserAuthority:          func(auth gossh.PublicKey) bool { return bytes.Equal(auth.Marshal(), ca.Key.Marshal()) },
+		SupportedCriticalOptions: certOptions,
+		Clock:                    func() time.Time { return now },
+	}
+	if err := checker.CheckCert(principalOf[account], cert); err != nil {
+		return Account{}, nil, fmt.Errorf("certificate %q: %s", cert.KeyId, strings.TrimPrefix(err.Error(), "ssh: "))
+	}
+	if why := s.revoked.Revoked(cert); why != "" {
+		return Account{}, nil, fmt.Errorf("certificate %q: %s", cert.KeyId, why)
+	}
+	if list, ok := cert.CriticalOptions["source-address"]; ok {
+		if err := sourceAllowed(list, source); err != nil {
+			return Account{}, nil, fmt.Errorf("certificate %q: %w", cert.KeyId, err)
+		}
+	}
+	return *s.byName[account], &CertLogin{KeyID: cert.KeyId, Serial: cert.Serial, Principal: principalOf[account],
+		ForceCommand: cert.CriticalOptions["force-command"], Extensions: cert.Extensions}, nil
+}
+
+// sourceAllowed checks source against a certificate's source-address: a
+// comma-separated list of addresses and CIDR ranges.
+func sourceAllowed(list string, source netip.Addr) error {
+	source = source.Unmap()
+	for _, item := range strings.Split(list, ",") {
+		item = strings.TrimSpace(item)
+		if p, err := netip.ParsePrefix(item); err == nil {
+			if p.Masked().Contains(source) {
+				return nil
+			}
+			continue
+		}
+		if a, err := netip.ParseAddr(item); err == nil {
+			if a.Unmap() == source {
+				return nil
+			}
+			continue
+		}
+		return fmt.Errorf("source-address %q is not a list of addresses and CIDR ranges", clipText(list))
+	}
+	return fmt.Errorf("source-address %s does not include %s", clipText(list), source)
+}
+
+// clipText cuts s, which a certificate's issuer chose, for a message.
+func clipText(s string) string {
+	if len(s) > 200 {
+		return s[:200] + "…"
+	}
+	return s
 }

@@ -26,9 +26,15 @@ func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
 		return
 	}
 	var ptyReq *gossh.Request
+	cert := fc.certLogin()
 	for req := range reqs {
+		req = forced(cert, req)
 		switch req.Type {
 		case "pty-req":
+			if !cert.Permits("permit-pty") {
+				req.Reply(false, nil)
+				continue
+			}
 			ptyReq = req
 			req.Reply(true, nil)
 		case "env", "window-change":

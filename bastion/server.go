@@ -54,6 +54,18 @@ type Identifier interface {
 	Identify(key gossh.PublicKey) (Account, bool)
 }
 
+// CertIdentifier is an Identifier that also takes user certificates and
+// knows which keys are revoked. *AccountSet is one. An Identifier that is
+// not one refuses every certificate.
+type CertIdentifier interface {
+	Identifier
+	// IdentifyCert returns the account cert names: account, if the user
+	// name asked for one, else the only one it names.
+	IdentifyCert(cert *gossh.Certificate, account string, source netip.Addr, now time.Time) (Account, *CertLogin, error)
+	// Revoked says why key is revoked, or "".
+	Revoked(key gossh.PublicKey) string
+}
+
 // Decider is the policy. *policy.Policy is one.
 type Decider interface {
 	// Decide answers one request.
@@ -234,16 +246,36 @@ func (s *Server) openLinks() []*link {
 // its account; otherwise fc takes the account as it is now.
 func (s *Server) reidentify(fc *frontConn) {
 	fc.accountMu.Lock()
-	was, key := fc.account, fc.key
+	was, key, at := fc.account, fc.key, fc.loginAt
 	fc.accountMu.Unlock()
 	var now Account
 	ok := false
-	if s.Accounts != nil {
-		now, ok = s.Accounts.Identify(key)
-	}
 	var refused error
-	if ok {
-		refused = now.Options(key).Allows(sourceAddr(fc.source), time.Now())
+	certs, _ := s.Accounts.(CertIdentifier)
+	if cert, isCert := key.(*gossh.Certificate); isCert {
+		// Asked again as at login: a certificate that has since expired
+		// does not end what it opened (sshd does not either), but one
+		// whose CA, account or principal went, or that was revoked, does.
+		if certs == nil {
+			s.endFront(fc, "certificates are no longer accepted")
+			return
+		}
+		var err error
+		if now, _, err = certs.IdentifyCert(cert, was.Name, sourceAddr(fc.source), at); err != nil {
+			s.endFront(fc, "the certificate it logged in with: "+err.Error())
+			return
+		}
+		ok = true
+	} else if s.Accounts != nil {
+		now, ok = s.Accounts.Identify(key)
+		if ok {
+			refused = now.Options(key).Allows(sourceAddr(fc.source), time.Now())
+			if certs != nil {
+				if why := certs.Revoked(key); why != "" {
+					refused = errors.New(why)
+				}
+			}
+		}
 	}
 	switch {
 	case !ok:
@@ -313,9 +345,11 @@ type frontConn struct {
 	balancer net.Addr          // the load balancer it came through, or nil
 	local    net.Addr
 
-	accountMu sync.Mutex      // protects key and account
+	accountMu sync.Mutex      // protects key, account and cert
 	key       gossh.PublicKey // the key it authenticated with; set by loggedIn
 	account   Account         // set by loggedIn; its groups change on a reload (see who)
+	cert      *CertLogin      // what its certificate says, if it logged in with one
+	loginAt   time.Time       // when it authenticated
 
 	// Until it authenticates the connection holds a startup place and
 	// runs against the login grace time; authenticated ends both.
@@ -340,6 +374,8 @@ var userKeyAlgorithms = []string{
 	gossh.KeyAlgoED25519, gossh.KeyAlgoSKED25519, gossh.KeyAlgoSKECDSA256,
 	gossh.KeyAlgoECDSA256, gossh.KeyAlgoECDSA384, gossh.KeyAlgoECDSA521,
 	gossh.KeyAlgoRSASHA256, gossh.KeyAlgoRSASHA512,
+	// Certificates of these keys ([[user_ca]]) are allowed with them:
+	// x/crypto checks a certificate's underlying algorithm.
 }
 
 type ctxKey struct{}
@@ -349,6 +385,33 @@ type ctxKey struct{}
 type identity struct {
 	account Account
 	key     gossh.PublicKey
+	cert    *CertLogin // if key is a certificate
+}
+
+// certLogin is what fc's certificate says, or nil for a plain key.
+func (fc *frontConn) certLogin() *CertLogin {
+	fc.accountMu.Lock()
+	defer fc.accountMu.Unlock()
+	return fc.cert
+}
+
+// certRefuses says why fc's certificate does not permit a request of
+// kind (it lacks the permit-* extension), or "".
+func (fc *frontConn) certRefuses(kind policy.Channel) string {
+	c := fc.certLogin()
+	ext := ""
+	switch kind {
+	case policy.LocalForward, policy.RemoteForward:
+		ext = "permit-port-forwarding"
+	case policy.Agent:
+		ext = "permit-agent-forwarding"
+	case policy.X11:
+		ext = "permit-X11-forwarding"
+	}
+	if ext == "" || c.Permits(ext) {
+		return ""
+	}
+	return "the certificate does not " + strings.ReplaceAll(ext, "-", " ")
 }
 
 // who is the account of the connection as it is now.
@@ -603,9 +666,18 @@ func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.
 	if s.Accounts == nil {
 		return fail("no accounts")
 	}
+	certs, _ := s.Accounts.(CertIdentifier)
+	if cert, ok := key.(*gossh.Certificate); ok {
+		return s.authenticateCert(fc, meta, cert, certs, fail)
+	}
 	account, ok := s.Accounts.Identify(key)
 	if !ok {
 		return fail("unknown key")
+	}
+	if certs != nil {
+		if why := certs.Revoked(key); why != "" {
+			return fail(why)
+		}
 	}
 	if err := account.Options(key).Allows(sourceAddr(fc.source), time.Now()); err != nil {
 		return fail(err.Error())
@@ -618,7 +690,28 @@ func (s *Server) authenticate(fc *frontConn, meta gossh.ConnMetadata, key gossh.
 	} else if user != account.Name {
 		return fail(fmt.Sprintf("key of account %q offered for user %s", account.Name, clip(user)))
 	}
-	return &gossh.Permissions{ExtraData: map[any]any{ctxKey{}: identity{account, key}}}, nil
+	return &gossh.Permissions{ExtraData: map[any]any{ctxKey{}: identity{account: account, key: key}}}, nil
+}
+
+// authenticateCert checks a user certificate: the account it names must
+// be the user name's, or, for a target user name, the only one it names.
+func (s *Server) authenticateCert(fc *frontConn, meta gossh.ConnMetadata, cert *gossh.Certificate, certs CertIdentifier,
+	fail func(string) (*gossh.Permissions, error)) (*gossh.Permissions, error) {
+	if certs == nil {
+		return fail("certificates are not accepted: no [[user_ca]]")
+	}
+	user, want := meta.User(), meta.User()
+	if strings.Contains(user, "@") {
+		if _, err := ParseTarget(user); err != nil {
+			return nil, &gossh.BannerError{Err: err, Message: "bastion: " + err.Error() + "\r\n"}
+		}
+		want = ""
+	}
+	account, login, err := certs.IdentifyCert(cert, want, sourceAddr(fc.source), time.Now())
+	if err != nil {
+		return fail(err.Error())
+	}
+	return &gossh.Permissions{ExtraData: map[any]any{ctxKey{}: identity{account: account, key: cert, cert: login}}}, nil
 }
 
 // clip is text a client chose (a user name), quoted and cut to a length
@@ -636,10 +729,17 @@ func clip(s string) string {
 // again, until it closes.
 func (s *Server) loggedIn(fc *frontConn, id identity, user string) {
 	fc.accountMu.Lock()
-	fc.key, fc.account = id.key, id.account
+	fc.key, fc.account, fc.cert, fc.loginAt = id.key, id.account, id.cert, time.Now()
 	fc.accountMu.Unlock()
-	s.logger().Info("login", "account", id.account.Name, "source", fc.source.String(), "user", user)
-	s.audit(audit.Event{Type: audit.Login, Session: fc.id, Account: id.account.Name, Source: fc.source.String(), Balancer: addrString(fc.balancer)})
+	ev := audit.Event{Type: audit.Login, Session: fc.id, Account: id.account.Name, Source: fc.source.String(), Balancer: addrString(fc.balancer)}
+	if c := id.cert; c != nil {
+		serial := c.Serial
+		ev.KeyID, ev.CertSerial = vm.Printable(clipText(c.KeyID)), &serial
+		s.logger().Info("login", "account", id.account.Name, "source", fc.source.String(), "user", user, "cert", ev.KeyID, "serial", serial)
+	} else {
+		s.logger().Info("login", "account", id.account.Name, "source", fc.source.String(), "user", user)
+	}
+	s.audit(ev)
 	s.linksMu.Lock()
 	if s.fronts == nil {
 		s.fronts = make(map[*frontConn]bool)
@@ -805,6 +905,9 @@ func (a ask) detail() string {
 func (s *Server) decide(fc *frontConn, d vm.Domain, login string, a ask) policy.Decision {
 	if s.Policy == nil {
 		return policy.Decision{Reason: "no policy"}
+	}
+	if why := fc.certRefuses(a.kind); why != "" {
+		return policy.Decision{Reason: why}
 	}
 	account := fc.who()
 	return s.Policy.Decide(policy.Request{

@@ -215,22 +215,37 @@ func (c *counter) take(max int) bool {
 // give counts one fewer.
 func (c *counter) give() { c.n.Add(-1) }
 
-// everySecond lets a repeated log line through at most once a second and
-// says how many were held back meanwhile: a flood of refused connections
-// must not become a flood of log lines.
+// everySecond lets a repeated log line through about perSecond times a
+// second, after a burst of up to burst, and says how many were held back
+// meanwhile: a flood of refused connections must not become a flood of
+// log lines, yet people trying keys and certificates are all on record.
 type everySecond struct {
 	mu      sync.Mutex
 	last    time.Time
+	tokens  float64
 	skipped int
 }
+
+const (
+	perSecond = 10
+	burst     = 50
+)
 
 // allow reports whether to log now, and how many lines were skipped since
 // the last one.
 func (e *everySecond) allow() (ok bool, skipped int) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if now := time.Now(); now.Sub(e.last) >= time.Second {
-		e.last, skipped, e.skipped = now, e.skipped, 0
+	now := time.Now()
+	if e.last.IsZero() {
+		e.tokens = burst
+	} else {
+		e.tokens = min(burst, e.tokens+now.Sub(e.last).Seconds()*perSecond)
+	}
+	e.last = now
+	if e.tokens >= 1 {
+		e.tokens--
+		skipped, e.skipped = e.skipped, 0
 		return true, skipped
 	}
 	e.skipped++

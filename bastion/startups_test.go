@@ -175,3 +175,23 @@ func TestStartupsSourceAtItsCapWaitsItsTurn(t *testing.T) {
 		t.Fatal("no waiter was let in when a place freed")
 	}
 }
+
+// TestLogPacing lets a burst through, then about perSecond a second, and
+// counts what it held back.
+func TestLogPacing(t *testing.T) {
+	var e everySecond
+	let := 0
+	for range 1000 {
+		if ok, _ := e.allow(); ok {
+			let++
+		}
+	}
+	if let < burst || let > burst+perSecond {
+		t.Fatalf("%d of 1000 at once let through, want the burst of %d", let, burst)
+	}
+	time.Sleep(300 * time.Millisecond)
+	ok, skipped := e.allow()
+	if !ok || skipped < 1000-let-1 {
+		t.Fatalf("after 300ms: ok %v, skipped %d (held back %d)", ok, skipped, 1000-let)
+	}
+}

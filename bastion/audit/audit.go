@@ -60,13 +60,16 @@ type Event struct {
 	// protocol); Source is then the client behind it.
 	Balancer string `json:"balancer,omitempty"`
 	Replica  string `json:"replica,omitempty"` // the bastion that emitted it: server.replica
-	VM       string `json:"vm,omitempty"`
-	Login    string `json:"login,omitempty"`
-	Channel  string `json:"channel,omitempty"`
-	Detail   string `json:"detail,omitempty"` // the command, forward target or subsystem
-	Rule     string `json:"rule,omitempty"`
-	Reason   string `json:"reason,omitempty"`
-	Cause    string `json:"cause,omitempty"` // upstream_failed: the kind of failure, one of Causes
+	// KeyID and CertSerial are the certificate a login was made with.
+	KeyID      string  `json:"key_id,omitempty"`
+	CertSerial *uint64 `json:"cert_serial,omitempty"`
+	VM         string  `json:"vm,omitempty"`
+	Login      string  `json:"login,omitempty"`
+	Channel    string  `json:"channel,omitempty"`
+	Detail     string  `json:"detail,omitempty"` // the command, forward target or subsystem
+	Rule       string  `json:"rule,omitempty"`
+	Reason     string  `json:"reason,omitempty"`
+	Cause      string  `json:"cause,omitempty"` // upstream_failed: the kind of failure, one of Causes
 	*Activity
 }
 

@@ -20,6 +20,7 @@ var update = flag.Bool("update", false, "rewrite testdata/events.jsonl")
 func TestFormatGolden(t *testing.T) {
 	at := time.Date(2026, 12, 2, 10, 5, 11, 902114000, time.UTC)
 	status := 3
+	serial := uint64(42)
 	session := "4307217e2c208b23"
 	link := Event{Session: session, Account: "alice", Source: "203.0.113.24:53122", VM: "web1", Login: "dev"}
 	with := func(e Event, t Type, a *Activity) Event { e.Type, e.Activity = t, a; return e }
@@ -57,6 +58,8 @@ func TestFormatGolden(t *testing.T) {
 		{Type: Dispensed, Account: "alice", VM: "web3", Detail: "debian"},
 		{Type: DispenseFailed, Account: "alice", VM: "web3", Detail: "debian", Reason: "a VM of that name exists: web3"},
 		{Type: Destroyed, Account: "bob", VM: "web3"},
+		{Type: Login, Session: "c01d5e7a2b9f4410", Account: "alice", Source: "203.0.113.24:53122", KeyID: "alice@sso", CertSerial: &serial},
+		{Type: LoginFailed, Session: "c01d5e7a2b9f4411", Source: "203.0.113.24:53122", Reason: `certificate "alice@sso": cert has expired`},
 	}
 	var buf bytes.Buffer
 	sink := JSON(&buf)

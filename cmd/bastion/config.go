@@ -19,6 +19,7 @@ import (
 	"github.com/bastionvm/bastion/bastion/dispense"
 	"github.com/bastionvm/bastion/bastion/trust"
 	"github.com/bastionvm/bastion/internal/tomlpos"
+	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/policy"
 )
 
@@ -33,9 +34,18 @@ type Config struct {
 	Hypervisors []HypervisorConfig `toml:"hypervisor"`
 	Trust       TrustConfig        `toml:"trust"`
 	Templates   []TemplateConfig   `toml:"template"`
+	UserCAs     []UserCAConfig     `toml:"user_ca"`
 
 	policy       *policy.Policy // compiled from Rules or PolicyFile
 	accountLines []int          // where each [[account]] starts, for messages
+	caLines      []int          // where each [[user_ca]] starts
+}
+
+// UserCAConfig is one [[user_ca]]: a certificate authority whose user
+// certificates log people in.
+type UserCAConfig struct {
+	Key        string            `toml:"key"`        // the CA's public key, as OpenSSH writes it
+	Principals map[string]string `toml:"principals"` // principal = "account"; if absent, a principal is an account name
 }
 
 // HypervisorConfig is one [[hypervisor]]: a libvirt connection URI.
@@ -69,6 +79,7 @@ type ServerConfig struct {
 	RecordingMaxBytes int64  `toml:"recording_max_bytes"`
 	OpsListen         string `toml:"ops_listen"` // /metrics, /healthz, /readyz; off if empty
 	PolicyFile        string `toml:"policy_file"`
+	RevokedKeys       string `toml:"revoked_keys"` // an OpenSSH KRL (ssh-keygen -k); relative to this file's directory
 	LogLevel          string `toml:"log_level"`
 
 	MaxChannels        int `toml:"max_channels"`
@@ -193,6 +204,12 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 	}
 	for i := range c.Accounts {
 		c.accountLines = append(c.accountLines, tomlpos.TableLine(data, "account", i))
+	}
+	for i := range c.UserCAs {
+		c.caLines = append(c.caLines, tomlpos.TableLine(data, "user_ca", i))
+	}
+	if p := c.Server.RevokedKeys; p != "" && !filepath.IsAbs(p) {
+		c.Server.RevokedKeys = filepath.Join(filepath.Dir(name), p)
 	}
 	if err := c.validate(); err != nil {
 		var le *lineError
@@ -335,7 +352,49 @@ func (c *Config) accounts() (*bastion.AccountSet, error) {
 		}
 		accounts = append(accounts, acc)
 	}
-	return bastion.NewAccountSet(accounts)
+	set, err := bastion.NewAccountSet(accounts)
+	if err != nil {
+		return nil, err
+	}
+	names := make(map[string]bool)
+	for _, a := range accounts {
+		names[a.Name] = true
+	}
+	var cas []bastion.UserCA
+	for i, u := range c.UserCAs {
+		fail := func(err error) (*bastion.AccountSet, error) {
+			err = fmt.Errorf("user_ca #%d: %w", i+1, err)
+			if i < len(c.caLines) {
+				err = &lineError{line: c.caLines[i], err: err}
+			}
+			return nil, err
+		}
+		key, _, _, _, err := gossh.ParseAuthorizedKey([]byte(u.Key))
+		if err != nil {
+			return fail(fmt.Errorf("key: %w (the CA's public key, as in its .pub file)", err))
+		}
+		if _, isCert := key.(*gossh.Certificate); isCert {
+			return fail(errors.New("key: a certificate, not the CA's public key"))
+		}
+		for principal, account := range u.Principals {
+			if !names[account] {
+				return fail(fmt.Errorf("principals: %q maps to %q, which is not an [[account]]", principal, account))
+			}
+		}
+		cas = append(cas, bastion.UserCA{Key: key, Principals: u.Principals})
+	}
+	var krl *keys.KRL
+	if path := c.Server.RevokedKeys; path != "" {
+		data, err := readTrusted(path)
+		if err != nil {
+			return nil, fmt.Errorf("server.revoked_keys: %w", err)
+		}
+		if krl, err = keys.ParseKRL(data); err != nil {
+			return nil, fmt.Errorf("server.revoked_keys: %s: %w", path, err)
+		}
+	}
+	set.SetCertificates(cas, krl)
+	return set, nil
 }
 
 // lineError is an error at a line of the configuration file.

@@ -3,9 +3,12 @@ package main
 import (
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	gossh "golang.org/x/crypto/ssh"
 )
 
 func TestExampleConfigIsValid(t *testing.T) {
@@ -55,6 +58,10 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		{"relative recordings", "[server]\nrecordings = \"casts\"\n", `server.recordings: "casts" is not an absolute path`},
 		{"proxy protocol", "[server]\nproxy_protocol = [\"10.0.0.0/8\", \"lb1.example.com\"]\n", `server.proxy_protocol: "lb1.example.com" is neither a CIDR range nor an address`},
 		{"replica", "[server]\nreplica = \"r1\\n\"\n", `server.replica: "r1\n" is not a plain name`},
+		{"user ca key", "[[account]]\nname = \"a\"\n\n[[user_ca]]\nkey = \"ssh-ed25519 nonsense\"\n", `bastion.toml:4: user_ca #1: key: `},
+		{"user ca principal", "[[account]]\nname = \"a\"\n[[user_ca]]\nkey = \"" + exampleKey + "\"\nprincipals = { \"sso-1\" = \"carol\" }\n",
+			`bastion.toml:3: user_ca #1: principals: "sso-1" maps to "carol", which is not an [[account]]`},
+		{"user ca unknown key", "[[user_ca]]\nkey = \"" + exampleKey + "\"\nprincipal = { }\n", `bastion.toml:3: unknown key user_ca.principal`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := ParseConfig("bastion.toml", []byte(tc.toml))
@@ -137,5 +144,41 @@ func TestAlertRulesAreValid(t *testing.T) {
 	}
 	if out, err := exec.Command(promtool, "check", "rules", "../../docs/prometheus-alerts.yml").CombinedOutput(); err != nil {
 		t.Fatalf("promtool check rules: %v\n%s", err, out)
+	}
+}
+
+// TestRevokedKeys reads server.revoked_keys beside the configuration and
+// refuses a missing file or one that is not a KRL, naming it.
+func TestRevokedKeys(t *testing.T) {
+	dir := t.TempDir()
+	name := filepath.Join(dir, "bastion.toml")
+	conf := []byte("[server]\nrevoked_keys = \"revoked.krl\"\n")
+	if _, err := ParseConfig(name, conf); err == nil || !strings.Contains(err.Error(), "server.revoked_keys") || !strings.Contains(err.Error(), filepath.Join(dir, "revoked.krl")) {
+		t.Fatalf("missing KRL: %v", err)
+	}
+	os.WriteFile(filepath.Join(dir, "revoked.krl"), []byte("ssh-ed25519 AAAA not a KRL\n"), 0o600)
+	if _, err := ParseConfig(name, conf); err == nil || !strings.Contains(err.Error(), "server.revoked_keys") {
+		t.Fatalf("not a KRL: %v", err)
+	}
+	key := filepath.Join(dir, "k")
+	if out, err := exec.Command("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key).CombinedOutput(); err != nil {
+		t.Fatalf("ssh-keygen: %v\n%s", err, out)
+	}
+	if out, err := exec.Command("ssh-keygen", "-q", "-k", "-f", filepath.Join(dir, "revoked.krl"), key+".pub").CombinedOutput(); err != nil {
+		t.Fatalf("ssh-keygen -k: %v\n%s", err, out)
+	}
+	os.Chmod(filepath.Join(dir, "revoked.krl"), 0o600)
+	c, err := ParseConfig(name, conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, err := c.accounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, _ := os.ReadFile(key + ".pub")
+	k, _, _, _, _ := gossh.ParseAuthorizedKey(pub)
+	if why := set.Revoked(k); !strings.Contains(why, "revoked") {
+		t.Fatalf("a key in the KRL: Revoked = %q", why)
 	}
 }

@@ -321,7 +321,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 	signal.Notify(hup, syscall.SIGHUP)
 	reloadCtx, stopReload := context.WithCancel(context.Background())
 	defer stopReload()
-	go (&reloader{path: configPath, live: live, srv: srv, log: logger, policy: c.Server.PolicyFile}).run(reloadCtx, hup)
+	go (&reloader{path: configPath, live: live, srv: srv, log: logger, policy: c.Server.PolicyFile, revoked: c.Server.RevokedKeys}).run(reloadCtx, hup)
 
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)

@@ -37,6 +37,12 @@ func (l *live) Identify(key gossh.PublicKey) (bastion.Account, bool) {
 	return l.accounts.Load().Identify(key)
 }
 
+func (l *live) IdentifyCert(cert *gossh.Certificate, account string, source netip.Addr, now time.Time) (bastion.Account, *bastion.CertLogin, error) {
+	return l.accounts.Load().IdentifyCert(cert, account, source, now)
+}
+
+func (l *live) Revoked(key gossh.PublicKey) string { return l.accounts.Load().Revoked(key) }
+
 func (l *live) Decide(r policy.Request) policy.Decision {
 	return l.policy.Load().Decide(r)
 }
@@ -49,12 +55,13 @@ func (l *live) Logins(account string, groups []string, source netip.Addr, d vm.D
 // the configuration or policy file changes. A configuration that fails to
 // load leaves the running one in place, and the log says why.
 type reloader struct {
-	path   string
-	live   *live
-	srv    *bastion.Server
-	log    *slog.Logger
-	policy string // the policy file in use, if separate
-	seen   map[string]time.Time
+	path    string
+	live    *live
+	srv     *bastion.Server
+	log     *slog.Logger
+	policy  string // the policy file in use, if separate
+	revoked string // the KRL in use, if any
+	seen    map[string]time.Time
 }
 
 func (r *reloader) run(ctx context.Context, hup <-chan os.Signal) {
@@ -78,7 +85,7 @@ func (r *reloader) run(ctx context.Context, hup <-chan os.Signal) {
 
 func (r *reloader) stamps() map[string]time.Time {
 	out := make(map[string]time.Time)
-	for _, p := range []string{r.path, r.policy} {
+	for _, p := range []string{r.path, r.policy, r.revoked} {
 		if p == "" {
 			continue
 		}
@@ -116,7 +123,7 @@ func (r *reloader) reload(why string) {
 	}
 	r.live.accounts.Store(accounts)
 	r.live.policy.Store(c.policy)
-	r.policy = c.Server.PolicyFile
+	r.policy, r.revoked = c.Server.PolicyFile, c.Server.RevokedKeys
 	r.seen = r.stamps()
 	r.log.Info("configuration reloaded: accounts and policy", "why", why, "rules", len(c.policy.Rules))
 	r.srv.Reloaded(why)
