@@ -362,3 +362,62 @@ func printable(b []byte, limit int) string {
 	}, strings.ToValidUTF8(string(b), "?"))
 	return strings.TrimRight(s, " ")
 }
+
+// SetHostname makes name the guest's host name: the running kernel's
+// (written to /proc/sys/kernel/hostname, which needs no program in the
+// guest), /etc/hostname, and the 127.0.1.1 line of /etc/hosts, Debian's
+// way of letting a machine resolve its own name.
+func (p *Pool) SetHostname(ctx context.Context, d vm.Domain, name string) error {
+	if err := vm.CheckHostName(name); err != nil {
+		return err
+	}
+	if err := p.WriteFile(ctx, d, "/proc/sys/kernel/hostname", []byte(name)); err != nil {
+		return fmt.Errorf("the running host name: %w", err)
+	}
+	if err := p.WriteFile(ctx, d, "/etc/hostname", []byte(name+"\n")); err != nil {
+		return fmt.Errorf("/etc/hostname: %w", err)
+	}
+	hosts, err := p.ReadFile(ctx, d, "/etc/hosts")
+	if err != nil {
+		hosts = []byte("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+	}
+	if err := p.WriteFile(ctx, d, "/etc/hosts", HostsWith(hosts, name)); err != nil {
+		return fmt.Errorf("/etc/hosts: %w", err)
+	}
+	// A file the agent made is 0600; /etc/hosts is for everyone to read.
+	return p.Exec(ctx, d, "/bin/chmod", "0644", "/etc/hosts")
+}
+
+// HostsWith is an /etc/hosts with name on its 127.0.1.1 line, replacing
+// the names there (the image's own) or adding the line after 127.0.0.1's.
+func HostsWith(hosts []byte, name string) []byte {
+	lines := strings.SplitAfter(string(hosts), "\n")
+	if n := len(lines); n > 0 && lines[n-1] == "" {
+		lines = lines[:n-1]
+	}
+	entry := "127.0.1.1\t" + name + "\n"
+	var out strings.Builder
+	done := false
+	for _, line := range lines {
+		fields := strings.Fields(line)
+		switch {
+		case len(fields) > 0 && fields[0] == "127.0.1.1":
+			if !done {
+				out.WriteString(entry)
+				done = true
+			}
+			continue
+		case !strings.HasSuffix(line, "\n"):
+			line += "\n"
+		}
+		out.WriteString(line)
+		if !done && len(fields) > 0 && fields[0] == "127.0.0.1" {
+			out.WriteString(entry)
+			done = true
+		}
+	}
+	if !done {
+		out.WriteString(entry)
+	}
+	return []byte(out.String())
+}

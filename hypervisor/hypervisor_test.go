@@ -169,3 +169,17 @@ func FuzzChooseAddress(f *testing.F) {
 		}
 	})
 }
+
+func TestHostsWith(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"127.0.0.1\tlocalhost\n127.0.1.1\tbt-guest\n::1\tlocalhost\n", "127.0.0.1\tlocalhost\n127.0.1.1\tweb3\n::1\tlocalhost\n"},
+		{"127.0.0.1 localhost\n::1 localhost\n", "127.0.0.1 localhost\n127.0.1.1\tweb3\n::1 localhost\n"},
+		{"127.0.1.1 old old.example\n127.0.0.1 localhost\n127.0.1.1 again", "127.0.1.1\tweb3\n127.0.0.1 localhost\n"},
+		{"# nothing\n10.0.0.1 db", "# nothing\n10.0.0.1 db\n127.0.1.1\tweb3\n"},
+		{"", "127.0.1.1\tweb3\n"},
+	} {
+		if got := string(HostsWith([]byte(tc.in), "web3")); got != tc.want {
+			t.Errorf("HostsWith(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}

@@ -111,6 +111,25 @@ func TestDispense(t *testing.T) {
 	if r := b.ssh(nil, "root@"+vm, "grep -q bookworm /etc/os-release && cat /sys/class/dmi/id/product_uuid"); r.Exit != 0 || len(r.Stdout) < 36 {
 		t.Fatalf("ssh -J to the new VM: %v %q", r, r.Stdout)
 	}
+	// It answers to its own name, not its image's (bt-guest).
+	if r := b.ssh(nil, "root@"+vm, "hostname; cat /etc/hostname; getent hosts "+vm+" | awk '{print $1}'; stat -c %a /etc/hosts"); r.Exit != 0 ||
+		string(r.Stdout) != vm+"\n"+vm+"\n127.0.1.1\n644\n" {
+		t.Fatalf("the new VM's host name: %v %q", r, r.Stdout)
+	}
+	// The audit says how long each stage took.
+	var stages []string
+	if ev := b.auditEvents("dispensed"); len(ev) == 1 {
+		list, _ := ev[0]["stages"].([]any)
+		for _, st := range list {
+			m, _ := st.(map[string]any)
+			if d, ok := m["duration"].(float64); ok && d >= 0 {
+				stages = append(stages, fmt.Sprint(m["stage"]))
+			}
+		}
+	}
+	if got := strings.Join(stages, ","); got != "overlay,start,agent,hostname,address,trust root" {
+		t.Fatalf("dispensed event stages %q", got)
+	}
 	local := t.TempDir()
 	batch := filepath.Join(local, "batch")
 	write(t, batch, "put "+batch+" /root/uploaded\nget /root/uploaded "+local+"/back\n")

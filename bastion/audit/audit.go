@@ -85,6 +85,7 @@ type Activity struct {
 	Env        []string `json:"env,omitempty"` // names of environment variables passed to the VM
 	Host       string   `json:"host,omitempty"`
 	Port       uint32   `json:"port,omitempty"`
+	Socket     string   `json:"socket,omitempty"` // a forward's unix socket path on the VM (streamlocal)
 	ExitStatus *int     `json:"exit_status,omitempty"`
 	ExitSignal string   `json:"exit_signal,omitempty"`
 	Seconds    float64  `json:"duration,omitempty"`   // how long it ran, in seconds
@@ -95,6 +96,8 @@ type Activity struct {
 	RecordingSHA256 string `json:"recording_sha256,omitempty"` // of the sealed file, hex
 	RecordingCapped bool   `json:"recording_capped,omitempty"` // server.recording_max_bytes ended it before the session
 	RecordingBytes  int64  `json:"recording_bytes,omitempty"`  // the sealed file's size
+
+	Stages []Stage `json:"stages,omitempty"` // dispensed, dispense_failed: each stage, in order
 
 	// File events (sftp):
 	Op        string   `json:"op,omitempty"`        // file (a handle closed), rename, remove, mkdir, rmdir, setstat, symlink, link, summary
@@ -108,6 +111,12 @@ type Activity struct {
 	Files     int      `json:"files,omitempty"`     // summary: handles closed
 	FileOps   int      `json:"file_ops,omitempty"`  // summary: other operations
 	Failures  int      `json:"failures,omitempty"`  // summary: what the VM refused
+}
+
+// Stage is one step of a dispense and how long it took.
+type Stage struct {
+	Name    string  `json:"stage"` // overlay, start, agent, hostname, address, trust LOGIN
+	Seconds float64 `json:"duration"`
 }
 
 // With returns a copy of e with the given type and decision fields.

@@ -55,9 +55,10 @@ func TestFormatGolden(t *testing.T) {
 		{Type: Reloaded, Reason: "SIGHUP"},
 		{Type: ReloadFailed, Reason: "bastion.toml:12: unknown channel \"teleport\""},
 		{Type: Ended, Session: session, Account: "alice", VM: "web1", Login: "dev", Channel: "shell", Reason: "time limit 12h0m0s"},
-		{Type: Dispensed, Account: "alice", VM: "web3", Detail: "debian"},
+		{Type: Dispensed, Account: "alice", VM: "web3", Detail: "debian", Activity: &Activity{Seconds: 24.73, Stages: []Stage{{"overlay", 0.08}, {"start", 0.41}, {"agent", 17.9}, {"hostname", 0.05}, {"address", 2.1}, {"trust root", 4.19}}}},
 		{Type: DispenseFailed, Account: "alice", VM: "web3", Detail: "debian", Reason: "a VM of that name exists: web3"},
 		{Type: Destroyed, Account: "bob", VM: "web3"},
+		with(link, ForwardStart, &Activity{ChannelID: 6, Kind: "direct-streamlocal@openssh.com", Socket: "/run/user/1000/vscode-ipc-1a7a.sock"}),
 		{Type: Login, Session: "c01d5e7a2b9f4410", Account: "alice", Source: "203.0.113.24:53122", KeyID: "alice@sso", CertSerial: &serial},
 		{Type: LoginFailed, Session: "c01d5e7a2b9f4411", Source: "203.0.113.24:53122", Reason: `certificate "alice@sso": cert has expired`},
 	}

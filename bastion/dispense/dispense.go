@@ -29,6 +29,7 @@ type Hypervisor interface {
 	Remove(ctx context.Context, d vm.Domain) error
 	Disks(ctx context.Context, d vm.Domain) ([]string, error)
 	Ping(ctx context.Context, d vm.Domain) error
+	SetHostname(ctx context.Context, d vm.Domain, name string) error
 	Address(ctx context.Context, d vm.Domain) (vm.Address, error)
 }
 
@@ -103,9 +104,10 @@ func (d *Dispenser) Plan(template, name string) (vm.Domain, []string, error) {
 // it made.
 func (d *Dispenser) Dispense(ctx context.Context, template, name, by string, out io.Writer) (vm.Domain, error) {
 	began := time.Now()
-	dom, err := d.dispense(ctx, template, name, by, out)
+	var stages []audit.Stage
+	dom, err := d.dispense(ctx, template, name, by, out, &stages)
 	ev := audit.Event{Account: by, VM: name, Detail: template,
-		Activity: &audit.Activity{Seconds: float64(time.Since(began).Milliseconds()) / 1000}}
+		Activity: &audit.Activity{Seconds: seconds(time.Since(began)), Stages: stages}}
 	if err != nil {
 		ev.Type, ev.Reason = audit.DispenseFailed, err.Error()
 	} else {
@@ -115,7 +117,10 @@ func (d *Dispenser) Dispense(ctx context.Context, template, name, by string, out
 	return dom, err
 }
 
-func (d *Dispenser) dispense(ctx context.Context, template, name, by string, out io.Writer) (vm.Domain, error) {
+// seconds is d in seconds, to the millisecond.
+func seconds(d time.Duration) float64 { return float64(d.Milliseconds()) / 1000 }
+
+func (d *Dispenser) dispense(ctx context.Context, template, name, by string, out io.Writer, stages *[]audit.Stage) (vm.Domain, error) {
 	if _, _, err := d.Plan(template, name); err != nil {
 		return vm.Domain{}, err
 	}
@@ -128,6 +133,13 @@ func (d *Dispenser) dispense(ctx context.Context, template, name, by string, out
 	}
 	started := time.Now()
 	step := func(format string, args ...any) { fmt.Fprintf(out, format+"\r\n", args...) }
+	// timed runs one stage and notes how long it took, failed or not.
+	timed := func(stage string, fn func() error) error {
+		at := time.Now()
+		err := fn()
+		*stages = append(*stages, audit.Stage{Name: stage, Seconds: seconds(time.Since(at))})
+		return err
+	}
 
 	var undo []func()
 	rollback := func(cause error) (vm.Domain, error) {
@@ -144,8 +156,11 @@ func (d *Dispenser) dispense(ctx context.Context, template, name, by string, out
 		return fn(c)
 	}
 
-	disk, err := d.Hypervisor.CreateOverlay(ctx, t.Hypervisor, t.Pool, name+".qcow2", t.Image, t.DiskSize, t.MinFree)
-	if err != nil {
+	var disk string
+	if err := timed("overlay", func() (err error) {
+		disk, err = d.Hypervisor.CreateOverlay(ctx, t.Hypervisor, t.Pool, name+".qcow2", t.Image, t.DiskSize, t.MinFree)
+		return err
+	}); err != nil {
 		return rollback(err)
 	}
 	undo = append(undo, func() {
@@ -160,8 +175,11 @@ func (d *Dispenser) dispense(ctx context.Context, template, name, by string, out
 		labels[k] = v
 	}
 	labels[LabelBy], labels[LabelAt], labels[LabelTemplate] = by, started.UTC().Format(time.RFC3339), t.Name
-	dom, err := d.Hypervisor.DefineAndStart(ctx, t.Hypervisor, DomainXML(t, name, disk, labels))
-	if err != nil {
+	var dom vm.Domain
+	if err := timed("start", func() (err error) {
+		dom, err = d.Hypervisor.DefineAndStart(ctx, t.Hypervisor, DomainXML(t, name, disk, labels))
+		return err
+	}); err != nil {
 		return rollback(err)
 	}
 	undo = append(undo, func() {
@@ -177,20 +195,32 @@ func (d *Dispenser) dispense(ctx context.Context, template, name, by string, out
 	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	if err := waitFor(wctx, out, "guest agent", func(c context.Context) error { return d.Hypervisor.Ping(c, dom) }); err != nil {
+	if err := timed("agent", func() error {
+		return waitFor(wctx, out, "guest agent", func(c context.Context) error { return d.Hypervisor.Ping(c, dom) })
+	}); err != nil {
 		return rollback(err)
 	}
+	// The VM answers to its own name before anyone logs in, not to its
+	// image's.
+	if err := timed("hostname", func() error { return d.Hypervisor.SetHostname(wctx, dom, name) }); err != nil {
+		return rollback(fmt.Errorf("setting the host name: %w", err))
+	}
+	step("host name %s", name)
 	var addr vm.Address
-	if err := waitFor(wctx, out, "address", func(c context.Context) error {
-		a, err := d.Hypervisor.Address(c, dom)
-		addr = a
-		return err
+	if err := timed("address", func() error {
+		return waitFor(wctx, out, "address", func(c context.Context) error {
+			a, err := d.Hypervisor.Address(c, dom)
+			addr = a
+			return err
+		})
 	}); err != nil {
 		return rollback(err)
 	}
 	step("address %s", addr.IP)
 	for _, login := range t.Logins {
-		if err := waitFor(wctx, out, "trust for "+login, func(c context.Context) error { return d.Trust.Establish(c, dom, login) }); err != nil {
+		if err := timed("trust "+login, func() error {
+			return waitFor(wctx, out, "trust for "+login, func(c context.Context) error { return d.Trust.Establish(c, dom, login) })
+		}); err != nil {
 			return rollback(err)
 		}
 	}

@@ -23,11 +23,12 @@ var update = flag.Bool("update", false, "rewrite golden files")
 // It stands in for libvirt only in these failure-path tests; the real
 // suite dispenses on libvirt.
 type fakeHypervisor struct {
-	mu       sync.Mutex
-	volumes  map[string]bool
-	domains  map[string]vm.Domain
-	fail     map[string]error // by step: overlay, define, ping, address
-	existing map[string]vm.Domain
+	mu        sync.Mutex
+	volumes   map[string]bool
+	domains   map[string]vm.Domain
+	fail      map[string]error // by step: overlay, define, ping, hostname, address
+	existing  map[string]vm.Domain
+	hostnames []string // "domain=name", as set
 }
 
 func newFake() *fakeHypervisor {
@@ -93,6 +94,16 @@ func (f *fakeHypervisor) Ping(context.Context, vm.Domain) error {
 	return f.fail["ping"]
 }
 
+func (f *fakeHypervisor) SetHostname(_ context.Context, d vm.Domain, name string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.fail["hostname"]; err != nil {
+		return err
+	}
+	f.hostnames = append(f.hostnames, d.Name+"="+name)
+	return nil
+}
+
 func (f *fakeHypervisor) Address(context.Context, vm.Domain) (vm.Address, error) {
 	return vm.Address{IP: netip.MustParseAddr("192.0.2.10")}, nil
 }
@@ -115,6 +126,9 @@ func TestDispenseAndDestroy(t *testing.T) {
 	}
 	if dom.Labels[LabelBy] != "alice" || dom.Labels["team"] != "web" || !strings.Contains(out.String(), "ready in") {
 		t.Fatalf("dispensed %+v\n%s", dom, out.String())
+	}
+	if strings.Join(hv.hostnames, " ") != "web3=web3" || !strings.Contains(out.String(), "host name web3\r\n") {
+		t.Fatalf("host names set: %v\n%s", hv.hostnames, out.String())
 	}
 	if _, err := d.Dispense(context.Background(), "debian", "web3", "alice", io.Discard); !errors.Is(err, ErrNameTaken) {
 		t.Fatalf("second dispense of web3: %v", err)
@@ -155,6 +169,7 @@ func TestDispenseFailuresLeaveNothing(t *testing.T) {
 		{"overlay fails (image missing, disk full)", "debian", "web3", "overlay", nil, errDisk},
 		{"define fails", "debian", "web3", "define", nil, errDefine},
 		{"agent never appears", "debian", "web3", "ping", nil, ErrGaveUp},
+		{"host name cannot be set", "debian", "web3", "hostname", nil, errHostname},
 		{"trust fails", "debian", "web3", "", errors.New("nonce mismatch"), ErrGaveUp},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -164,6 +179,8 @@ func TestDispenseFailuresLeaveNothing(t *testing.T) {
 				hv.fail["overlay"] = errDisk
 			case "define":
 				hv.fail["define"] = errDefine
+			case "hostname":
+				hv.fail["hostname"] = errHostname
 			case "ping":
 				hv.fail["ping"] = errors.New("guest agent is not connected")
 			}
@@ -180,8 +197,9 @@ func TestDispenseFailuresLeaveNothing(t *testing.T) {
 }
 
 var (
-	errDisk   = errors.New("not enough free space in the storage pool")
-	errDefine = errors.New("define: XML error")
+	errDisk     = errors.New("not enough free space in the storage pool")
+	errDefine   = errors.New("define: XML error")
+	errHostname = errors.New("guest-file-open: Permission denied")
 )
 
 func TestDomainXMLGolden(t *testing.T) {
@@ -238,6 +256,14 @@ func TestPlanAndAudit(t *testing.T) {
 			// The dispense's duration: what it took the fake.
 			if events[i].Activity == nil || events[i].Seconds < 0 || events[i].Seconds > 60 {
 				t.Errorf("event %d has no duration: %+v", i, events[i].Activity)
+			}
+			// Each stage, in order, the successful dispense's only.
+			var names []string
+			for _, st := range events[i].Stages {
+				names = append(names, st.Name)
+			}
+			if want := map[int]string{0: "overlay start agent hostname address trust root", 1: ""}[i]; strings.Join(names, " ") != want {
+				t.Errorf("event %d stages %v, want %s", i, names, want)
 			}
 			events[i].Activity = nil
 		}
