@@ -223,7 +223,7 @@ func echoThrough(t *testing.T, conn net.Conn) {
 	}
 	go func() {
 		conn.Write(payload)
-		conn.(*net.TCPConn).CloseWrite()
+		conn.(interface{ CloseWrite() error }).CloseWrite()
 	}()
 	conn.SetDeadline(time.Now().Add(30 * time.Second))
 	got, err := io.ReadAll(conn)

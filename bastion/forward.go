@@ -606,7 +606,7 @@ func (l *link) bridge(a ask, limit time.Duration, newCh gossh.NewChannel, other 
 	go gossh.DiscardRequests(fromReqs)
 	var reason atomic.Pointer[string]
 	defer l.track(a, limit, func(msg string) { reason.CompareAndSwap(nil, &msg); from.Close(); to.Close() })()
-	act := audit.Activity{ChannelID: l.front.channelN.Add(1), Kind: newCh.ChannelType(), Host: cut(a.host, 255), Port: a.port}
+	act := audit.Activity{ChannelID: l.front.channelN.Add(1), Kind: newCh.ChannelType(), Host: cut(a.host, 255), Port: a.port, Socket: cut(a.socket, 255)}
 	began := time.Now()
 	start := act
 	ev := l.event().With(audit.ForwardStart, string(a.kind), "", "")

@@ -52,6 +52,7 @@ type link struct {
 
 	mu       sync.Mutex              // protects the fields below
 	forwards map[string]bool         // remote forwards granted to the downstream, "host:port"
+	sockets  map[string]bool         // and unix-socket remote forwards, by path
 	agent    bool                    // the downstream asked for, and was allowed, agent forwarding
 	x11      bool                    // likewise for X11
 	active   map[*activeChannel]bool // channels in use, for revalidation
@@ -226,7 +227,7 @@ func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, err
 		return nil, err
 	}
 	l := &link{srv: s, front: fc, vm: d, login: login, log: log, done: make(chan struct{}), began: time.Now(),
-		forwards: make(map[string]bool), active: make(map[*activeChannel]bool)}
+		forwards: make(map[string]bool), sockets: make(map[string]bool), active: make(map[*activeChannel]bool)}
 	l.ended, l.endedNow = context.WithCancel(context.Background())
 	dialed := time.Now()
 	err = l.dial(ctx, target)
@@ -488,10 +489,47 @@ func (l *link) channel(newCh gossh.NewChannel) {
 			return
 		}
 		l.bridge(a, d.MaxTime, newCh, l.up)
+	case "direct-streamlocal@openssh.com":
+		// -L to a unix socket on the VM: VS Code's socket mode.
+		var dest directStreamlocal
+		if err := gossh.Unmarshal(newCh.ExtraData(), &dest); err != nil {
+			newCh.Reject(gossh.ConnectionFailed, "bastion: malformed direct-streamlocal request")
+			return
+		}
+		a := ask{kind: policy.LocalForward, socket: dest.SocketPath}
+		d := l.allow(a)
+		if !d.Allow {
+			newCh.Reject(gossh.Prohibited, l.denial(policy.LocalForward))
+			return
+		}
+		l.bridge(a, d.MaxTime, newCh, l.up)
 	default:
 		newCh.Reject(gossh.UnknownChannelType, "bastion: unsupported channel type "+newCh.ChannelType())
 	}
 }
+
+// directStreamlocal is the payload of a direct-streamlocal@openssh.com
+// channel (OpenSSH's PROTOCOL, 2.4).
+type directStreamlocal struct {
+	SocketPath string
+	Reserved   string
+	Reserved2  uint32
+}
+
+// streamlocalForward is the payload of streamlocal-forward@openssh.com and
+// its cancel, and the start of a forwarded-streamlocal@openssh.com
+// channel's.
+type streamlocalForward struct {
+	SocketPath string
+	Rest       []byte `ssh:"rest"`
+}
+
+// maxRemoteForwards caps the remote forwards (ports and sockets) one
+// connection may hold: each is a listener on the VM.
+const maxRemoteForwards = 64
+
+// forwardsHeld counts the remote forwards granted; l.mu held.
+func (l *link) forwardsHeld() int { return len(l.forwards) + len(l.sockets) }
 
 // tcpipForward is the payload of tcpip-forward and cancel-tcpip-forward.
 type tcpipForward struct {
@@ -509,6 +547,13 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 			return false, nil
 		}
 		if !l.allow(ask{kind: policy.RemoteForward, host: f.Host, port: f.Port}).Allow {
+			return false, nil
+		}
+		l.mu.Lock()
+		full := l.forwardsHeld() >= maxRemoteForwards
+		l.mu.Unlock()
+		if full {
+			l.log.Info("refused a remote forward: too many", "max", maxRemoteForwards)
 			return false, nil
 		}
 		// Granted before it is asked for upstream: the VM's sshd may open a
@@ -548,6 +593,50 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		l.mu.Lock()
 		granted := l.forwards[key]
 		delete(l.forwards, key)
+		l.mu.Unlock()
+		if !granted {
+			return false, nil
+		}
+		ok, reply, err := l.srv.sendRequest(l.up, req.Type, true, req.Payload)
+		return err == nil && ok, reply
+	case "streamlocal-forward@openssh.com":
+		// -R with a unix socket on the VM.
+		var f streamlocalForward
+		if gossh.Unmarshal(req.Payload, &f) != nil {
+			return false, nil
+		}
+		if !l.allow(ask{kind: policy.RemoteForward, socket: f.SocketPath}).Allow {
+			return false, nil
+		}
+		l.mu.Lock()
+		if l.forwardsHeld() >= maxRemoteForwards {
+			l.mu.Unlock()
+			l.log.Info("refused a remote forward: too many", "max", maxRemoteForwards)
+			return false, nil
+		}
+		// Granted before it is asked for, as for ports; withdrawn if the VM
+		// refuses, unless it was granted already.
+		had := l.sockets[f.SocketPath]
+		l.sockets[f.SocketPath] = true
+		l.mu.Unlock()
+		ok, reply, err := l.srv.sendRequest(l.up, req.Type, true, req.Payload)
+		if err != nil || !ok {
+			if !had {
+				l.mu.Lock()
+				delete(l.sockets, f.SocketPath)
+				l.mu.Unlock()
+			}
+			return false, nil
+		}
+		return true, reply
+	case "cancel-streamlocal-forward@openssh.com":
+		var f streamlocalForward
+		if gossh.Unmarshal(req.Payload, &f) != nil {
+			return false, nil
+		}
+		l.mu.Lock()
+		granted := l.sockets[f.SocketPath]
+		delete(l.sockets, f.SocketPath)
 		l.mu.Unlock()
 		if !granted {
 			return false, nil
@@ -604,6 +693,14 @@ func (l *link) upstreamChannel(newCh gossh.NewChannel) {
 			wanted = l.forwards[net.JoinHostPort(p.Host, fmt.Sprint(p.Port))] || l.forwards[net.JoinHostPort(p.Host, "0")]
 			l.mu.Unlock()
 		}
+	case "forwarded-streamlocal@openssh.com":
+		var p streamlocalForward
+		if gossh.Unmarshal(newCh.ExtraData(), &p) == nil {
+			a.socket = p.SocketPath
+			l.mu.Lock()
+			wanted = l.sockets[p.SocketPath]
+			l.mu.Unlock()
+		}
 	case "auth-agent@openssh.com":
 		l.mu.Lock()
 		wanted = l.agent
@@ -632,8 +729,23 @@ func (l *link) upstreamChannel(newCh gossh.NewChannel) {
 func (l *link) revalidateGrants() {
 	l.mu.Lock()
 	forwards := slices.Collect(maps.Keys(l.forwards))
+	sockets := slices.Collect(maps.Keys(l.sockets))
 	agent, x11 := l.agent, l.x11
 	l.mu.Unlock()
+	for _, path := range sockets {
+		d := l.decide(ask{kind: policy.RemoteForward, socket: path})
+		if d.Allow {
+			continue
+		}
+		l.mu.Lock()
+		delete(l.sockets, path)
+		l.mu.Unlock()
+		l.log.Info("remote forward cancelled by a policy change", "socket", path, "reason", d.Reason)
+		ev := l.event().With(audit.Ended, string(policy.RemoteForward), d.Rule, "policy change: "+d.Reason)
+		ev.Detail = path
+		l.srv.audit(ev)
+		l.srv.sendRequest(l.up, "cancel-streamlocal-forward@openssh.com", true, gossh.Marshal(streamlocalForward{SocketPath: path}))
+	}
 	for _, f := range forwards {
 		host, portText, _ := net.SplitHostPort(f)
 		port, _ := strconv.ParseUint(portText, 10, 32)
@@ -673,7 +785,7 @@ func (l *link) revalidateGrants() {
 // channelKind is the policy kind of a channel the VM opens.
 func channelKind(newCh gossh.NewChannel) policy.Channel {
 	switch newCh.ChannelType() {
-	case "forwarded-tcpip":
+	case "forwarded-tcpip", "forwarded-streamlocal@openssh.com":
 		return policy.RemoteForward
 	case "x11":
 		return policy.X11

@@ -501,6 +501,9 @@ func (s *Server) init() {
 		ChannelHandlers: map[string]ssh.ChannelHandler{
 			"session":      s.frontChannel,
 			"direct-tcpip": s.frontChannel,
+			// A unix-socket -L; only a login@vm connection has somewhere to
+			// take it.
+			"direct-streamlocal@openssh.com": s.frontChannel,
 		},
 		RequestHandlers: map[string]ssh.RequestHandler{
 			"default": s.frontRequest,
@@ -789,8 +792,10 @@ func (s *Server) frontChannel(_ *ssh.Server, conn *gossh.ServerConn, newCh gossh
 	switch newCh.ChannelType() {
 	case "direct-tcpip":
 		s.jump(fc, newCh)
-	default:
+	case "session":
 		s.menu(fc, newCh)
+	default:
+		newCh.Reject(gossh.Prohibited, "bastion: "+newCh.ChannelType()+" needs a VM: forward through ssh -J or login@vm@bastion")
 	}
 }
 
@@ -820,7 +825,9 @@ func (s *Server) frontRequest(ctx ssh.Context, _ *ssh.Server, req *gossh.Request
 	if conn == nil || !strings.Contains(conn.User(), "@") {
 		return false, nil
 	}
-	if req.Type != "tcpip-forward" && req.Type != "cancel-tcpip-forward" {
+	switch req.Type {
+	case "tcpip-forward", "cancel-tcpip-forward", "streamlocal-forward@openssh.com", "cancel-streamlocal-forward@openssh.com":
+	default:
 		return false, nil
 	}
 	l, err := s.frontLink(s.state(ctx, conn), conn)
@@ -889,6 +896,7 @@ type ask struct {
 	command string // exec and scp
 	host    string // forwards
 	port    uint32
+	socket  string // forwards to and from a unix socket on the VM
 }
 
 // detail is the ask's particulars, for logs and audit events.
@@ -896,6 +904,8 @@ func (a ask) detail() string {
 	switch {
 	case a.command != "":
 		return a.command
+	case a.socket != "":
+		return a.socket
 	case a.host != "" || a.port != 0:
 		return net.JoinHostPort(a.host, fmt.Sprint(a.port))
 	}
@@ -912,7 +922,7 @@ func (s *Server) decide(fc *frontConn, d vm.Domain, login string, a ask) policy.
 	account := fc.who()
 	return s.Policy.Decide(policy.Request{
 		Account: account.Name, Groups: account.Groups, Source: sourceAddr(fc.source), VM: d, Login: login,
-		Channel: a.kind, Command: a.command, Host: a.host, Port: a.port, Time: time.Now(),
+		Channel: a.kind, Command: a.command, Host: a.host, Port: a.port, Socket: a.socket, Time: time.Now(),
 	})
 }
 

@@ -256,3 +256,103 @@ func TestForwardPortPastRangeRefused(t *testing.T) {
 		}
 	}
 }
+
+func socketTo(ch Channel, path string) Request {
+	r := forwardTo(ch, "")
+	r.Port, r.Socket = 0, path
+	return r
+}
+
+// TestSocketForwards: forward_sockets globs allow unix-socket forwards
+// (VS Code's socket mode, -L/-R with a path) and nothing else does; a path
+// in any but its plain form is refused whatever the rules say.
+func TestSocketForwards(t *testing.T) {
+	p := forwardPolicy(t, allowAnyForward+`
+[[rule]]
+name = "vscode"
+groups = ["dev"]
+vms = ["web*"]
+logins = ["dev"]
+channels = ["local-forward", "remote-forward"]
+forward_sockets = ["/run/user/*/vscode-*.sock", "/tmp/dev.sock"]
+`)
+	for _, tc := range []struct {
+		ch    Channel
+		path  string
+		allow bool
+		rule  string
+	}{
+		{LocalForward, "/run/user/0/vscode-ab12.sock", true, "vscode"},
+		{RemoteForward, "/tmp/dev.sock", true, "vscode"},
+		{LocalForward, "/run/user/0/sub/vscode-ab12.sock", false, ""}, // * stays within a component
+		{LocalForward, "/var/run/docker.sock", false, ""},             // "*" in forward_hosts is about TCP
+		{LocalForward, "/run/user/0/../../../var/run/docker.sock", false, ""},
+		{LocalForward, "/tmp//dev.sock", false, ""},
+		{LocalForward, "tmp/dev.sock", false, ""},
+		{LocalForward, "/tmp/dev.sock\n", false, ""},
+		{LocalForward, "/" + strings.Repeat("a", 120), false, ""},
+	} {
+		d := p.Decide(socketTo(tc.ch, tc.path))
+		if d.Allow != tc.allow || (tc.allow && d.Rule != tc.rule) {
+			t.Errorf("%s to %q: %+v", tc.ch, tc.path, d)
+		}
+	}
+	if d := p.Decide(socketTo(LocalForward, "/tmp/../etc/x.sock")); !strings.Contains(d.Reason, ErrBadSocket.Error()) {
+		t.Errorf("a path with ..: %+v", d)
+	}
+
+	// A rule with only forward_sockets allows no TCP forward, not even to
+	// the loopback that a rule without forward_hosts would.
+	p = forwardPolicy(t, `
+[[rule]]
+name = "sockets-only"
+groups = ["dev"]
+vms = ["web*"]
+logins = ["dev"]
+channels = ["local-forward"]
+forward_sockets = ["/tmp/*"]
+`)
+	if d := p.Decide(forwardTo(LocalForward, "127.0.0.1")); d.Allow {
+		t.Errorf("a TCP forward under a sockets-only rule: %+v", d)
+	}
+
+	// Deny rules: one naming no forward target denies sockets too; one
+	// naming forward_hosts is about TCP; one naming forward_sockets only
+	// those sockets.
+	for _, tc := range []struct {
+		deny  string
+		path  string
+		allow bool
+	}{
+		{"", "/tmp/dev.sock", false},
+		{`forward_hosts = ["10.0.0.0/8"]`, "/tmp/dev.sock", true},
+		{`forward_sockets = ["/tmp/dev.sock"]`, "/tmp/dev.sock", false},
+		{`forward_sockets = ["/tmp/dev.sock"]`, "/tmp/other.sock", true},
+	} {
+		p := forwardPolicy(t, `
+[[rule]]
+name = "sockets"
+groups = ["dev"]
+vms = ["web*"]
+logins = ["dev"]
+channels = ["local-forward"]
+forward_sockets = ["/tmp/*"]
+
+[[rule]]
+name = "no"
+effect = "deny"
+channels = ["local-forward"]
+`+tc.deny+"\n")
+		if d := p.Decide(socketTo(LocalForward, tc.path)); d.Allow != tc.allow {
+			t.Errorf("deny rule {%s}, %q: %+v", tc.deny, tc.path, d)
+		}
+	}
+	if _, err := Parse("p.toml", []byte("[[rule]]\nname = \"r\"\ngroups = [\"g\"]\nvms = [\"*\"]\nlogins = [\"x\"]\nforward_sockets = [\"tmp/*\"]\n"), true); err == nil ||
+		!strings.Contains(err.Error(), "forward_sockets: \"tmp/*\" is not an absolute path glob") {
+		t.Errorf("a relative glob: %v", err)
+	}
+	if _, err := Parse("p.toml", []byte("[[rule]]\nname = \"r\"\ngroups = [\"g\"]\nvms = [\"*\"]\nlogins = [\"x\"]\nforward_sockets = [\"/tmp/[a\"]\n"), true); err == nil ||
+		!strings.Contains(err.Error(), "syntax error in pattern") {
+		t.Errorf("a bad glob: %v", err)
+	}
+}

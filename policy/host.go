@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"path"
 	"strconv"
 	"strings"
 )
@@ -385,10 +386,17 @@ type target struct {
 	host   Host
 	err    error // the host did not canonicalise
 	remote bool  // a bind address (remote forward), not a destination
+	socket bool  // a unix socket (streamlocal): path is what it names
+	path   string
 }
 
 func newTarget(r Request) target {
 	t := target{remote: r.Channel == RemoteForward}
+	if r.Socket != "" {
+		t.socket = true
+		t.path, t.err = CanonicalSocket(r.Socket)
+		return t
+	}
 	if t.remote {
 		t.host, t.err = CanonicalBind(r.Host)
 	} else {
@@ -531,6 +539,62 @@ func (t target) deniedBy(entries []string) bool {
 					return true
 				}
 			}
+		}
+	}
+	return false
+}
+
+// ErrBadSocket refuses a forward to or from a unix socket path that is not
+// absolute and plain, whatever the rules say.
+var ErrBadSocket = errors.New("invalid forward socket")
+
+// maxSocketPath is the longest path a unix socket address holds on Linux
+// (sun_path is 108 bytes with its terminating NUL).
+const maxSocketPath = 107
+
+// CanonicalSocket checks a unix socket path from a streamlocal request: an
+// absolute path in its plain form (as path.Clean leaves it: no "..", "."
+// or doubled slashes, which a glob could be sidestepped with), of printable
+// bytes, short enough for a socket address.
+func CanonicalSocket(p string) (string, error) {
+	bad := func(why string) (string, error) {
+		return "", fmt.Errorf("%w %q: %s", ErrBadSocket, p, why)
+	}
+	switch {
+	case p == "":
+		return bad("empty")
+	case len(p) > maxSocketPath:
+		return bad(fmt.Sprintf("%d bytes, longer than a unix socket path can be (%d)", len(p), maxSocketPath))
+	case !strings.HasPrefix(p, "/"):
+		return bad("not an absolute path")
+	}
+	for i := 0; i < len(p); i++ {
+		if p[i] < 0x20 || p[i] == 0x7f {
+			return bad(fmt.Sprintf("control byte %#x at %d", p[i], i))
+		}
+	}
+	if c := path.Clean(p); c != p {
+		return bad(fmt.Sprintf("not in its plain form %q", c))
+	}
+	return p, nil
+}
+
+// checkSocketGlob checks a forward_sockets entry: an absolute path glob.
+func checkSocketGlob(g string) error {
+	if !strings.HasPrefix(g, "/") {
+		return fmt.Errorf("%q is not an absolute path glob such as \"/run/user/*/vscode-*.sock\"", g)
+	}
+	if _, err := path.Match(g, "/"); err != nil {
+		return fmt.Errorf("%q: %v", g, err)
+	}
+	return nil
+}
+
+// socketIn reports whether the target's socket path matches one of globs.
+func (t target) socketIn(globs []string) bool {
+	for _, g := range globs {
+		if ok, err := path.Match(g, t.path); ok && err == nil {
+			return true
 		}
 	}
 	return false

@@ -18,24 +18,25 @@ import (
 
 // ruleTOML is one [[rule]] as written.
 type ruleTOML struct {
-	Name         string            `toml:"name"`
-	Effect       string            `toml:"effect"`
-	Accounts     []string          `toml:"accounts"`
-	Groups       []string          `toml:"groups"`
-	VMs          []string          `toml:"vms"`
-	UUIDs        []string          `toml:"uuids"`
-	Hypervisors  []string          `toml:"hypervisors"`
-	Labels       map[string]string `toml:"labels"`
-	Logins       []string          `toml:"logins"`
-	Channels     []string          `toml:"channels"`
-	Commands     []string          `toml:"commands"`
-	ForwardHosts []string          `toml:"forward_hosts"`
-	ForwardPorts []string          `toml:"forward_ports"`
-	Sources      []string          `toml:"sources"`
-	Time         *windowTOML       `toml:"time"`
-	MaxSession   string            `toml:"max_session"`
-	Record       string            `toml:"record"`
-	RecordExec   bool              `toml:"record_exec"`
+	Name           string            `toml:"name"`
+	Effect         string            `toml:"effect"`
+	Accounts       []string          `toml:"accounts"`
+	Groups         []string          `toml:"groups"`
+	VMs            []string          `toml:"vms"`
+	UUIDs          []string          `toml:"uuids"`
+	Hypervisors    []string          `toml:"hypervisors"`
+	Labels         map[string]string `toml:"labels"`
+	Logins         []string          `toml:"logins"`
+	Channels       []string          `toml:"channels"`
+	Commands       []string          `toml:"commands"`
+	ForwardHosts   []string          `toml:"forward_hosts"`
+	ForwardPorts   []string          `toml:"forward_ports"`
+	ForwardSockets []string          `toml:"forward_sockets"`
+	Sources        []string          `toml:"sources"`
+	Time           *windowTOML       `toml:"time"`
+	MaxSession     string            `toml:"max_session"`
+	Record         string            `toml:"record"`
+	RecordExec     bool              `toml:"record_exec"`
 }
 
 type windowTOML struct {
@@ -138,6 +139,12 @@ func (rt *ruleTOML) compile(i int) (Rule, error) {
 			return fail("forward_hosts: %v", err)
 		}
 	}
+	for _, g := range rt.ForwardSockets {
+		if err := checkSocketGlob(g); err != nil {
+			return fail("forward_sockets: %v", err)
+		}
+	}
+	r.ForwardSockets = rt.ForwardSockets
 	for _, s := range rt.ForwardPorts {
 		pr, err := parsePortRange(s)
 		if err != nil {
@@ -279,6 +286,10 @@ func (p *Policy) Explain(r Request) string {
 	if r.Channel == LocalForward || r.Channel == RemoteForward {
 		t := newTarget(r)
 		switch {
+		case t.socket && t.err != nil:
+			fmt.Fprintf(&b, "socket: %v; refused whatever the rules say\n", t.err)
+		case t.socket:
+			fmt.Fprintf(&b, "socket: %s (a unix socket on the VM)\n", t.path)
 		case t.err != nil:
 			fmt.Fprintf(&b, "host:   %v; refused whatever the rules say\n", t.err)
 		case t.host.All:

@@ -62,6 +62,7 @@ type Request struct {
 	Command string // for exec and scp; Decide classifies it itself (CommandKind)
 	Host    string // for forwards: the destination (local) or bind address (remote), as the client sent it
 	Port    uint32
+	Socket  string // for a forward to or from a unix socket on the VM (streamlocal): its path; Host and Port are then unused
 	Time    time.Time
 }
 
@@ -108,6 +109,11 @@ type Rule struct {
 
 	ForwardHosts []string    // forward destinations (-L, -D) or bind addresses (-R): addresses, CIDR prefixes, "localhost", "*" or name globs; empty means the VM's loopback
 	ForwardPorts []PortRange // empty means any port
+	// ForwardSockets are path globs (path.Match: * stays within a
+	// component) for forwards to and from unix sockets on the VM. An allow
+	// rule without them allows no socket; a rule with them and no
+	// ForwardHosts is about sockets only, and the reverse (see docs).
+	ForwardSockets []string
 
 	Sources []netip.Prefix // client address ranges
 	Window  *Window        // when the rule applies
@@ -320,7 +326,13 @@ func (rule *Rule) matchesChannel(r Request, t target) bool {
 			return false
 		}
 	case LocalForward, RemoteForward:
+		if t.socket {
+			return rule.matchesSocket(t)
+		}
 		hosts := rule.ForwardHosts
+		if len(hosts) == 0 && len(rule.ForwardSockets) > 0 {
+			return false // a rule about sockets only
+		}
 		switch {
 		case rule.Effect == Deny:
 			if len(hosts) > 0 && !t.deniedBy(hosts) {
@@ -340,6 +352,25 @@ func (rule *Rule) matchesChannel(r Request, t target) bool {
 		}
 	}
 	return true
+}
+
+// matchesSocket reports whether the rule takes in a forward to or from a
+// unix socket. An allow rule needs a forward_sockets glob that matches. A
+// deny rule matches every socket when it names neither forward_sockets nor
+// forward_hosts and forward_ports (those make it about TCP), and a path
+// that did not canonicalise whatever it names.
+func (rule *Rule) matchesSocket(t target) bool {
+	if rule.Effect != Deny {
+		return t.err == nil && t.socketIn(rule.ForwardSockets)
+	}
+	switch {
+	case t.err != nil:
+		return true
+	case len(rule.ForwardSockets) > 0:
+		return t.socketIn(rule.ForwardSockets)
+	default:
+		return len(rule.ForwardHosts) == 0 && len(rule.ForwardPorts) == 0
+	}
 }
 
 // matchesCommand reports whether the rule's commands patterns, if any,

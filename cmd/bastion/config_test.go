@@ -16,7 +16,7 @@ func TestExampleConfigIsValid(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Server.Listen != "127.0.0.1:2222" || len(c.Accounts) != 2 || len(c.policy.Rules) != 3 {
+	if c.Server.Listen != "127.0.0.1:2222" || len(c.Accounts) != 2 || len(c.policy.Rules) != 4 {
 		t.Fatalf("example decoded to %+v", c)
 	}
 	if c.Server.LoginGraceTime.Duration != 120*time.Second || c.Server.MaxStartups.String() != "10:30:100" || c.Server.PerSourceMaxStartups != 10 {

@@ -136,6 +136,9 @@ func TestPolicyTestGolden(t *testing.T) {
 		{"--account", "bob", "--vm", "db1", "--login", "root", "--channel", "sftp", "--time", "2026-11-29T12:00:00Z"},
 		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "scp", "--command", "scp -f /etc/hostname"},
 		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "scp", "--command", "scp -f /etc/hostname; id"},
+		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "local-forward", "--socket", "/run/user/1000/vscode-ipc-1a7a.sock"},
+		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "local-forward", "--socket", "/run/user/1000/../../../var/run/docker.sock"},
+		{"--account", "alice", "--vm", "web1", "--login", "dev", "--channel", "local-forward", "--socket", "/var/run/docker.sock"},
 	} {
 		fmt.Fprintf(&out, "$ bastion policy test %s\n", strings.Join(args, " "))
 		if err := run(append([]string{"policy", "test", "--config", "../../bastion.toml.example"}, args...), &out, &out); err != nil {
@@ -193,12 +196,12 @@ func TestReloadKeepsPolicyOnError(t *testing.T) {
 	os.WriteFile(path, []byte(good+"\n[[rule]]\nname = \"extra\"\neffect = \"deny\"\nlogins = [\"nobody\"]\n"), 0o600)
 	cmd.Process.Signal(syscall.SIGHUP)
 	waitLog(`configuration reloaded: accounts and policy`)
-	if !strings.Contains(logs.String(), "rules=4") {
+	if !strings.Contains(logs.String(), "rules=5") {
 		t.Fatalf("the reload did not take the new rule:\n%s", logs.String())
 	}
 	// A change to the file is enough, without a signal.
 	os.WriteFile(path, []byte(good+"\n[[rule]]\nname = \"e1\"\neffect = \"deny\"\nlogins = [\"a\"]\n[[rule]]\nname = \"e2\"\neffect = \"deny\"\nlogins = [\"b\"]\n"), 0o600)
-	waitLog(`why="file changed" rules=5`)
+	waitLog(`why="file changed" rules=6`)
 }
 
 type lockedLog struct {

@@ -71,9 +71,9 @@ func isConfiguration(data []byte) bool {
 
 // policyQuery is `bastion policy test`'s request.
 type policyQuery struct {
-	account, vm, login, channel, command, host, source, when, uuid, hypervisor string
-	port                                                                       uint
-	labels                                                                     labelFlags
+	account, vm, login, channel, command, host, socket, source, when, uuid, hypervisor string
+	port                                                                               uint
+	labels                                                                             labelFlags
 }
 
 func (q *policyQuery) flags(fs *flag.FlagSet) {
@@ -84,6 +84,7 @@ func (q *policyQuery) flags(fs *flag.FlagSet) {
 	fs.StringVar(&q.command, "command", "", "command, for exec and scp (which of the two it is, the policy decides from the command)")
 	fs.StringVar(&q.host, "host", "localhost", "forward destination (local-forward) or bind address (remote-forward)")
 	fs.UintVar(&q.port, "port", 0, "forward port")
+	fs.StringVar(&q.socket, "socket", "", "a unix socket path on the VM, for a forward to or from a socket instead of --host and --port")
 	fs.StringVar(&q.source, "source", "127.0.0.1", "client address")
 	fs.StringVar(&q.when, "time", "", "when, as RFC 3339 (default now)")
 	fs.StringVar(&q.uuid, "uuid", "", "the VM's UUID")
@@ -126,7 +127,7 @@ func (q *policyQuery) run(configPath string, out io.Writer) error {
 	r := policy.Request{
 		Account: q.account, Groups: groups, Source: source, Login: q.login, Channel: ch,
 		VM:      vm.Domain{Name: q.vm, UUID: q.uuid, URI: q.hypervisor, Labels: q.labels.m},
-		Command: q.command, Host: q.host, Port: uint32(q.port), Time: at,
+		Command: q.command, Host: q.host, Port: uint32(q.port), Socket: q.socket, Time: at,
 	}
 	fmt.Fprint(out, c.policy.Explain(r))
 	return nil
