@@ -82,7 +82,7 @@ type HostCertifier interface {
 
 // DefaultEnvAllow is the environment a client may pass to a VM when the
 // server sets no allow-list of its own.
-var DefaultEnvAllow = []string{"LANG", "LC_*", "LANGUAGE", "TZ", "COLORTERM", "TERM_PROGRAM", "TERM_PROGRAM_VERSION"}
+var DefaultEnvAllow = []string{"LANG", "LC_*", "LANGUAGE", "TZ", "COLORTERM", "TERM_PROGRAM", "TERM_PROGRAM_VERSION", "GIT_PROTOCOL"}
 
 // Server is the bastion's SSH front door. Set its fields before Serve; the
 // zero value of each optional field is documented beside it.

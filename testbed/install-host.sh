@@ -9,7 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 PACKAGES=(
   libvirt-daemon-system libvirt-dev qemu-system-x86 qemu-utils qemu-guest-agent
-  asciinema debootstrap dnsmasq-base haproxy openssh-client openssh-server pkg-config prometheus rsync
+  ansible-core asciinema debootstrap dnsmasq-base git haproxy openssh-client openssh-server pkg-config prometheus rsync
   e2fsprogs util-linux coreutils iptables
 )
 

@@ -34,6 +34,7 @@ type SSHD struct {
 	HostKey gossh.PublicKey // its ed25519 host key
 	Login   string          // the user it lets in: the one running the tests
 	Dir     string          // its configuration and keys
+	Home    string          // $HOME of its sessions (under Dir)
 	Log     string          // the file sshd's standard error goes to
 
 	cmd     *exec.Cmd
@@ -88,7 +89,7 @@ type SSHDOptions struct {
 // settings: forwarding, the environment the tests send, and sftp.
 const TestConfig = `AllowTcpForwarding yes
 AllowAgentForwarding yes
-AcceptEnv LANG LC_* BASTION_TEST_*
+AcceptEnv LANG LC_* BASTION_TEST_* GIT_PROTOCOL
 Subsystem sftp /usr/lib/openssh/sftp-server
 `
 
@@ -253,7 +254,7 @@ LogLevel ERROR
 		if err != nil {
 			return nil, err
 		}
-		s.Addr, s.HostKey, s.Login, s.Dir = addr, signer.PublicKey(), u.Username, dir
+		s.Addr, s.HostKey, s.Login, s.Dir, s.Home = addr, signer.PublicKey(), u.Username, dir, home
 		exited := make(chan error, 1)
 		go func() {
 			<-s.done

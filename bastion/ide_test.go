@@ -1,0 +1,358 @@
+package bastion_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/bastionvm/bastion/internal/testenv"
+)
+
+// The flows IDEs and automation run over SSH, each through both of the
+// bastion's modes, with the real clients where they exist here (OpenSSH,
+// Debian's ansible-core and git) and, for what an IDE's own SSH library
+// does, OpenSSH driven the same way.
+
+// modes are the two ways to name the VM: ssh -J and login@vm@bastion.
+// Each gives the ssh arguments before the command and the target for
+// tools that take a host.
+func (f *fixture) modes() []struct {
+	name string
+	args []string
+} {
+	return []struct {
+		name string
+		args []string
+	}{
+		{"jump", []string{"-J", "bastion", f.login + "@web1"}},
+		{"login@vm", []string{f.login + "@web1@bastion"}},
+	}
+}
+
+// socksConnect opens a SOCKS5 CONNECT to target (IPv4 host:port) through
+// the -D listener at socks.
+func socksConnect(t *testing.T, socks, target string) net.Conn {
+	t.Helper()
+	c := dial(t, socks)
+	host, portText, _ := net.SplitHostPort(target)
+	var port uint16
+	fmt.Sscan(portText, &port)
+	req := append([]byte{5, 1, 0, 5, 1, 0, 1}, net.ParseIP(host).To4()...)
+	c.Write(binary.BigEndian.AppendUint16(req, port))
+	reply := make([]byte, 2+10)
+	if _, err := io.ReadFull(c, reply); err != nil || reply[0] != 5 || reply[1] != 0 || reply[3] != 0 {
+		t.Fatalf("socks handshake: %v %v", reply, err)
+	}
+	return c
+}
+
+// TestVSCodeFlow is what VS Code Remote-SSH does: bash with no terminal
+// and its install script on stdin, reporting a port; then a -D connection
+// with many channels at once to that loopback port on the VM; and a second
+// connection within a second of the first to the same VM.
+func TestVSCodeFlow(t *testing.T) {
+	f := newFixture(t)
+	server := startEcho(t) // the "VS Code server", on the VM's loopback
+	_, port, _ := net.SplitHostPort(server.addr)
+	script := "set -e\necho \"uname==$(uname -s)==\"\ntest ! -t 0 && echo no-tty\necho listeningOn==" + port + "==\nexit 0\n"
+	for _, mode := range f.modes() {
+		t.Run(mode.name, func(t *testing.T) {
+			res := f.ssh([]byte(script), append(append([]string{"-T", "-o", "ConnectTimeout=15"}, mode.args...), "bash")...)
+			out := string(res.Stdout)
+			if res.Exit != 0 || !strings.Contains(out, "uname==Linux==") || !strings.Contains(out, "no-tty") || !strings.Contains(out, "listeningOn=="+port+"==") {
+				t.Fatalf("bash with the script on stdin: %v %q", res, out)
+			}
+			socks := testenv.FreeAddr(t)
+			f.background(append([]string{"-N", "-T", "-o", "ExitOnForwardFailure=yes", "-D", socks}, mode.args...)...)
+			testenv.WaitListening(t, socks)
+			// The second connection, at once: the same VM, a command.
+			if res := f.ssh(nil, append(mode.args, "echo second")...); res.Exit != 0 || string(res.Stdout) != "second\n" {
+				t.Fatalf("a second connection: %v %q", res, res.Stdout)
+			}
+			before := server.count()
+			var wg sync.WaitGroup
+			for range 24 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					echoThrough(t, socksConnect(t, socks, server.addr))
+				}()
+			}
+			wg.Wait()
+			if got := server.count() - before; got != 24 {
+				t.Fatalf("the server saw %d connections through -D, want 24", got)
+			}
+		})
+	}
+}
+
+// TestJetBrainsFlow is what JetBrains Gateway does on one connection: a
+// burst of thirty short execs, an sftp upload of a 50 MB binary that is
+// then made executable and run, and a local forward held with keepalives
+// (ten minutes in the full suite, BASTION_VMTEST=1; half a minute in the
+// inner loop).
+func TestJetBrainsFlow(t *testing.T) {
+	f := newFixture(t)
+	hold := 30 * time.Second
+	if os.Getenv("BASTION_VMTEST") == "1" {
+		hold = 10 * time.Minute
+	}
+	dir := t.TempDir()
+	// A "binary": a script that exits before the 50 MB that follow it.
+	bin := filepath.Join(dir, "backend")
+	payload := make([]byte, 50<<20)
+	rand.Read(payload)
+	data := append([]byte("#!/bin/sh\necho \"backend $1\"\nexit 0\n"), payload...)
+	if err := os.WriteFile(bin, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sum := fmt.Sprintf("%x", sha256.Sum256(data))
+	echo := startEcho(t)
+	for _, mode := range f.modes() {
+		t.Run(mode.name, func(t *testing.T) {
+			master := f.master(t, mode.args)
+			var wg sync.WaitGroup
+			errs := make(chan string, 30)
+			sem := make(chan struct{}, 8) // under the VM sshd's MaxSessions
+			for i := range 30 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					sem <- struct{}{}
+					defer func() { <-sem }()
+					// A fresh slice each: goroutines appending to master's would share it.
+					res := f.ssh(nil, slices.Concat(master, []string{fmt.Sprintf("echo exec-%d; exit %d", i, i%3)})...)
+					if res.Exit != i%3 || string(res.Stdout) != fmt.Sprintf("exec-%d\n", i) {
+						errs <- fmt.Sprintf("exec %d: %v %q", i, res, res.Stdout)
+					}
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for e := range errs {
+				t.Error(e)
+			}
+
+			remote := filepath.Join(f.vm.Home, "backend-"+mode.name)
+			batch := "put " + bin + " " + remote + "\nchmod 755 " + remote + "\n"
+			if res := f.client.Run([]byte(batch), "sftp", append([]string{"-b", "-", "-o", "ControlPath=" + master[1]}, sftpTarget(mode.args)...)...); res.Exit != 0 {
+				t.Fatalf("sftp upload: %v", res)
+			}
+			res := f.ssh(nil, slices.Concat(master, []string{remote + " started && sha256sum " + remote})...)
+			if res.Exit != 0 || string(res.Stdout) != "backend started\n"+sum+"  "+remote+"\n" {
+				t.Fatalf("running the upload: %v %q", res, res.Stdout)
+			}
+		})
+	}
+	t.Run("held forward", func(t *testing.T) {
+		t.Parallel()
+		local := testenv.FreeAddr(t)
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		cmd := f.client.Command(ctx, "ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=2",
+			"-L", local+":"+echo.addr, "-J", "bastion", f.login+"@web1")
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
+		testenv.WaitListening(t, local)
+		echoThrough(t, dial(t, local))
+		// One connection open across the hold, as an IDE's would be.
+		open := dial(t, local)
+		select {
+		case err := <-exited:
+			t.Fatalf("the forward ended during the hold: %v\n%s", err, stderr.String())
+		case <-time.After(hold):
+		}
+		echoThrough(t, open)
+		echoThrough(t, dial(t, local))
+	})
+}
+
+// master starts an OpenSSH ControlMaster to the VM in mode and returns the
+// ssh arguments that open sessions on it (ControlPath first).
+func (f *fixture) master(t *testing.T, mode []string) []string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "cm")
+	f.background(append([]string{"-N", "-o", "ControlMaster=yes", "-o", "ControlPath=" + sock}, mode...)...)
+	waitFor(t, func() bool { _, err := os.Stat(sock); return err == nil }, func() string { return "the master never listened" })
+	return append([]string{"-S", sock, "-o", "ControlMaster=no"}, mode...)
+}
+
+// sftpTarget turns ssh's mode arguments into sftp's: the jump host and the
+// destination stay; sftp wants them the same way.
+func sftpTarget(mode []string) []string { return mode }
+
+// TestAnsibleFlow runs Debian's ansible-core against the VM as its
+// defaults do: a ControlMaster connection with ControlPersist, -tt for
+// modules, sftp -b - transfers, and, set to scp, the scp fallback; ten
+// hosts that are the one VM, with ten forks, make ten session channels on
+// the one connection at once.
+func TestAnsibleFlow(t *testing.T) {
+	ansible := testenv.Need(t, "ansible")
+	f := newFixture(t)
+	for _, mode := range f.modes() {
+		t.Run(mode.name, func(t *testing.T) {
+			dir := t.TempDir()
+			var inv strings.Builder
+			inv.WriteString("[vms]\n")
+			for i := range 10 {
+				if mode.name == "jump" {
+					fmt.Fprintf(&inv, "vm%d ansible_host=web1 ansible_user=%s\n", i, f.login)
+				} else {
+					fmt.Fprintf(&inv, "vm%d ansible_host=bastion ansible_user=%s@web1\n", i, f.login)
+				}
+			}
+			write := func(name, text string) string {
+				p := filepath.Join(dir, name)
+				if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				return p
+			}
+			jump := ""
+			if mode.name == "jump" {
+				jump = " -J bastion"
+			}
+			control := filepath.Join(dir, "cp")
+			os.Mkdir(control, 0o700)
+			cfg := write("ansible.cfg", fmt.Sprintf(`[defaults]
+inventory = %s
+host_key_checking = False
+interpreter_python = /usr/bin/python3
+remote_tmp = %s/.ansible-remote
+local_tmp = %s/local
+forks = 10
+[ssh_connection]
+ssh_args = -F %s%s -o ControlMaster=auto -o ControlPersist=60s
+control_path_dir = %s
+control_path = %s/%%%%C
+`, write("hosts", inv.String()), f.vm.Home, dir, f.client.Config, jump, control, control))
+			file := write("payload", "from ansible "+mode.name+"\n")
+			run := func(args ...string) string {
+				t.Helper()
+				cmd := exec.Command(ansible, args...)
+				cmd.Env = append(os.Environ(), "ANSIBLE_CONFIG="+cfg, "ANSIBLE_HOME="+filepath.Join(dir, "home"), "ANSIBLE_NOCOLOR=1")
+				out, err := cmd.CombinedOutput()
+				if err != nil {
+					t.Fatalf("ansible %s: %v\n%s", strings.Join(args, " "), err, out)
+				}
+				return string(out)
+			}
+			out := run("vms", "-m", "ping")
+			if strings.Count(out, "SUCCESS") != 10 || !strings.Contains(out, `"ping": "pong"`) {
+				t.Fatalf("ansible -m ping:\n%s", out)
+			}
+			// Ten at once on one connection: each sleeps, so they overlap.
+			out = run("vms", "-m", "shell", "-a", "sleep 1; tty || true")
+			if strings.Count(out, "CHANGED") != 10 || !strings.Contains(out, "/dev/pts/") {
+				t.Fatalf("ansible shell with -tt, ten at once:\n%s", out)
+			}
+			for _, method := range []string{"sftp", "scp"} {
+				dest := filepath.Join(f.vm.Home, "copied-"+mode.name+"-"+method)
+				args := []string{"vm0", "-m", "copy", "-a", "src=" + file + " dest=" + dest, "-e", "ansible_ssh_transfer_method=" + method}
+				if method == "scp" {
+					args = append(args, "-e", "ansible_scp_extra_args=-O")
+				}
+				if out := run(args...); !strings.Contains(out, "CHANGED") {
+					t.Fatalf("ansible copy over %s:\n%s", method, out)
+				}
+				if got, _ := os.ReadFile(dest); string(got) != "from ansible "+mode.name+"\n" {
+					t.Fatalf("copied over %s: %q", method, got)
+				}
+			}
+			sockets, _ := os.ReadDir(control)
+			if len(sockets) != 1 {
+				t.Fatalf("%d ControlPersist sockets, want the one connection", len(sockets))
+			}
+			exec.Command("ssh", "-F", f.client.Config, "-o", "ControlPath="+filepath.Join(control, sockets[0].Name()), "-O", "exit", "web1").Run()
+		})
+	}
+}
+
+// TestGitFlow clones from and pushes to a repository on the VM with git
+// over SSH, protocol v2 through GIT_PROTOCOL, exact exit codes included.
+func TestGitFlow(t *testing.T) {
+	git := testenv.Need(t, "git")
+	f := newFixture(t)
+	repo := filepath.Join(f.vm.Home, "repo.git")
+	gitIn := func(dir string, env []string, args ...string) (string, int) {
+		t.Helper()
+		cmd := exec.Command(git, args...)
+		cmd.Dir = dir
+		cmd.Env = append(append(os.Environ(), "GIT_CONFIG_NOSYSTEM=1", "HOME="+dir, "GIT_AUTHOR_NAME=a", "GIT_AUTHOR_EMAIL=a@example.com",
+			"GIT_COMMITTER_NAME=a", "GIT_COMMITTER_EMAIL=a@example.com"), env...)
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if e, ok := err.(*exec.ExitError); ok {
+			code = e.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return string(out), code
+	}
+	if out, code := gitIn(t.TempDir(), nil, "init", "-q", "--bare", "-b", "main", repo); code != 0 {
+		t.Fatalf("git init: %s", out)
+	}
+	for _, mode := range f.modes() {
+		t.Run(mode.name, func(t *testing.T) {
+			ssh := "ssh -F " + f.client.Config
+			url := "ssh://" + f.login + "@web1" + repo
+			if mode.name == "jump" {
+				ssh += " -J bastion"
+			} else {
+				url = "ssh://" + f.login + "@web1@bastion" + repo
+			}
+			env := []string{"GIT_SSH_COMMAND=" + ssh, "GIT_SSH_VARIANT=ssh", "GIT_TRACE_PACKET=1"}
+			work := t.TempDir()
+			out, code := gitIn(work, env, "clone", "-q", url, "w")
+			if code != 0 {
+				t.Fatalf("git clone: exit %d\n%s", code, out)
+			}
+			if !strings.Contains(out, "clone< version 2") {
+				t.Fatalf("the clone did not speak protocol v2 (GIT_PROTOCOL did not reach the VM):\n%s", out)
+			}
+			w := filepath.Join(work, "w")
+			os.WriteFile(filepath.Join(w, mode.name), []byte(mode.name+"\n"), 0o644)
+			gitIn(w, nil, "add", ".")
+			if out, code := gitIn(w, nil, "commit", "-q", "-m", mode.name); code != 0 {
+				t.Fatalf("git commit: %s", out)
+			}
+			if out, code := gitIn(w, env, "pull", "-q", "--rebase", "origin", "main"); code != 0 && !strings.Contains(out, "couldn't find remote ref") {
+				t.Fatalf("git pull: exit %d\n%s", code, out)
+			}
+			if out, code := gitIn(w, env, "push", "-q", "origin", "HEAD:main"); code != 0 {
+				t.Fatalf("git push: exit %d\n%s", code, out)
+			}
+			// Rejected: a push that is not a fast-forward exits 1.
+			gitIn(w, nil, "commit", "-q", "--amend", "-m", "rewritten")
+			if out, code := gitIn(w, env, "push", "-q", "origin", "HEAD:main"); code != 1 || !strings.Contains(out, "rejected") {
+				t.Fatalf("a non-fast-forward push: exit %d, want 1\n%s", code, out)
+			}
+			// A repository that is not there: git's 128.
+			if out, code := gitIn(work, env, "clone", "-q", strings.TrimSuffix(url, "repo.git")+"nosuch.git", "x"); code != 128 {
+				t.Fatalf("a clone of nothing: exit %d, want 128\n%s", code, out)
+			}
+		})
+	}
+	out, _ := gitIn(t.TempDir(), nil, "--git-dir", repo, "log", "--format=%s", "main")
+	if out != "login@vm\njump\n" {
+		t.Fatalf("the repository's history: %q", out)
+	}
+}
