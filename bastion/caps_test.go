@@ -90,3 +90,33 @@ func TestLinksBeingSetUpPerAccountCapped(t *testing.T) {
 		t.Fatalf("%d through, %d told to try again; want 2 and 1", ok, busy)
 	}
 }
+
+// TestRemoteForwardsCapped: a connection holds at most 64 remote forwards
+// (ports and sockets together); one closed gives its place back.
+func TestRemoteForwardsCapped(t *testing.T) {
+	f := newFixture(t)
+	c := f.goClient(f.login + "@web1")
+	var held []io.Closer
+	for i := range 64 {
+		ln, err := c.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("remote forward %d: %v", i+1, err)
+		}
+		held = append(held, ln)
+	}
+	if ln, err := c.Listen("tcp", "127.0.0.1:0"); err == nil {
+		ln.Close()
+		t.Fatal("a 65th remote forward was granted")
+	}
+	held[0].Close()
+	waitFor(t, func() bool {
+		ln, err := c.Listen("tcp", "127.0.0.1:0")
+		if err == nil {
+			held[0] = ln
+		}
+		return err == nil
+	}, func() string { return "a cancelled forward did not give back its place" })
+	for _, ln := range held {
+		ln.Close()
+	}
+}

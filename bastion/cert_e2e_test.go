@@ -77,6 +77,25 @@ func (b *certBed) sign(ca string, args ...string) {
 	b.keygen(append(append([]string{"-q", "-s", ca}, args...), b.client.Key+".pub")...)
 }
 
+// krl is the KRL ssh-keygen -k makes of spec (lines such as "serial: 9")
+// under the CA ca.
+func (b *certBed) krl(spec string) *keys.KRL {
+	b.t.Helper()
+	if err := os.WriteFile(filepath.Join(b.dir, "spec"), []byte(spec+"\n"), 0o600); err != nil {
+		b.t.Fatal(err)
+	}
+	b.keygen("-q", "-k", "-f", "krl", "-s", "ca.pub", "spec")
+	data, err := os.ReadFile(filepath.Join(b.dir, "krl"))
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	krl, err := keys.ParseKRL(data)
+	if err != nil {
+		b.t.Fatal(err)
+	}
+	return krl
+}
+
 // refusedWith expects the login to fail and the audit to name why.
 func (b *certBed) refusedWith(t *testing.T, reason string) {
 	t.Helper()
@@ -139,14 +158,7 @@ func TestUserCertificates(t *testing.T) {
 	})
 	t.Run("revoked", func(t *testing.T) {
 		b.sign(filepath.Join(b.dir, "ca"), "-I", "alice@sso", "-n", "alice", "-V", "-1m:+5m", "-z", "77")
-		os.WriteFile(filepath.Join(b.dir, "spec"), []byte("serial: 70-80\n"), 0o600)
-		b.keygen("-q", "-k", "-f", "krl", "-s", "ca.pub", "spec")
-		data, _ := os.ReadFile(filepath.Join(b.dir, "krl"))
-		krl, err := keys.ParseKRL(data)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b.trust(nil, krl)
+		b.trust(nil, b.krl("serial: 70-80"))
 		defer b.trust(nil, nil)
 		b.refusedWith(t, `certificate "alice@sso": certificate serial 77 is revoked`)
 	})
@@ -212,14 +224,7 @@ func TestReloadEndsCertificateSessions(t *testing.T) {
 	s := b.startSession(t, "-J", "bastion", b.login+"@web1", "echo started; sleep 60")
 	b.trust(nil, nil)
 	b.srv.Revalidate()
-	os.WriteFile(filepath.Join(b.dir, "spec"), []byte("serial: 9\n"), 0o600)
-	b.keygen("-q", "-k", "-f", "krl", "-s", "ca.pub", "spec")
-	data, _ := os.ReadFile(filepath.Join(b.dir, "krl"))
-	krl, err := keys.ParseKRL(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	b.trust(nil, krl)
+	b.trust(nil, b.krl("serial: 9"))
 	b.srv.Revalidate()
 	if code := s.ended(t); code != 255 || !strings.Contains(s.stderr.String(), "bastion: access ended: the certificate it logged in with: ") ||
 		!strings.Contains(s.stderr.String(), "revoked") {

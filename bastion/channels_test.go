@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -259,19 +258,7 @@ func TestDynamicForward(t *testing.T) {
 	socks := testenv.FreeAddr(t)
 	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-D", socks, f.login+"@web1")
 	testenv.WaitListening(t, socks)
-	c := dial(t, socks)
-	// SOCKS5: no authentication, CONNECT to the echo server by IPv4.
-	host, portStr, _ := net.SplitHostPort(echo.addr)
-	var port uint16
-	fmt.Sscan(portStr, &port)
-	req := append([]byte{5, 1, 0, 5, 1, 0, 1}, net.ParseIP(host).To4()...)
-	req = binary.BigEndian.AppendUint16(req, port)
-	c.Write(req)
-	reply := make([]byte, 2+10)
-	if _, err := io.ReadFull(c, reply); err != nil || reply[0] != 5 || reply[1] != 0 || reply[3] != 0 {
-		t.Fatalf("socks handshake: %v %v", reply, err)
-	}
-	echoThrough(t, c)
+	echoThrough(t, socksConnect(t, socks, echo.addr))
 }
 
 func TestRemoteForward(t *testing.T) {

@@ -241,6 +241,11 @@ func startEcho(t *testing.T) *echoServer {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return serveEcho(t, ln)
+}
+
+// serveEcho echoes on ln (TCP or a unix socket) until the test ends.
+func serveEcho(t *testing.T, ln net.Listener) *echoServer {
 	e := &echoServer{addr: ln.Addr().String()}
 	t.Cleanup(func() { ln.Close() })
 	go func() {
@@ -255,7 +260,7 @@ func startEcho(t *testing.T) *echoServer {
 			go func() {
 				defer c.Close()
 				io.Copy(c, c)
-				c.(*net.TCPConn).CloseWrite()
+				c.(interface{ CloseWrite() error }).CloseWrite()
 			}()
 		}
 	}()

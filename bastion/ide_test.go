@@ -148,7 +148,7 @@ func TestJetBrainsFlow(t *testing.T) {
 
 			remote := filepath.Join(f.vm.Home, "backend-"+mode.name)
 			batch := "put " + bin + " " + remote + "\nchmod 755 " + remote + "\n"
-			if res := f.client.Run([]byte(batch), "sftp", append([]string{"-b", "-", "-o", "ControlPath=" + master[1]}, sftpTarget(mode.args)...)...); res.Exit != 0 {
+			if res := f.client.Run([]byte(batch), "sftp", append([]string{"-b", "-", "-o", "ControlPath=" + master[1]}, mode.args...)...); res.Exit != 0 {
 				t.Fatalf("sftp upload: %v", res)
 			}
 			res := f.ssh(nil, slices.Concat(master, []string{remote + " started && sha256sum " + remote})...)
@@ -194,10 +194,6 @@ func (f *fixture) master(t *testing.T, mode []string) []string {
 	waitFor(t, func() bool { _, err := os.Stat(sock); return err == nil }, func() string { return "the master never listened" })
 	return append([]string{"-S", sock, "-o", "ControlMaster=no"}, mode...)
 }
-
-// sftpTarget turns ssh's mode arguments into sftp's: the jump host and the
-// destination stay; sftp wants them the same way.
-func sftpTarget(mode []string) []string { return mode }
 
 // TestAnsibleFlow runs Debian's ansible-core against the VM as its
 // defaults do: a ControlMaster connection with ControlPersist, -tt for

@@ -199,6 +199,12 @@ type bucket struct {
 	last   time.Time
 }
 
+// fill brings b up to now: a token each refill, at most capacity.
+func (b *bucket) fill(now time.Time, capacity float64, refill time.Duration) {
+	b.tokens = min(capacity, b.tokens+float64(now.Sub(b.last))/float64(refill))
+	b.last = now
+}
+
 func newFailureLimiter(burst int, refill time.Duration) *failureLimiter {
 	return &failureLimiter{burst: float64(burst), refill: refill, maxSources: 10000, now: time.Now,
 		buckets: make(map[netip.Prefix]*bucket)}
@@ -243,8 +249,7 @@ func (l *failureLimiter) take(src netip.Prefix) *bucket {
 		}
 		return b
 	}
-	b.tokens = min(l.burst, b.tokens+float64(now.Sub(b.last))/float64(l.refill))
-	b.last = now
+	b.fill(now, l.burst, l.refill)
 	return b
 }
 

@@ -528,8 +528,35 @@ type streamlocalForward struct {
 // connection may hold: each is a listener on the VM.
 const maxRemoteForwards = 64
 
-// forwardsHeld counts the remote forwards granted; l.mu held.
-func (l *link) forwardsHeld() int { return len(l.forwards) + len(l.sockets) }
+// grantForward marks key granted in m (l.forwards or l.sockets), unless
+// the connection holds maxRemoteForwards already and key is not one of
+// them. had says whether it was granted before.
+func (l *link) grantForward(m map[string]bool, key string) (had, granted bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if had = m[key]; !had && len(l.forwards)+len(l.sockets) >= maxRemoteForwards {
+		l.log.Info("refused a remote forward: too many", "max", maxRemoteForwards)
+		return false, false
+	}
+	m[key] = true
+	return had, true
+}
+
+// withdraw ends the remote forward key of m, which the policy (decision d)
+// no longer allows: audited, and cancelled on the VM with cancel (if not
+// nil) so that its sshd stops listening.
+func (l *link) withdraw(m map[string]bool, key string, d policy.Decision, cancel func()) {
+	l.mu.Lock()
+	delete(m, key)
+	l.mu.Unlock()
+	l.log.Info("remote forward cancelled by a policy change", "forward", key, "reason", d.Reason)
+	ev := l.event().With(audit.Ended, string(policy.RemoteForward), d.Rule, "policy change: "+d.Reason)
+	ev.Detail = key
+	l.srv.audit(ev)
+	if cancel != nil {
+		cancel()
+	}
+}
 
 // tcpipForward is the payload of tcpip-forward and cancel-tcpip-forward.
 type tcpipForward struct {
@@ -549,20 +576,14 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if !l.allow(ask{kind: policy.RemoteForward, host: f.Host, port: f.Port}).Allow {
 			return false, nil
 		}
-		l.mu.Lock()
-		full := l.forwardsHeld() >= maxRemoteForwards
-		l.mu.Unlock()
-		if full {
-			l.log.Info("refused a remote forward: too many", "max", maxRemoteForwards)
-			return false, nil
-		}
 		// Granted before it is asked for upstream: the VM's sshd may open a
 		// forwarded-tcpip channel the moment it binds, before its answer
 		// arrives here. A port of 0 stands for the port the VM will choose.
 		requested := net.JoinHostPort(f.Host, fmt.Sprint(f.Port))
-		l.mu.Lock()
-		l.forwards[requested] = true
-		l.mu.Unlock()
+		had, granted := l.grantForward(l.forwards, requested)
+		if !granted {
+			return false, nil
+		}
 		ok, reply, err := l.srv.sendRequest(l.up, req.Type, true, req.Payload)
 		port := f.Port
 		if err == nil && ok && port == 0 {
@@ -573,7 +594,9 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 			port = bound.Port
 		}
 		l.mu.Lock()
-		if f.Port == 0 || err != nil || !ok {
+		// A refused request for a forward held already (asked twice)
+		// leaves that one in place.
+		if f.Port == 0 || (!had && (err != nil || !ok)) {
 			delete(l.forwards, requested)
 		}
 		if err == nil && ok {
@@ -608,17 +631,12 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if !l.allow(ask{kind: policy.RemoteForward, socket: f.SocketPath}).Allow {
 			return false, nil
 		}
-		l.mu.Lock()
-		if l.forwardsHeld() >= maxRemoteForwards {
-			l.mu.Unlock()
-			l.log.Info("refused a remote forward: too many", "max", maxRemoteForwards)
-			return false, nil
-		}
 		// Granted before it is asked for, as for ports; withdrawn if the VM
 		// refuses, unless it was granted already.
-		had := l.sockets[f.SocketPath]
-		l.sockets[f.SocketPath] = true
-		l.mu.Unlock()
+		had, granted := l.grantForward(l.sockets, f.SocketPath)
+		if !granted {
+			return false, nil
+		}
 		ok, reply, err := l.srv.sendRequest(l.up, req.Type, true, req.Payload)
 		if err != nil || !ok {
 			if !had {
@@ -733,37 +751,26 @@ func (l *link) revalidateGrants() {
 	agent, x11 := l.agent, l.x11
 	l.mu.Unlock()
 	for _, path := range sockets {
-		d := l.decide(ask{kind: policy.RemoteForward, socket: path})
-		if d.Allow {
-			continue
+		if d := l.decide(ask{kind: policy.RemoteForward, socket: path}); !d.Allow {
+			l.withdraw(l.sockets, path, d, func() {
+				l.srv.sendRequest(l.up, "cancel-streamlocal-forward@openssh.com", true, gossh.Marshal(streamlocalForward{SocketPath: path}))
+			})
 		}
-		l.mu.Lock()
-		delete(l.sockets, path)
-		l.mu.Unlock()
-		l.log.Info("remote forward cancelled by a policy change", "socket", path, "reason", d.Reason)
-		ev := l.event().With(audit.Ended, string(policy.RemoteForward), d.Rule, "policy change: "+d.Reason)
-		ev.Detail = path
-		l.srv.audit(ev)
-		l.srv.sendRequest(l.up, "cancel-streamlocal-forward@openssh.com", true, gossh.Marshal(streamlocalForward{SocketPath: path}))
 	}
 	for _, f := range forwards {
 		host, portText, _ := net.SplitHostPort(f)
 		port, _ := strconv.ParseUint(portText, 10, 32)
-		a := ask{kind: policy.RemoteForward, host: host, port: uint32(port)}
-		d := l.decide(a)
+		d := l.decide(ask{kind: policy.RemoteForward, host: host, port: uint32(port)})
 		if d.Allow {
 			continue
 		}
-		l.mu.Lock()
-		delete(l.forwards, f)
-		l.mu.Unlock()
-		l.log.Info("remote forward cancelled by a policy change", "forward", f, "reason", d.Reason)
-		ev := l.event().With(audit.Ended, string(policy.RemoteForward), d.Rule, "policy change: "+d.Reason)
-		ev.Detail = f
-		l.srv.audit(ev)
+		var cancel func()
 		if port != 0 {
-			l.srv.sendRequest(l.up, "cancel-tcpip-forward", true, gossh.Marshal(tcpipForward{Host: host, Port: uint32(port)}))
+			cancel = func() {
+				l.srv.sendRequest(l.up, "cancel-tcpip-forward", true, gossh.Marshal(tcpipForward{Host: host, Port: uint32(port)}))
+			}
 		}
+		l.withdraw(l.forwards, f, d, cancel)
 	}
 	for _, g := range []struct {
 		kind policy.Channel

@@ -145,8 +145,8 @@ type Server struct {
 	startups *startups
 	stopOnce sync.Once
 	stopped  chan struct{} // closed by Shutdown and Close
-	refusals everySecond   // paces the log lines of refused connections
-	failures everySecond   // and those of refused keys
+	refusals logPacer      // paces the log lines of refused connections
+	failures logPacer      // and those of refused keys
 
 	certMu sync.Mutex // protects certs
 	certs  map[string]cachedCert

@@ -215,36 +215,33 @@ func (c *counter) take(max int) bool {
 // give counts one fewer.
 func (c *counter) give() { c.n.Add(-1) }
 
-// everySecond lets a repeated log line through about perSecond times a
-// second, after a burst of up to burst, and says how many were held back
-// meanwhile: a flood of refused connections must not become a flood of
-// log lines, yet people trying keys and certificates are all on record.
-type everySecond struct {
+// logPacer lets a repeated log line through about logPerSecond times a
+// second, after a burst of up to logBurst, and says how many were held
+// back meanwhile: a flood of refused connections must not become a flood
+// of log lines, yet people trying keys and certificates are all on record.
+type logPacer struct {
 	mu      sync.Mutex
-	last    time.Time
-	tokens  float64
+	b       bucket // unused until the first line: then full
 	skipped int
 }
 
 const (
-	perSecond = 10
-	burst     = 50
+	logPerSecond = 10
+	logBurst     = 50
 )
 
 // allow reports whether to log now, and how many lines were skipped since
 // the last one.
-func (e *everySecond) allow() (ok bool, skipped int) {
+func (e *logPacer) allow() (ok bool, skipped int) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	now := time.Now()
-	if e.last.IsZero() {
-		e.tokens = burst
+	if now := time.Now(); e.b.last.IsZero() {
+		e.b = bucket{tokens: logBurst, last: now}
 	} else {
-		e.tokens = min(burst, e.tokens+now.Sub(e.last).Seconds()*perSecond)
+		e.b.fill(now, logBurst, time.Second/logPerSecond)
 	}
-	e.last = now
-	if e.tokens >= 1 {
-		e.tokens--
+	if e.b.tokens >= 1 {
+		e.b.tokens--
 		skipped, e.skipped = e.skipped, 0
 		return true, skipped
 	}

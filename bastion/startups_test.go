@@ -176,18 +176,18 @@ func TestStartupsSourceAtItsCapWaitsItsTurn(t *testing.T) {
 	}
 }
 
-// TestLogPacing lets a burst through, then about perSecond a second, and
+// TestLogPacing lets a burst through, then about logPerSecond a second, and
 // counts what it held back.
 func TestLogPacing(t *testing.T) {
-	var e everySecond
+	var e logPacer
 	let := 0
 	for range 1000 {
 		if ok, _ := e.allow(); ok {
 			let++
 		}
 	}
-	if let < burst || let > burst+perSecond {
-		t.Fatalf("%d of 1000 at once let through, want the burst of %d", let, burst)
+	if let < logBurst || let > logBurst+logPerSecond {
+		t.Fatalf("%d of 1000 at once let through, want the burst of %d", let, logBurst)
 	}
 	time.Sleep(300 * time.Millisecond)
 	ok, skipped := e.allow()

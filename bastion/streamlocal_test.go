@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -21,20 +22,7 @@ func startUnixEcho(t *testing.T, path string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				io.Copy(c, c)
-				c.(*net.UnixConn).CloseWrite()
-			}()
-		}
-	}()
+	serveEcho(t, ln)
 }
 
 // dialUnix waits for a unix socket to accept and returns the connection.
@@ -124,6 +112,21 @@ func TestSocketForwards(t *testing.T) {
 		kinds["forwarded-streamlocal@openssh.com "+filepath.Join(dir, "login@vm-r.sock")] != 1 {
 		t.Fatalf("forward_start events with a socket: %v", kinds)
 	}
+
+	// A reload that takes forward_sockets away cancels the -R sockets on
+	// the VM: its sshd stops listening there.
+	remote := filepath.Join(dir, "J-r.sock")
+	f.rules(f.devRule())
+	waitFor(t, func() bool {
+		ended := slices.ContainsFunc(f.audit.all(), func(e audit.Event) bool { return e.Type == audit.Ended && e.Detail == remote })
+		c, err := net.DialTimeout("unix", remote, time.Second)
+		if err == nil {
+			c.Close()
+		}
+		return ended && err != nil
+	}, func() string {
+		return "the -R socket still listens after the reload: " + strings.Join(f.audit.reasons(), "; ")
+	})
 }
 
 // TestSocketForwardNeedsARule: without forward_sockets, the default rule
@@ -140,6 +143,9 @@ func TestSocketForwardNeedsARule(t *testing.T) {
 	c.Write([]byte("hello"))
 	if got, _ := io.ReadAll(c); len(got) != 0 {
 		t.Fatalf("a socket forward under a rule without forward_sockets answered %q", got)
+	}
+	if _, ok := f.audit.find(audit.Denied, "no rule allows it"); !ok {
+		t.Fatalf("no denied event for the socket: %q", f.audit.reasons())
 	}
 	res := f.ssh(nil, "-o", "ExitOnForwardFailure=yes", "-R", filepath.Join(dir, "r.sock")+":"+testenv.FreeAddr(t), "-J", "bastion", f.login+"@web1", "true")
 	if res.Exit == 0 {

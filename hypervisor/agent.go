@@ -378,8 +378,12 @@ func (p *Pool) SetHostname(ctx context.Context, d vm.Domain, name string) error 
 		return fmt.Errorf("/etc/hostname: %w", err)
 	}
 	hosts, err := p.ReadFile(ctx, d, "/etc/hosts")
-	if err != nil {
+	switch {
+	case err != nil && strings.Contains(err.Error(), "No such file or directory"):
 		hosts = []byte("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+	case err != nil:
+		// Never write a stand-in over a file that could not be read.
+		return fmt.Errorf("/etc/hosts: %w", err)
 	}
 	if err := p.WriteFile(ctx, d, "/etc/hosts", HostsWith(hosts, name)); err != nil {
 		return fmt.Errorf("/etc/hosts: %w", err)

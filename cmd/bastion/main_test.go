@@ -413,7 +413,16 @@ func TestOpsListener(t *testing.T) {
 	if _, err := raw.Read(make([]byte, 64)); err != nil {
 		t.Fatalf("no banner: %v", err)
 	}
-	_, body := get(ops, "/metrics")
+	// The failed reload is logged before it is counted: wait for the count.
+	var body string
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if _, body = get(ops, "/metrics"); metric(body, `bastion_reloads_total{result="failed"}`) == "1" || time.Now().After(deadline) {
+			break
+		}
+	}
+	// Two seconds on, the file watcher has not tried the broken file again.
+	time.Sleep(2500 * time.Millisecond)
+	_, body = get(ops, "/metrics")
 	for series, want := range map[string]string{
 		`bastion_connections_unauthenticated`:             "1",
 		`bastion_authentications_total{result="failure"}`: "1",

@@ -109,6 +109,9 @@ func changed(a, b map[string]time.Time) bool {
 }
 
 func (r *reloader) reload(why string) {
+	// What is read now is what the next tick compares with: a file that
+	// failed after SIGHUP is not tried again until it changes.
+	r.seen = r.stamps()
 	c, err := LoadConfig(r.path)
 	if err != nil {
 		r.log.Error("reload failed; the running configuration stays", "why", why, "err", err)
