@@ -279,18 +279,26 @@ func call[T any](ctx context.Context, fn func() (T, error)) (T, error) {
 }
 
 // Reachable reports nil if every configured hypervisor answers, or which
-// do not.
+// do not and why.
 func (p *Pool) Reachable(ctx context.Context) error {
-	var down []string
+	var down []error
 	for _, uri := range p.uris {
-		if _, err := call(ctx, func() (*libvirt.Connect, error) { return p.conn(uri) }); err != nil {
-			down = append(down, uri)
+		if err := p.Dial(ctx, uri); err != nil {
+			down = append(down, err)
 		}
 	}
-	if len(down) > 0 {
-		return fmt.Errorf("%w: %s", ErrUnavailable, strings.Join(down, ", "))
+	return errors.Join(down...)
+}
+
+// Dial reports nil if the hypervisor at uri, one of the pool's, answers;
+// otherwise an error wrapping ErrUnavailable or ErrTimeout with libvirt's
+// own words.
+func (p *Pool) Dial(ctx context.Context, uri string) error {
+	_, err := call(ctx, func() (*libvirt.Connect, error) { return p.conn(uri) })
+	if errors.Is(err, ErrTimeout) {
+		return fmt.Errorf("%w: %s: %w", ErrUnavailable, uri, err)
 	}
-	return nil
+	return err
 }
 
 var uuidPattern = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)

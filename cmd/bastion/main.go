@@ -122,7 +122,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if fs.NArg() > 0 && !((cmd == "policy check" || cmd == "sessions play") && fs.NArg() == 1) {
+	if fs.NArg() > 0 && !((cmd == "policy check" || cmd == "sessions play") && fs.NArg() == 1) && cmd != "doctor" {
 		return fmt.Errorf("%s: unexpected argument %q", cmd, fs.Arg(fs.NArg()-1))
 	}
 	configPath, q, sq := f.config, &f.q, f.sq
@@ -133,6 +133,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return q.run(*configPath, stdout)
 	case "serve":
 		return serve(*configPath, stderr, stdout)
+	case "doctor":
+		return doctor(*configPath, fs.Args(), stdout)
 	case "keys known-hosts":
 		c, err := LoadConfig(*configPath)
 		if err != nil {
