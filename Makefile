@@ -2,12 +2,18 @@
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 
-.PHONY: all build deps test test-quick test-vm bench bench-go soak demo demo-stop fuzz clean
+.PHONY: all build deps install test test-quick test-vm bench bench-go soak demo demo-stop fuzz clean
 
 all: build
 
 build:
 	$(GO) build -o bin/bastion ./cmd/bastion
+
+# The binary in $(PREFIX)/bin (/usr/local), /etc/bastion/bastion.toml from the
+# example if there is none, /var/lib/bastion, the systemd unit and bash
+# completion; a system user bastion in the libvirt group. DESTDIR stages.
+install: build
+	scripts/install.sh bin/bastion
 
 # Host packages (OpenSSH, rsync, libvirt, QEMU, ...) and a running libvirtd.
 deps:

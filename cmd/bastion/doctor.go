@@ -260,7 +260,7 @@ func (c *checkup) fleet(cfg *Config, names []string) {
 	domains, _ := pool.List(ctx)
 	for _, uri := range uris {
 		if err := pool.Dial(ctx, uri); err != nil {
-			c.fail("hypervisor "+uri, err.Error(), hypervisorFix(uri))
+			c.fail("hypervisor "+uri, err.Error(), hypervisorFix(uri, err))
 			continue
 		}
 		n := 0
@@ -345,8 +345,15 @@ func trustSummary(d vm.Domain, records []trust.Record) string {
 	return "verified for " + strings.Join(held, ", ")
 }
 
-func hypervisorFix(uri string) string {
-	if strings.Contains(uri, "+ssh://") {
+// hypervisorFix is the advice for a hypervisor at uri that did not answer
+// with err.
+func hypervisorFix(uri string, err error) string {
+	switch msg := err.Error(); {
+	case strings.Contains(msg, "system bus") || strings.Contains(msg, "polkit") || strings.Contains(msg, "authentication failed"):
+		return "libvirtd asks polkit whether this user may manage VMs: add the user to the libvirt group where polkit runs, or, with no polkit, set unix_sock_group = \"libvirt\", unix_sock_rw_perms = \"0770\" and auth_unix_rw = \"none\" in /etc/libvirt/libvirtd.conf and restart libvirtd"
+	case strings.Contains(msg, "Permission denied"):
+		return "this user may not use libvirt's socket: add it to the libvirt group (usermod -a -G libvirt USER) and start the bastion again"
+	case strings.Contains(uri, "+ssh://"):
 		return "the user the bastion runs as must reach that host with ssh and no prompt (its key in ~/.ssh, the host in known_hosts) and may use libvirt there; try `virsh -c '" + uri + "' list`"
 	}
 	return "is libvirtd running? (`systemctl start libvirtd`, or `libvirtd -d`); try `virsh -c '" + uri + "' list`"
