@@ -6,7 +6,6 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -211,45 +210,13 @@ func waitFor(t *testing.T, cond func() bool, msg func() string) {
 	}
 }
 
-// echoThrough connects to addr (through dial, if not nil) and checks
-// that a payload comes back whole after a half-close.
-func echoThrough(t *testing.T, conn net.Conn) {
-	t.Helper()
-	defer conn.Close()
-	payload := make([]byte, 1<<20)
-	for i := range payload {
-		payload[i] = byte(i * 7)
-	}
-	go func() {
-		conn.Write(payload)
-		conn.(interface{ CloseWrite() error }).CloseWrite()
-	}()
-	conn.SetDeadline(time.Now().Add(30 * time.Second))
-	got, err := io.ReadAll(conn)
-	if err != nil {
-		t.Fatalf("read echo: %v", err)
-	}
-	if sha256.Sum256(got) != sha256.Sum256(payload) {
-		t.Fatalf("echo: got %d bytes, want the %d sent", len(got), len(payload))
-	}
-}
-
-func dial(t *testing.T, addr string) net.Conn {
-	t.Helper()
-	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
 func TestLocalForward(t *testing.T) {
 	f := newFixture(t)
 	echo := startEcho(t)
 	local := testenv.FreeAddr(t)
 	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-L", local+":"+echo.addr, f.login+"@web1")
 	testenv.WaitListening(t, local)
-	echoThrough(t, dial(t, local))
+	testenv.EchoThrough(t, testenv.Dial(t, local))
 }
 
 func TestDynamicForward(t *testing.T) {
@@ -258,7 +225,7 @@ func TestDynamicForward(t *testing.T) {
 	socks := testenv.FreeAddr(t)
 	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-D", socks, f.login+"@web1")
 	testenv.WaitListening(t, socks)
-	echoThrough(t, socksConnect(t, socks, echo.addr))
+	testenv.EchoThrough(t, testenv.SOCKSConnect(t, socks, echo.addr))
 }
 
 func TestRemoteForward(t *testing.T) {
@@ -267,7 +234,7 @@ func TestRemoteForward(t *testing.T) {
 	remote := testenv.FreeAddr(t) // bound by the VM's sshd, which here shares the host's loopback
 	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-R", remote+":"+echo.addr, f.login+"@web1")
 	testenv.WaitListening(t, remote)
-	echoThrough(t, dial(t, remote))
+	testenv.EchoThrough(t, testenv.Dial(t, remote))
 	if echo.count() < 1 {
 		t.Fatal("the echo server behind the client saw no connection")
 	}

@@ -5,9 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/binary"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -42,23 +40,6 @@ func (f *fixture) modes() []struct {
 	}
 }
 
-// socksConnect opens a SOCKS5 CONNECT to target (IPv4 host:port) through
-// the -D listener at socks.
-func socksConnect(t *testing.T, socks, target string) net.Conn {
-	t.Helper()
-	c := dial(t, socks)
-	host, portText, _ := net.SplitHostPort(target)
-	var port uint16
-	fmt.Sscan(portText, &port)
-	req := append([]byte{5, 1, 0, 5, 1, 0, 1}, net.ParseIP(host).To4()...)
-	c.Write(binary.BigEndian.AppendUint16(req, port))
-	reply := make([]byte, 2+10)
-	if _, err := io.ReadFull(c, reply); err != nil || reply[0] != 5 || reply[1] != 0 || reply[3] != 0 {
-		t.Fatalf("socks handshake: %v %v", reply, err)
-	}
-	return c
-}
-
 // TestVSCodeFlow is what VS Code Remote-SSH does: bash with no terminal
 // and its install script on stdin, reporting a port; then a -D connection
 // with many channels at once to that loopback port on the VM; and a second
@@ -88,7 +69,7 @@ func TestVSCodeFlow(t *testing.T) {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					echoThrough(t, socksConnect(t, socks, server.addr))
+					testenv.EchoThrough(t, testenv.SOCKSConnect(t, socks, server.addr))
 				}()
 			}
 			wg.Wait()
@@ -172,16 +153,16 @@ func TestJetBrainsFlow(t *testing.T) {
 		exited := make(chan error, 1)
 		go func() { exited <- cmd.Wait() }()
 		testenv.WaitListening(t, local)
-		echoThrough(t, dial(t, local))
+		testenv.EchoThrough(t, testenv.Dial(t, local))
 		// One connection open across the hold, as an IDE's would be.
-		open := dial(t, local)
+		open := testenv.Dial(t, local)
 		select {
 		case err := <-exited:
 			t.Fatalf("the forward ended during the hold: %v\n%s", err, stderr.String())
 		case <-time.After(hold):
 		}
-		echoThrough(t, open)
-		echoThrough(t, dial(t, local))
+		testenv.EchoThrough(t, open)
+		testenv.EchoThrough(t, testenv.Dial(t, local))
 	})
 }
 
@@ -201,62 +182,30 @@ func (f *fixture) master(t *testing.T, mode []string) []string {
 // hosts that are the one VM, with ten forks, make ten session channels on
 // the one connection at once.
 func TestAnsibleFlow(t *testing.T) {
-	ansible := testenv.Need(t, "ansible")
 	f := newFixture(t)
 	for _, mode := range f.modes() {
 		t.Run(mode.name, func(t *testing.T) {
-			dir := t.TempDir()
-			var inv strings.Builder
-			inv.WriteString("[vms]\n")
+			var hosts []string
 			for i := range 10 {
 				if mode.name == "jump" {
-					fmt.Fprintf(&inv, "vm%d ansible_host=web1 ansible_user=%s\n", i, f.login)
+					hosts = append(hosts, fmt.Sprintf("vm%d ansible_host=web1 ansible_user=%s", i, f.login))
 				} else {
-					fmt.Fprintf(&inv, "vm%d ansible_host=bastion ansible_user=%s@web1\n", i, f.login)
+					hosts = append(hosts, fmt.Sprintf("vm%d ansible_host=bastion ansible_user=%s@web1", i, f.login))
 				}
 			}
-			write := func(name, text string) string {
-				p := filepath.Join(dir, name)
-				if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
-					t.Fatal(err)
-				}
-				return p
-			}
-			jump := ""
+			sshArgs := "-F " + f.client.Config
 			if mode.name == "jump" {
-				jump = " -J bastion"
+				sshArgs += " -J bastion"
 			}
-			control := filepath.Join(dir, "cp")
-			os.Mkdir(control, 0o700)
-			cfg := write("ansible.cfg", fmt.Sprintf(`[defaults]
-inventory = %s
-host_key_checking = False
-interpreter_python = /usr/bin/python3
-remote_tmp = %s/.ansible-remote
-local_tmp = %s/local
-forks = 10
-[ssh_connection]
-ssh_args = -F %s%s -o ControlMaster=auto -o ControlPersist=60s
-control_path_dir = %s
-control_path = %s/%%%%C
-`, write("hosts", inv.String()), f.vm.Home, dir, f.client.Config, jump, control, control))
-			file := write("payload", "from ansible "+mode.name+"\n")
-			run := func(args ...string) string {
-				t.Helper()
-				cmd := exec.Command(ansible, args...)
-				cmd.Env = append(os.Environ(), "ANSIBLE_CONFIG="+cfg, "ANSIBLE_HOME="+filepath.Join(dir, "home"), "ANSIBLE_NOCOLOR=1")
-				out, err := cmd.CombinedOutput()
-				if err != nil {
-					t.Fatalf("ansible %s: %v\n%s", strings.Join(args, " "), err, out)
-				}
-				return string(out)
-			}
-			out := run("vms", "-m", "ping")
+			a := testenv.NewAnsible(t, hosts, sshArgs, f.vm.Home)
+			file := filepath.Join(a.Dir, "payload")
+			os.WriteFile(file, []byte("from ansible "+mode.name+"\n"), 0o600)
+			out := a.Run("vms", "-m", "ping")
 			if strings.Count(out, "SUCCESS") != 10 || !strings.Contains(out, `"ping": "pong"`) {
 				t.Fatalf("ansible -m ping:\n%s", out)
 			}
 			// Ten at once on one connection: each sleeps, so they overlap.
-			out = run("vms", "-m", "shell", "-a", "sleep 1; tty || true")
+			out = a.Run("vms", "-m", "shell", "-a", "sleep 1; tty || true")
 			if strings.Count(out, "CHANGED") != 10 || !strings.Contains(out, "/dev/pts/") {
 				t.Fatalf("ansible shell with -tt, ten at once:\n%s", out)
 			}
@@ -266,18 +215,18 @@ control_path = %s/%%%%C
 				if method == "scp" {
 					args = append(args, "-e", "ansible_scp_extra_args=-O")
 				}
-				if out := run(args...); !strings.Contains(out, "CHANGED") {
+				if out := a.Run(args...); !strings.Contains(out, "CHANGED") {
 					t.Fatalf("ansible copy over %s:\n%s", method, out)
 				}
 				if got, _ := os.ReadFile(dest); string(got) != "from ansible "+mode.name+"\n" {
 					t.Fatalf("copied over %s: %q", method, got)
 				}
 			}
-			sockets, _ := os.ReadDir(control)
+			sockets := a.Sockets()
 			if len(sockets) != 1 {
 				t.Fatalf("%d ControlPersist sockets, want the one connection", len(sockets))
 			}
-			exec.Command("ssh", "-F", f.client.Config, "-o", "ControlPath="+filepath.Join(control, sockets[0].Name()), "-O", "exit", "web1").Run()
+			exec.Command("ssh", "-F", f.client.Config, "-o", "ControlPath="+sockets[0], "-O", "exit", "web1").Run()
 		})
 	}
 }
@@ -285,25 +234,9 @@ control_path = %s/%%%%C
 // TestGitFlow clones from and pushes to a repository on the VM with git
 // over SSH, protocol v2 through GIT_PROTOCOL, exact exit codes included.
 func TestGitFlow(t *testing.T) {
-	git := testenv.Need(t, "git")
 	f := newFixture(t)
 	repo := filepath.Join(f.vm.Home, "repo.git")
-	gitIn := func(dir string, env []string, args ...string) (string, int) {
-		t.Helper()
-		cmd := exec.Command(git, args...)
-		cmd.Dir = dir
-		cmd.Env = append(append(os.Environ(), "GIT_CONFIG_NOSYSTEM=1", "HOME="+dir, "GIT_AUTHOR_NAME=a", "GIT_AUTHOR_EMAIL=a@example.com",
-			"GIT_COMMITTER_NAME=a", "GIT_COMMITTER_EMAIL=a@example.com"), env...)
-		out, err := cmd.CombinedOutput()
-		code := 0
-		if e, ok := err.(*exec.ExitError); ok {
-			code = e.ExitCode()
-		} else if err != nil {
-			t.Fatal(err)
-		}
-		return string(out), code
-	}
-	if out, code := gitIn(t.TempDir(), nil, "init", "-q", "--bare", "-b", "main", repo); code != 0 {
+	if out, code := testenv.Git(t, t.TempDir(), nil, "init", "-q", "--bare", "-b", "main", repo); code != 0 {
 		t.Fatalf("git init: %s", out)
 	}
 	for _, mode := range f.modes() {
@@ -317,7 +250,7 @@ func TestGitFlow(t *testing.T) {
 			}
 			env := []string{"GIT_SSH_COMMAND=" + ssh, "GIT_SSH_VARIANT=ssh", "GIT_TRACE_PACKET=1"}
 			work := t.TempDir()
-			out, code := gitIn(work, env, "clone", "-q", url, "w")
+			out, code := testenv.Git(t, work, env, "clone", "-q", url, "w")
 			if code != 0 {
 				t.Fatalf("git clone: exit %d\n%s", code, out)
 			}
@@ -326,28 +259,28 @@ func TestGitFlow(t *testing.T) {
 			}
 			w := filepath.Join(work, "w")
 			os.WriteFile(filepath.Join(w, mode.name), []byte(mode.name+"\n"), 0o644)
-			gitIn(w, nil, "add", ".")
-			if out, code := gitIn(w, nil, "commit", "-q", "-m", mode.name); code != 0 {
+			testenv.Git(t, w, nil, "add", ".")
+			if out, code := testenv.Git(t, w, nil, "commit", "-q", "-m", mode.name); code != 0 {
 				t.Fatalf("git commit: %s", out)
 			}
-			if out, code := gitIn(w, env, "pull", "-q", "--rebase", "origin", "main"); code != 0 && !strings.Contains(out, "couldn't find remote ref") {
+			if out, code := testenv.Git(t, w, env, "pull", "-q", "--rebase", "origin", "main"); code != 0 && !strings.Contains(out, "couldn't find remote ref") {
 				t.Fatalf("git pull: exit %d\n%s", code, out)
 			}
-			if out, code := gitIn(w, env, "push", "-q", "origin", "HEAD:main"); code != 0 {
+			if out, code := testenv.Git(t, w, env, "push", "-q", "origin", "HEAD:main"); code != 0 {
 				t.Fatalf("git push: exit %d\n%s", code, out)
 			}
 			// Rejected: a push that is not a fast-forward exits 1.
-			gitIn(w, nil, "commit", "-q", "--amend", "-m", "rewritten")
-			if out, code := gitIn(w, env, "push", "-q", "origin", "HEAD:main"); code != 1 || !strings.Contains(out, "rejected") {
+			testenv.Git(t, w, nil, "commit", "-q", "--amend", "-m", "rewritten")
+			if out, code := testenv.Git(t, w, env, "push", "-q", "origin", "HEAD:main"); code != 1 || !strings.Contains(out, "rejected") {
 				t.Fatalf("a non-fast-forward push: exit %d, want 1\n%s", code, out)
 			}
 			// A repository that is not there: git's 128.
-			if out, code := gitIn(work, env, "clone", "-q", strings.TrimSuffix(url, "repo.git")+"nosuch.git", "x"); code != 128 {
+			if out, code := testenv.Git(t, work, env, "clone", "-q", strings.TrimSuffix(url, "repo.git")+"nosuch.git", "x"); code != 128 {
 				t.Fatalf("a clone of nothing: exit %d, want 128\n%s", code, out)
 			}
 		})
 	}
-	out, _ := gitIn(t.TempDir(), nil, "--git-dir", repo, "log", "--format=%s", "main")
+	out, _ := testenv.Git(t, t.TempDir(), nil, "--git-dir", repo, "log", "--format=%s", "main")
 	if out != "login@vm\njump\n" {
 		t.Fatalf("the repository's history: %q", out)
 	}

@@ -55,8 +55,8 @@ func TestPolicyForwardPorts(t *testing.T) {
 	good, bad := testenv.FreeAddr(t), testenv.FreeAddr(t)
 	stderr := f.background("-N", "-J", "bastion", "-L", good+":"+allowed.addr, "-L", bad+":"+other.addr, f.login+"@web1")
 	testenv.WaitListening(t, good)
-	echoThrough(t, dial(t, good))
-	c := dial(t, bad)
+	testenv.EchoThrough(t, testenv.Dial(t, good))
+	c := testenv.Dial(t, bad)
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	if n, _ := c.Read(make([]byte, 1)); n != 0 {
 		t.Fatal("data through a forward to a port outside the range")
@@ -254,7 +254,7 @@ func TestPolicyForwardHostSpellingsOfLoopback(t *testing.T) {
 	local := testenv.FreeAddr(t)
 	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-L", local+":0x7f000001:"+echoPort, f.login+"@web1")
 	testenv.WaitListening(t, local)
-	echoThrough(t, dial(t, local))
+	testenv.EchoThrough(t, testenv.Dial(t, local))
 	reached := echo.count()
 	if reached == 0 {
 		t.Fatal("the echo server saw no connection through -L to 0x7f000001")
@@ -274,7 +274,7 @@ func TestPolicyForwardHostSpellingsOfLoopback(t *testing.T) {
 	stderr := f.background(append(append([]string{"-N", "-J", "bastion"}, args...), f.login+"@web1")...)
 	for i, l := range locals {
 		testenv.WaitListening(t, l)
-		c := dial(t, l)
+		c := testenv.Dial(t, l)
 		c.SetDeadline(time.Now().Add(30 * time.Second))
 		c.Write([]byte("x")) // echoed back if the forward went through
 		if n, _ := c.Read(make([]byte, 1)); n != 0 {

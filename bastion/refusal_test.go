@@ -126,7 +126,7 @@ func TestPolicyDeniesChannel(t *testing.T) {
 	local := testenv.FreeAddr(t)
 	stderr := f.background("-N", "-J", "bastion", "-L", local+":"+echo.addr, f.login+"@web1")
 	testenv.WaitListening(t, local)
-	c := dial(t, local)
+	c := testenv.Dial(t, local)
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	if n, _ := c.Read(make([]byte, 1)); n != 0 {
 		t.Fatal("read data through a refused forward")

@@ -144,7 +144,7 @@ func TestReloadWithdrawingRemoteForwardCancelsIt(t *testing.T) {
 	s := f.startSession(t, "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-R", remote+":"+echo.addr, f.login+"@web1",
 		"echo started; sleep 60")
 	testenv.WaitListening(t, remote)
-	echoThrough(t, dial(t, remote))
+	testenv.EchoThrough(t, testenv.Dial(t, remote))
 	reached := echo.count()
 	rule := f.devRule()
 	rule.Channels = []policy.Channel{policy.Shell, policy.Exec}

@@ -65,14 +65,14 @@ func TestSocketForwards(t *testing.T) {
 		t.Run(mode.name, func(t *testing.T) {
 			local := filepath.Join(t.TempDir(), "l.sock")
 			f.background(append([]string{"-N", "-o", "ExitOnForwardFailure=yes", "-o", "StreamLocalBindUnlink=yes", "-L", local + ":" + vmSock}, mode.args...)...)
-			echoThrough(t, dialUnix(t, local))
+			testenv.EchoThrough(t, dialUnix(t, local))
 
 			// -R: the VM's sshd listens on a socket in the allowed directory
 			// and brings its connections back to our echo server.
 			echo := startEcho(t)
 			remote := filepath.Join(dir, strings.TrimPrefix(mode.name, "-")+"-r.sock")
 			f.background(append([]string{"-N", "-o", "ExitOnForwardFailure=yes", "-R", remote + ":" + echo.addr}, mode.args...)...)
-			echoThrough(t, dialUnix(t, remote))
+			testenv.EchoThrough(t, dialUnix(t, remote))
 			if echo.count() < 1 {
 				t.Fatal("the echo server behind the client saw no connection")
 			}

@@ -17,7 +17,7 @@ set -euo pipefail
 
 SUITE=bookworm
 IMAGE_SIZE=2G
-PACKAGES=systemd-sysv,udev,kmod,dbus,iproute2,netbase,openssh-server,qemu-guest-agent,linux-image-amd64,procps,rsync
+PACKAGES=systemd-sysv,udev,kmod,dbus,iproute2,netbase,openssh-server,qemu-guest-agent,linux-image-amd64,procps,rsync,python3,git
 INITRD_MODULES=(virtio_pci virtio_blk virtio_net virtio_console virtio_rng ext4 crc32c_generic)
 GUEST_USER=user
 BASE_HOSTNAME=bt-guest
