@@ -57,11 +57,21 @@ func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
 				s.command(fc, ch, cmd.Command, args)
 				return
 			}
-			fallthrough
+			// A command for a VM sent to the bastion (an IDE or a script
+			// given the bastion as its host) fails as a shell's unknown
+			// command does: no menu, no list to mistake for its output.
+			req.Reply(true, nil)
+			go gossh.DiscardRequests(reqs)
+			fmt.Fprintf(ch.Stderr(), "bastion: %q is not a command of the bastion; commands for a VM go through it: ssh -J %s@<bastion> <login>@<vm> COMMAND\r\n",
+				firstWord(cmd.Command), fc.who().Name)
+			sendExitStatus(ch, 127)
+			ch.CloseWrite()
+			ch.Close()
+			return
 		case "shell":
 			req.Reply(true, nil)
 			choices := s.choices(fc)
-			if req.Type == "exec" || ptyReq == nil {
+			if ptyReq == nil {
 				s.listChoices(fc, ch, choices)
 				sendExitStatus(ch, 0)
 				ch.Close()
@@ -76,6 +86,15 @@ func (s *Server) menu(fc *frontConn, newCh gossh.NewChannel) {
 		}
 	}
 	ch.Close()
+}
+
+// firstWord is the command's name, at most 64 bytes of it, for a message.
+func firstWord(command string) string {
+	word, _, _ := strings.Cut(strings.TrimSpace(command), " ")
+	if len(word) > 64 {
+		word = word[:64] + "…"
+	}
+	return word
 }
 
 // choice is a VM on the menu and the logins offered for it; "*" means any.

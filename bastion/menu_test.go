@@ -99,3 +99,25 @@ func TestMenuConnectsToPickedVM(t *testing.T) {
 		t.Fatalf("the menu session's cast: %v", evs)
 	}
 }
+
+// A command that is not the bastion's, sent to the bastion itself (an IDE
+// or a script given the bastion as its host), fails as a shell's unknown
+// command does: exit 127, a message on stderr, no menu, no list.
+func TestCommandForAVMSentToTheBastion(t *testing.T) {
+	f := newFixture(t)
+	res := f.ssh(nil, "bastion", "bash")
+	if res.Exit != 127 || len(res.Stdout) != 0 || !strings.Contains(res.Stderr, `bastion: "bash" is not a command of the bastion`) {
+		t.Fatalf("ssh bastion bash: %v %q, want exit 127, the message and nothing on stdout", res, res.Stdout)
+	}
+	// With a terminal: the message, and no menu.
+	res = f.ssh(nil, "-tt", "bastion", "uname -a")
+	if out := string(res.Stdout) + res.Stderr; res.Exit != 127 || !strings.Contains(out, `bastion: "uname" is not a command of the bastion`) ||
+		strings.Contains(out, "web1") || strings.Contains(out, "Choose a VM") {
+		t.Fatalf("ssh -tt bastion 'uname -a': %v %q", res, out)
+	}
+	// sftp to the bastion itself: refused, with no menu either.
+	res = f.client.Run([]byte("ls\n"), "sftp", "-b", "-", "bastion")
+	if res.Exit == 0 || strings.Contains(string(res.Stdout), "web1") {
+		t.Fatalf("sftp bastion: %v %q", res, res.Stdout)
+	}
+}

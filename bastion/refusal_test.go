@@ -153,7 +153,7 @@ func TestFailedAuthenticationsSlowTheSourceDown(t *testing.T) {
 			t.Fatalf("an unknown key: %v", res)
 		}
 	}
-	res := f.ssh(nil, "bastion", "true")
+	res := f.ssh(nil, "bastion")
 	if res.Exit != 0 {
 		t.Fatalf("a good key from the same address after 3 failures: %v, want it in after a wait", res)
 	}
@@ -175,7 +175,7 @@ func TestManyKeysInAnAgentDoNotLockOut(t *testing.T) {
 		other := testenv.NewClient(t, f.addr, "alice", "")
 		args = append(args, "-i", other.Key)
 	}
-	args = append(args, "-i", f.client.Key, "bastion", "true")
+	args = append(args, "-i", f.client.Key, "bastion")
 	for i := 0; i < 5; i++ {
 		start := time.Now()
 		if res := f.ssh(nil, args...); res.Exit != 0 {
@@ -250,7 +250,7 @@ func TestSHA1AndDSASignaturesRefused(t *testing.T) {
 	dsaKey, dsaPub := newKey("dsa")
 	f.setAccounts(bastion.Account{Name: "alice", Groups: []string{"dev"}, Keys: []gossh.PublicKey{f.client.PublicKey, rsaPub, dsaPub}})
 	login := func(key, algos string) testenv.Result {
-		return f.ssh(nil, "-i", key, "-o", "IdentitiesOnly=yes", "-o", "PubkeyAcceptedAlgorithms="+algos, "bastion", "true")
+		return f.ssh(nil, "-i", key, "-o", "IdentitiesOnly=yes", "-o", "PubkeyAcceptedAlgorithms="+algos, "bastion")
 	}
 	if res := login(rsaKey, "rsa-sha2-512,rsa-sha2-256"); res.Exit != 0 {
 		t.Fatalf("an RSA key with SHA-2 signatures: %v", res)
@@ -270,7 +270,7 @@ func TestKeyOptionsFromAndExpiryEnforced(t *testing.T) {
 	login := func(opts bastion.KeyOptions, args ...string) testenv.Result {
 		f.setAccounts(bastion.Account{Name: "alice", Groups: []string{"dev"}, Keys: []gossh.PublicKey{f.client.PublicKey},
 			KeyOptions: map[string]bastion.KeyOptions{fp: opts}})
-		return f.ssh(nil, append(args, "bastion", "true")...)
+		return f.ssh(nil, append(args, "bastion")...)
 	}
 	for _, tc := range []struct {
 		name string
