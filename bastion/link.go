@@ -361,7 +361,9 @@ func (l *link) handshake(ctx context.Context, target keys.Upstream) error {
 	if deadline, ok := ctx.Deadline(); ok {
 		nc.SetDeadline(deadline)
 	}
-	conn, chans, reqs, err := gossh.NewClientConn(nc, target.Addr, target.ClientConfig(l.login, l.srv.version()))
+	config := target.ClientConfig(l.login, l.srv.version())
+	config.Ciphers = l.srv.ciphers() // as a client, the bastion's order is the preference
+	conn, chans, reqs, err := gossh.NewClientConn(nc, target.Addr, config)
 	if err != nil {
 		nc.Close()
 		switch {

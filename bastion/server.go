@@ -110,6 +110,11 @@ type Server struct {
 	AuthFailures       int           // failed authentications a source address may make at once; 0 means 10
 	AuthRefill         time.Duration // how often a source regains one failure; 0 means 6s
 
+	// Ciphers are offered on the front door and the ProxyJump inner hop,
+	// and preferred in this order on the link to the VM; nil means
+	// DefaultCiphers(). ParseCiphers checks a list from a user.
+	Ciphers []string
+
 	// Before authentication, in OpenSSH's terms. Connections past these
 	// caps are closed before their key exchange.
 	LoginGraceTime       time.Duration // how long a connection may take to authenticate; 0 means 120s, negative means no limit
@@ -495,9 +500,10 @@ func (s *Server) init() {
 	s.stopped = make(chan struct{})
 	go s.watchWindows()
 	s.front = &ssh.Server{
-		Version:              strings.TrimPrefix(s.version(), "SSH-2.0-"),
-		ServerConfigCallback: s.frontConfig,
-		ConnCallback:         s.accept,
+		Version:                  strings.TrimPrefix(s.version(), "SSH-2.0-"),
+		ServerConfigCallback:     s.frontConfig,
+		ConnCallback:             s.accept,
+		ConnectionFailedCallback: s.handshakeFailed,
 		ChannelHandlers: map[string]ssh.ChannelHandler{
 			"session":      s.frontChannel,
 			"direct-tcpip": s.frontChannel,
@@ -621,6 +627,22 @@ func (c *frontNetConn) Close() error {
 	return c.bulkConn.Close()
 }
 
+// handshakeFailed logs a front-door handshake that found no algorithm in
+// common with the client: a client the bastion's settings (server.ciphers)
+// turn away, which the client reports only to its user. Other failures,
+// a port scan's or a dropped connection's, are not worth a line.
+func (s *Server) handshakeFailed(conn net.Conn, err error) {
+	var none *gossh.AlgorithmNegotiationError
+	if !errors.As(err, &none) {
+		return
+	}
+	// The address is the client's, read from a PROXY header if need be.
+	if ok, skipped := s.refusals.allow(); ok {
+		s.logger().Info("handshake failed: no common algorithm", "source", conn.RemoteAddr().String(), "what", none.What,
+			"offered", strings.Join(none.SupportedAlgorithms, ","), "client_offered", clipText(strings.Join(none.RequestedAlgorithms, ",")), "also", skipped)
+	}
+}
+
 // frontConfig is the front door's authentication: public keys only, each
 // mapped to one account. The user name is the account's name, or login@vm.
 func (s *Server) frontConfig(ctx ssh.Context) *gossh.ServerConfig {
@@ -649,6 +671,7 @@ func (s *Server) frontConfig(ctx ssh.Context) *gossh.ServerConfig {
 		// As OpenSSH: no SHA-1 RSA signatures (ssh-rsa), no DSA.
 		PublicKeyAuthAlgorithms: userKeyAlgorithms,
 		MaxAuthTries:            10,
+		Config:                  gossh.Config{Ciphers: s.ciphers()},
 	}
 }
 

@@ -130,6 +130,7 @@ func (s *Server) jump(fc *frontConn, newCh gossh.NewChannel) {
 			return accept(meta)
 		},
 		ServerVersion: s.version(),
+		Config:        gossh.Config{Ciphers: s.ciphers()},
 	}
 	config.AddHostKey(hostKey)
 	// The handshake, a trust check included, has a deadline: a client that

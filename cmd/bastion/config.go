@@ -72,7 +72,8 @@ type ServerConfig struct {
 	KeepAlive      Duration `toml:"keepalive"`
 	ConnectTimeout Duration `toml:"connect_timeout"`
 	EnvAllow       []string `toml:"env_allow"`
-	Audit          string   `toml:"audit"` // "stdout", "off", or a file path
+	Ciphers        []string `toml:"ciphers"` // SSH cipher names, for every hop; absent means bastion.DefaultCiphers()
+	Audit          string   `toml:"audit"`   // "stdout", "off", or a file path
 	AuditRequired  bool     `toml:"audit_required"`
 
 	Recordings        string `toml:"recordings"` // directory of session recordings; none if empty
@@ -95,6 +96,7 @@ type ServerConfig struct {
 	Replica       string   `toml:"replica"`        // this replica's name in every audit event; default the host name
 
 	balancers []netip.Prefix // ProxyProtocol, parsed
+	ciphers   []string       // Ciphers, checked; nil when absent
 }
 
 // MaxStartups is server.max_startups, "start:rate:full" as in sshd_config.
@@ -207,6 +209,11 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 	}
 	for i := range c.UserCAs {
 		c.caLines = append(c.caLines, tomlpos.TableLine(data, "user_ca", i))
+	}
+	if md.IsDefined("server", "ciphers") {
+		if c.Server.ciphers, err = bastion.ParseCiphers(c.Server.Ciphers); err != nil {
+			return nil, fmt.Errorf("%s:%d: server.ciphers: %w", name, tomlpos.KeyLine(data, "server.ciphers"), err)
+		}
 	}
 	if p := c.Server.RevokedKeys; p != "" && !filepath.IsAbs(p) {
 		c.Server.RevokedKeys = filepath.Join(filepath.Dir(name), p)

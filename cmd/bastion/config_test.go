@@ -4,6 +4,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -19,8 +20,36 @@ func TestExampleConfigIsValid(t *testing.T) {
 	if c.Server.Listen != "127.0.0.1:2222" || len(c.Accounts) != 2 || len(c.policy.Rules) != 4 {
 		t.Fatalf("example decoded to %+v", c)
 	}
+	// The example's ciphers line, commented out (the default depends on
+	// the CPU), is valid once uncommented.
+	data, err := os.ReadFile("../../bastion.toml.example")
+	if err != nil {
+		t.Fatal(err)
+	}
+	uncommented := strings.Replace(string(data), "\n# ciphers = ", "\nciphers = ", 1)
+	if uncommented == string(data) {
+		t.Fatal("the example has no commented-out ciphers line")
+	}
+	if c, err := ParseConfig("bastion.toml.example", []byte(uncommented)); err != nil || len(c.Server.ciphers) == 0 {
+		t.Fatalf("the example with its ciphers line: %v", err)
+	}
 	if c.Server.LoginGraceTime.Duration != 120*time.Second || c.Server.MaxStartups.String() != "10:30:100" || c.Server.PerSourceMaxStartups != 10 {
 		t.Fatalf("example's pre-authentication limits: %v %v %v", c.Server.LoginGraceTime, c.Server.MaxStartups, c.Server.PerSourceMaxStartups)
+	}
+}
+
+// TestConfigCiphers: server.ciphers reaches the server as written, and
+// its absence leaves the default to the server.
+func TestConfigCiphers(t *testing.T) {
+	c, err := ParseConfig("bastion.toml", []byte("[server]\nciphers = [\"aes256-gcm@openssh.com\", \"aes128-ctr\"]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Server.ciphers; !slices.Equal(got, []string{"aes256-gcm@openssh.com", "aes128-ctr"}) {
+		t.Errorf("ciphers = %q", got)
+	}
+	if c, err = ParseConfig("bastion.toml", []byte("[server]\n")); err != nil || c.Server.ciphers != nil {
+		t.Errorf("without the key: %q, %v; want nil (the server's default)", c.Server.ciphers, err)
 	}
 }
 
@@ -61,6 +90,12 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		{"user ca key", "[[account]]\nname = \"a\"\n\n[[user_ca]]\nkey = \"ssh-ed25519 nonsense\"\n", `bastion.toml:4: user_ca #1: key: `},
 		{"user ca principal", "[[account]]\nname = \"a\"\n[[user_ca]]\nkey = \"" + exampleKey + "\"\nprincipals = { \"sso-1\" = \"carol\" }\n",
 			`bastion.toml:3: user_ca #1: principals: "sso-1" maps to "carol", which is not an [[account]]`},
+		{"unknown cipher", "[server]\nlisten = \"x:1\"\n\nciphers = [\"aes128-gcm@openssh.com\", \"aes128-gmc@openssh.com\"]\n",
+			`bastion.toml:4: server.ciphers: "aes128-gmc@openssh.com" is not a cipher the bastion implements (one of aes128-gcm@openssh.com, aes256-gcm@openssh.com, chacha20-poly1305@openssh.com, aes128-ctr, aes192-ctr, aes256-ctr)`},
+		{"insecure cipher", "[server]\nciphers = [\n  \"aes256-ctr\",\n  \"3des-cbc\",\n]\n", `bastion.toml:2: server.ciphers: "3des-cbc" is not offered: it is insecure`},
+		{"no cipher", "[server]\nciphers = []\n", `bastion.toml:2: server.ciphers: no cipher named; leave the key out for the default`},
+		{"cipher twice", "[server]\nciphers = [\"aes128-ctr\", \"aes128-ctr\"]\n", `bastion.toml:2: server.ciphers: "aes128-ctr" is named twice`},
+		{"cipher not a list", "[server]\nciphers = \"aes128-ctr\"\n", `bastion.toml:2: server.ciphers: incompatible types`},
 		{"user ca unknown key", "[[user_ca]]\nkey = \"" + exampleKey + "\"\nprincipal = { }\n", `bastion.toml:3: unknown key user_ca.principal`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -256,6 +256,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		Accounts:             live,
 		Policy:               live,
 		EnvAllow:             c.Server.EnvAllow,
+		Ciphers:              c.Server.ciphers,
 		KeepAlive:            c.Server.KeepAlive.Duration,
 		ConnectTimeout:       c.Server.ConnectTimeout.Duration,
 		LoginGraceTime:       noneIsNegative(c.Server.LoginGraceTime.Duration),

@@ -292,6 +292,46 @@ logins = ["root"]
 	}
 }
 
+// TestServeCiphers: `bastion serve` offers server.ciphers on its front
+// door, and an OpenSSH client asking for another is told what it offers.
+func TestServeCiphers(t *testing.T) {
+	bin := buildBastion(t)
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "bastion.toml"), []byte(`[server]
+listen = "127.0.0.1:0"
+state_dir = "state"
+audit = "off"
+ciphers = ["aes256-ctr", "aes128-gcm@openssh.com"]
+`), 0o600)
+	cmd := exec.Command(bin, "serve", "--config", "bastion.toml")
+	cmd.Dir = dir
+	var logs lockedLog
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	var addr string
+	for deadline := time.Now().Add(30 * time.Second); addr == ""; time.Sleep(20 * time.Millisecond) {
+		if m := regexp.MustCompile(`bastion: listening on (\S+)`).FindStringSubmatch(logs.String()); m != nil {
+			addr = m[1]
+		} else if time.Now().After(deadline) {
+			t.Fatalf("serve did not start:\n%s", logs.String())
+		}
+	}
+	// The client knows no host key: the key exchange is all there is.
+	client := testenv.NewClient(t, addr, "alice", "")
+	// OpenSSH's default order puts aes256-ctr before aes128-gcm.
+	res := client.Run(nil, "ssh", "-v", "bastion", "true")
+	if !strings.Contains(res.Stderr, "kex: server->client cipher: aes256-ctr ") {
+		t.Errorf("a default client: %v, want aes256-ctr negotiated", res)
+	}
+	res = client.Run(nil, "ssh", "-c", "aes128-ctr", "bastion", "true")
+	if res.Exit != 255 || !strings.Contains(res.Stderr, "no matching cipher found. Their offer: aes256-ctr,aes128-gcm@openssh.com") {
+		t.Errorf("a client asking for aes128-ctr: %v, want no matching cipher found and the bastion's offer", res)
+	}
+}
+
 func mustRead(t *testing.T, path string) []byte {
 	t.Helper()
 	data, err := os.ReadFile(path)
