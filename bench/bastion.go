@@ -34,9 +34,10 @@ type inProcess struct {
 
 // startBastion wires a bastion.Server the way the package's own test
 // fixture does: host keys in stateDir, one account holding clientKey, a
-// policy letting it reach VMs "target*" and "stub" as login, and a static
-// resolver (no trust check: that needs a real guest).
-func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login string) (*inProcess, error) {
+// policy letting it reach VMs "target*" and "stub" as login, a static
+// resolver (no trust check: that needs a real guest), and ciphers as
+// server.ciphers (nil: the default).
+func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login string, ciphers []string) (*inProcess, error) {
 	host, err := keys.LoadOrCreate(stateDir)
 	if err != nil {
 		return nil, err
@@ -56,7 +57,9 @@ func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login str
 	// (slog's handler and the audit sink each hold a lock around theirs),
 	// and an *os.File does one Write at a time: lines do not interleave.
 	b := &inProcess{host: host, fleet: bastiontest.NewFleet(), served: make(chan error, 1), logFile: logFile}
-	heapFloor = make([]byte, 64<<20) // as cmd/bastion's reserveHeap does
+	if heapFloor == nil {
+		heapFloor = make([]byte, 64<<20) // as cmd/bastion's reserveHeap does, once a process
+	}
 	b.srv = &bastion.Server{
 		HostKey:   host.Key,
 		Certifier: host,
@@ -67,8 +70,9 @@ func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login str
 			Name: "bench", Groups: []string{"bench"}, VMs: []string{"target*", "stub"}, Logins: []string{login},
 			Channels: []policy.Channel{policy.Shell, policy.Exec, policy.SFTP},
 		}}},
-		Logger: slog.New(slog.NewTextHandler(logFile, &slog.HandlerOptions{Level: slog.LevelInfo})),
-		Audit:  audit.JSON(logFile),
+		Ciphers: ciphers,
+		Logger:  slog.New(slog.NewTextHandler(logFile, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		Audit:   audit.JSON(logFile),
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

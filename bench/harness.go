@@ -23,6 +23,7 @@ import (
 
 	gossh "golang.org/x/crypto/ssh"
 
+	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/internal/testenv"
 	"github.com/bastionvm/bastion/keys"
 )
@@ -33,9 +34,24 @@ const jumpUser = "nobody"
 
 // Routes: how the client reaches the target.
 const (
-	viaBastion = "bastion" // ssh -J bastion <login>@target
-	viaOpenSSH = "openssh" // ssh -J jumphost <login>@target-direct
+	viaBastion = "bastion"  // ssh -J bastion <login>@target
+	viaTarget  = "login@vm" // ssh <login>@target@bastion: the target in the user name
+	viaOpenSSH = "openssh"  // ssh -J jumphost <login>@target-direct
+	viaDirect  = "direct"   // ssh <login>@target-direct: no jump host
 )
+
+var (
+	routes        = []string{viaBastion, viaTarget, viaOpenSSH, viaDirect}
+	bastionRoutes = []string{viaBastion, viaTarget}
+	jumpRoutes    = []string{viaBastion, viaTarget, viaOpenSSH} // with a jump whose CPU is measured
+	routeNames    = map[string]string{viaBastion: "bastion -J", viaTarget: "bastion login@vm", viaOpenSSH: "OpenSSH -J", viaDirect: "direct"}
+)
+
+// onBastion reports whether via goes through the bastion in this process.
+func onBastion(via string) bool { return via == viaBastion || via == viaTarget }
+
+// hop is one SSH connection of a route and the cipher it negotiated.
+type hop struct{ name, cipher string }
 
 // harness holds what the rows share: the target sshd, the jump sshd, the
 // in-process bastion, the client's files and the results.
@@ -55,7 +71,8 @@ type harness struct {
 
 	target  *sshd
 	jump    *sshd
-	bastion *inProcess
+	bastion *inProcess // as configured by default
+	wide    *inProcess // offering every cipher, for the rows that force one the default leaves out
 
 	cleanupOnce sync.Mutex
 	cleaned     bool
@@ -68,10 +85,11 @@ type harness struct {
 	env      []string
 
 	maxResult      *maxResult
-	idleGoroutines int                 // with the bastion serving nothing
-	nofile         uint64              // the harness's open-file limit
-	kex            map[string][]string // key exchanges negotiated by default, by route
-	ioNotes        []string            // table lines: the bastion's I/O system calls per row
+	idleGoroutines int                         // with the bastion serving nothing
+	nofile         uint64                      // the harness's open-file limit
+	kex            map[string][]string         // key exchanges negotiated by default, by route
+	hops           map[string]map[string][]hop // by bulk variant ("" for a default client) and route
+	ioNotes        []string                    // table lines: the bastion's I/O system calls per row
 }
 
 // maxResult is the outcome of the session hunt.
@@ -209,13 +227,20 @@ func (h *harness) setup() error {
 	if err != nil {
 		return err
 	}
-	h.bastion, err = startBastion(filepath.Join(h.dir, "bastion-state"), filepath.Join(h.dir, "bastion.log"), h.clientSigner.PublicKey(), h.login)
+	h.bastion, err = startBastion(filepath.Join(h.dir, "bastion-state"), filepath.Join(h.dir, "bastion.log"), h.clientSigner.PublicKey(), h.login, nil)
 	if err != nil {
 		return err
 	}
-	h.bastion.fleet.Set("target", keys.Upstream{Addr: h.target.Addr, HostKeys: []gossh.PublicKey{h.target.HostKey}, Signer: h.upstream})
+	// The same host keys: one known_hosts line trusts both.
+	h.wide, err = startBastion(filepath.Join(h.dir, "bastion-state"), filepath.Join(h.dir, "bastion-wide.log"), h.clientSigner.PublicKey(), h.login,
+		gossh.SupportedAlgorithms().Ciphers)
+	if err != nil {
+		return err
+	}
+	h.setVM("target", keys.Upstream{Addr: h.target.Addr, HostKeys: []gossh.PublicKey{h.target.HostKey}, Signer: h.upstream})
 	h.idleGoroutines = runtime.NumGoroutine()
-	h.logf("target sshd %s, jump sshd %s, bastion %s", h.target.Addr, h.jump.Addr, h.bastion.addr)
+	h.logf("target sshd %s, jump sshd %s, bastion %s (offering %s), bastion %s (offering %s)", h.target.Addr, h.jump.Addr,
+		h.bastion.addr, strings.Join(bastion.DefaultCiphers(), ","), h.wide.addr, strings.Join(gossh.SupportedAlgorithms().Ciphers, ","))
 
 	h.knownHosts = filepath.Join(h.dir, "known_hosts")
 	known := h.bastion.host.KnownHostsLine() + "\n" +
@@ -224,7 +249,7 @@ func (h *harness) setup() error {
 		return err
 	}
 	h.configs = map[string]string{}
-	for _, c := range append([]string{"", h.opts.sftpCipher}, h.opts.ciphers...) {
+	for _, c := range append(h.variants(), h.opts.sftpCipher) {
 		if _, done := h.configs[c]; !done {
 			if h.configs[c], err = h.writeConfig(c, c, ""); err != nil {
 				return err
@@ -257,6 +282,34 @@ func (h *harness) setup() error {
 	return nil
 }
 
+// setVM names a target for both bastions.
+func (h *harness) setVM(name string, u keys.Upstream) {
+	h.bastion.fleet.Set(name, u)
+	h.wide.fleet.Set(name, u)
+}
+
+// variants are the clients of the bulk rows: "" is a client at OpenSSH's
+// defaults, then one forcing each cipher of -ciphers.
+func (h *harness) variants() []string {
+	return append([]string{""}, h.opts.ciphers...)
+}
+
+func variantName(cipher string) string {
+	if cipher == "" {
+		return "default client"
+	}
+	return strings.TrimSuffix(cipher, "@openssh.com") + " forced"
+}
+
+// bastionFor is the ssh_config host of the bastion that serves a client
+// forcing cipher: the default one, unless its list leaves cipher out.
+func bastionFor(cipher string) string {
+	if cipher == "" || slices.Contains(bastion.DefaultCiphers(), cipher) {
+		return "bastion"
+	}
+	return "bastion-wide"
+}
+
 func knownHostsLine(addr string, key gossh.PublicKey) string {
 	host, port, _ := strings.Cut(addr, ":")
 	return fmt.Sprintf("[%s]:%s %s", host, port, gossh.MarshalAuthorizedKey(key))
@@ -281,10 +334,12 @@ func (h *harness) writeConfig(name, cipher, kex string) (string, error) {
 	}
 	path := filepath.Join(h.dir, file)
 	bHost, bPort, _ := strings.Cut(h.bastion.addr, ":")
+	wHost, wPort, _ := strings.Cut(h.wide.addr, ":")
 	jHost, jPort, _ := strings.Cut(h.jump.Addr, ":")
 	tHost, tPort, _ := strings.Cut(h.target.Addr, ":")
 	var b strings.Builder
 	fmt.Fprintf(&b, "Host bastion\n  HostName %s\n  Port %s\n  User %s\n", bHost, bPort, benchAccount)
+	fmt.Fprintf(&b, "Host bastion-wide\n  HostName %s\n  Port %s\n  User %s\n", wHost, wPort, benchAccount)
 	fmt.Fprintf(&b, "Host jumphost\n  HostName %s\n  Port %s\n  User %s\n", jHost, jPort, jumpUser)
 	fmt.Fprintf(&b, "Host target-direct\n  HostName %s\n  Port %s\n", tHost, tPort)
 	fmt.Fprintf(&b, "Host *\n  User %s\n", h.login)
@@ -311,10 +366,15 @@ func (h *harness) sshArgsConfig(via, config, cipher string) []string {
 	if cipher != "" {
 		args = append(args, "-c", cipher)
 	}
-	if via == viaBastion {
-		return append(args, "-J", "bastion", h.login+"@target")
+	switch via {
+	case viaBastion:
+		return append(args, "-J", bastionFor(cipher), h.login+"@target")
+	case viaTarget:
+		return append(args, h.login+"@target@"+bastionFor(cipher))
+	case viaOpenSSH:
+		return append(args, "-J", "jumphost", h.login+"@target-direct")
 	}
-	return append(args, "-J", "jumphost", h.login+"@target-direct")
+	return append(args, h.login+"@target-direct")
 }
 
 // cleanup stops everything the harness started; it may run twice.
@@ -326,8 +386,10 @@ func (h *harness) cleanup() {
 	}
 	h.cleaned = true
 	defer h.reapOrphans()
-	if h.bastion != nil {
-		h.bastion.stop()
+	for _, b := range []*inProcess{h.bastion, h.wide} {
+		if b != nil {
+			b.stop()
+		}
 	}
 	for _, s := range []*sshd{h.jump, h.target} {
 		if s != nil {
@@ -399,10 +461,11 @@ func (h *harness) runClient(via, program string, args []string, stdin, stdout, p
 	}
 	var before, beforeListener int64
 	var ioBefore ioCounts
-	if via == viaBastion {
+	switch {
+	case onBastion(via):
 		ioBefore = selfThreadsIO()
 		before = selfCPU()
-	} else {
+	case via == viaOpenSSH:
 		before, beforeListener, _ = h.jump.cpuTicks()
 	}
 	if profile != "" {
@@ -428,10 +491,11 @@ func (h *harness) runClient(via, program string, args []string, stdin, stdout, p
 	}
 	var after, afterListener int64
 	var ioDelta ioCounts
-	if via == viaBastion {
+	switch {
+	case onBastion(via):
 		after = selfCPU()
 		ioDelta = selfThreadsIO().minus(ioBefore)
-	} else {
+	case via == viaOpenSSH:
 		// The jump's per-connection processes end just after the client:
 		// wait for them, so their CPU has been reaped and counted.
 		if err := h.jump.waitQuiet(30 * time.Second); err != nil {
@@ -486,8 +550,10 @@ func (h *harness) reapOrphans() {
 	}
 }
 
-// verify checks both routes work, carry the data intact, and negotiate the
-// cipher asked for on every hop the client controls.
+// verify checks every route works and carries the data intact, and
+// records the cipher every hop of every route negotiates for each bulk
+// variant; a forced cipher must be negotiated on every hop the client
+// controls.
 func (h *harness) verify() error {
 	const n = 4 << 20
 	probe := filepath.Join(h.dir, "probe")
@@ -495,7 +561,7 @@ func (h *harness) verify() error {
 		return err
 	}
 	want, _ := os.ReadFile(probe)
-	for _, via := range []string{viaBastion, viaOpenSSH} {
+	for _, via := range routes {
 		res, err := h.runClient(via, "ssh", append(h.sshArgs(via, ""), "cat "+probe), "", "", "")
 		if err != nil {
 			return fmt.Errorf("route %s does not work: %w", via, err)
@@ -504,75 +570,100 @@ func (h *harness) verify() error {
 			return fmt.Errorf("route %s: %d bytes came back, not the %d sent", via, len(res.stdout), n)
 		}
 	}
-	h.logf("both routes carry data intact")
+	h.logf("every route carries data intact")
 
-	// Every hop's cipher, from the client's debug output: two "kex:
-	// server->client cipher" lines (the jump hop and the end-to-end hop).
-	kexLine := regexp.MustCompile(`kex: server->client cipher: (\S+)`)
-	for _, cipher := range h.opts.ciphers {
-		for _, via := range []string{viaBastion, viaOpenSSH} {
-			cmd := exec.Command("ssh", append(append([]string{"-v"}, h.sshArgs(via, cipher)...), "true")...)
-			out, err := cmd.CombinedOutput()
-			if err != nil {
-				return fmt.Errorf("ssh -v (%s, %s): %v\n%s", via, cipher, err, out)
-			}
-			var got []string
-			for _, m := range kexLine.FindAllStringSubmatch(string(out), -1) {
-				got = append(got, m[1])
-			}
-			if len(got) != 2 || got[0] != cipher || got[1] != cipher {
-				return fmt.Errorf("%s with %s: the client negotiated %v, want %s on both hops", via, cipher, got, cipher)
-			}
-		}
-	}
-	h.logf("both hops of both routes negotiate the cipher asked for")
-
-	// Which key exchange each hop does by default.
-	kexAlgo := regexp.MustCompile(`kex: algorithm: (\S+)`)
-	for _, via := range []string{viaBastion, viaOpenSSH} {
-		out, err := exec.Command("ssh", append(append([]string{"-v"}, h.sshArgs(via, "")...), "true")...).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("ssh -v (%s): %v\n%s", via, err, out)
-		}
-		var got []string
-		for _, m := range kexAlgo.FindAllStringSubmatch(string(out), -1) {
-			got = append(got, m[1])
-		}
-		h.kex[via] = got
-	}
-
-	// The bastion's own upstream hop (x/crypto client to the target) uses
-	// x/crypto's preference, whatever the client asked for. Read it from a
-	// second target sshd logging at DEBUG1.
-	dbg, err := startSSHD("cipher probe sshd", filepath.Join(h.dir, "target-debug"), "LogLevel DEBUG1\n", false, h.upstream.PublicKey())
+	// The bastion's own hop to the target is read from a second target
+	// sshd logging at DEBUG1, one connection at a time.
+	dbg, err := startSSHD("cipher probe sshd", filepath.Join(h.dir, "target-debug"), "LogLevel DEBUG1\n", false,
+		h.clientSigner.PublicKey(), h.upstream.PublicKey())
 	if err != nil {
 		return err
 	}
 	defer dbg.stop()
-	h.bastion.fleet.Set("target-debug", keys.Upstream{Addr: dbg.Addr, HostKeys: []gossh.PublicKey{dbg.HostKey}, Signer: h.upstream})
-	upstreamCiphers := map[string]bool{}
-	for _, cipher := range h.opts.ciphers {
-		args := h.sshArgs(viaBastion, cipher)
-		args[len(args)-1] = h.login + "@target-debug"
-		if out, err := exec.Command("ssh", append(args, "true")...).CombinedOutput(); err != nil {
-			return fmt.Errorf("probe of the upstream cipher: %v\n%s", err, out)
+	h.setVM("target-debug", keys.Upstream{Addr: dbg.Addr, HostKeys: []gossh.PublicKey{dbg.HostKey}, Signer: h.upstream})
+	known, err := os.OpenFile(h.knownHosts, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = known.WriteString(knownHostsLine(dbg.Addr, dbg.HostKey))
+	known.Close()
+	if err != nil {
+		return err
+	}
+	dbgPort := strings.TrimPrefix(dbg.Addr, "127.0.0.1:")
+	// Every hop's cipher, from the client's debug output ("kex:
+	// server->client cipher" once per hop it negotiates) and the debug
+	// sshd's ("kex: client->server cipher" for the bastion's hop).
+	kexLine := regexp.MustCompile(`kex: server->client cipher: (\S+)`)
+	upLine := regexp.MustCompile(`kex: client->server cipher: (\S+)`)
+	kexAlgo := regexp.MustCompile(`kex: algorithm: (\S+)`)
+	clientHops := map[string][]string{
+		viaBastion: {"client→bastion", "client→inner hop"},
+		viaTarget:  {"client→bastion"},
+		viaOpenSSH: {"client→jump", "client→target"},
+		viaDirect:  {"client→target"},
+	}
+	h.hops = map[string]map[string][]hop{}
+	for _, variant := range h.variants() {
+		h.hops[variant] = map[string][]hop{}
+		for _, via := range routes {
+			args := h.sshArgs(via, variant)
+			// The same route to the debug sshd: the bastion's name for it,
+			// or its own address.
+			dest := &args[len(args)-1]
+			if onBastion(via) {
+				*dest = strings.Replace(*dest, "@target", "@target-debug", 1)
+			} else {
+				args = append(args[:len(args)-1:len(args)-1], "-p", dbgPort, *dest)
+			}
+			logBefore, _ := os.ReadFile(dbg.Log)
+			out, err := exec.Command("ssh", append(append([]string{"-v"}, args...), "true")...).CombinedOutput()
+			if err != nil {
+				return fmt.Errorf("ssh -v (%s, %s): %v\n%s", via, variantName(variant), err, out)
+			}
+			var got []hop
+			for i, m := range kexLine.FindAllStringSubmatch(string(out), -1) {
+				name := fmt.Sprintf("hop %d", i+1)
+				if i < len(clientHops[via]) {
+					name = clientHops[via][i]
+				}
+				if variant != "" && m[1] != variant {
+					return fmt.Errorf("%s with %s forced: %s negotiated %s", via, variant, name, m[1])
+				}
+				got = append(got, hop{name, m[1]})
+			}
+			if len(got) != len(clientHops[via]) {
+				return fmt.Errorf("%s (%s): the client negotiated %d hops, want %d\n%s", via, variantName(variant), len(got), len(clientHops[via]), out)
+			}
+			if onBastion(via) {
+				logAfter, _ := os.ReadFile(dbg.Log)
+				m := upLine.FindStringSubmatch(string(logAfter[len(logBefore):]))
+				if m == nil {
+					return fmt.Errorf("%s (%s): the debug sshd did not log the bastion's cipher", via, variantName(variant))
+				}
+				got = append(got, hop{"bastion→target", m[1]})
+				if variant == "" {
+					if k := kexAlgo.FindStringSubmatch(string(logAfter[len(logBefore):])); k != nil {
+						h.kex["upstream"] = []string{k[1]}
+					}
+				}
+			}
+			h.hops[variant][via] = got
+			if variant == "" {
+				for _, m := range kexAlgo.FindAllStringSubmatch(string(out), -1) {
+					h.kex[via] = append(h.kex[via], m[1])
+				}
+			}
+			h.logf("  %s, %s: %v", variantName(variant), routeNames[via], got)
 		}
 	}
-	logData, _ := os.ReadFile(dbg.Log)
-	if m := kexAlgo.FindStringSubmatch(string(logData)); m != nil {
-		h.kex["upstream"] = []string{m[1]}
-	}
-	h.note("key exchanges by default: bastion route %v (client→bastion, client→inner hop), then bastion→target %v; OpenSSH route %v (client→jump, client→target)",
-		h.kex[viaBastion], h.kex["upstream"], h.kex[viaOpenSSH])
-	for _, m := range regexp.MustCompile(`kex: client->server cipher: (\S+)`).FindAllStringSubmatch(string(logData), -1) {
-		upstreamCiphers[m[1]] = true
-	}
-	var list []string
-	for c := range upstreamCiphers {
-		list = append(list, c)
-	}
-	if len(list) > 0 {
-		h.note("the bastion's upstream hop (bastion → target sshd) negotiated %s whatever the client's cipher: x/crypto's client preference, not configurable in link.go", strings.Join(list, ", "))
+	h.note("key exchanges by default: bastion -J %v (client→bastion, client→inner hop), bastion login@vm %v, then bastion→target %v; "+
+		"OpenSSH -J %v (client→jump, client→target); direct %v",
+		h.kex[viaBastion], h.kex[viaTarget], h.kex["upstream"], h.kex[viaOpenSSH], h.kex[viaDirect])
+	if slices.ContainsFunc(h.opts.ciphers, func(c string) bool { return bastionFor(c) != "bastion" }) {
+		h.note("the bastion offers %s by default on this CPU; the rows forcing another cipher go through a second bastion in this process "+
+			"that offers every cipher x/crypto implements (%s), as server.ciphers would",
+			strings.Join(bastion.DefaultCiphers(), ", "), strings.Join(gossh.SupportedAlgorithms().Ciphers, ", "))
 	}
 	return nil
 }
@@ -590,41 +681,35 @@ func (h *harness) record(r *row, via string, run int, value float64, extra strin
 	extra += fmt.Sprintf(" others_cpus=%.2f", others)
 	r.others = append(r.others, others)
 	h.samples = append(h.samples, sample{row: r.name, via: via, run: run, value: value, extra: extra})
-	if via == viaBastion {
-		r.bastion = append(r.bastion, value)
-	} else {
-		r.openssh = append(r.openssh, value)
-	}
+	r.values[via] = append(r.values[via], value)
 }
 
-// order returns the routes in the order of run i: alternating which goes
-// first, so that a drift in the machine's speed favours neither.
-func order(i int) []string {
-	if i%2 == 0 {
-		return []string{viaBastion, viaOpenSSH}
-	}
-	return []string{viaOpenSSH, viaBastion}
+// order returns the routes in the order of run i: each run starts with
+// the next one, so that a drift in the machine's speed favours none.
+func order(i int, routes []string) []string {
+	k := i % len(routes)
+	return append(slices.Clone(routes[k:]), routes[:k]...)
 }
 
-// rowSetup: `ssh -J … true`, wall time per connection, with OpenSSH's
-// default key exchange and again with curve25519 forced on the client's
-// hops (OpenSSH 9.2 prefers sntrup761x25519, which x/crypto does not
-// offer, so by default the two routes do not do the same key exchanges).
+// rowSetup: `ssh … true` by every route, wall time per connection, with
+// OpenSSH's default key exchange and again with curve25519 forced on the
+// client's hops (OpenSSH 9.2 prefers sntrup761x25519, which x/crypto does
+// not offer, so by default the routes do not do the same key exchanges).
 func (h *harness) rowSetup() error {
 	for _, variant := range []struct{ config, name string }{
-		{"", "connection setup: ssh -J … true, default KEX"},
-		{kexClassic, "connection setup: ssh -J … true, curve25519 KEX"},
+		{"", "connection setup: ssh … true, default KEX"},
+		{kexClassic, "connection setup: ssh … true, curve25519 KEX"},
 	} {
 		args := func(via string) []string { return append(h.sshArgsConfig(via, variant.config, ""), "true") }
 		r := h.newRow("setup", variant.name, "ms", false)
-		// Warm both routes up (the bastion caches its certificate per VM).
-		for _, via := range []string{viaBastion, viaOpenSSH} {
+		// Warm every route up (the bastion caches its certificate per VM).
+		for _, via := range routes {
 			if _, err := h.runClient(via, "ssh", args(via), "", "", ""); err != nil {
 				return err
 			}
 		}
 		for i := 0; i < h.opts.setupRuns; i++ {
-			for _, via := range order(i) {
+			for _, via := range order(i, routes) {
 				res, err := h.runClient(via, "ssh", args(via), "", "", "")
 				if err != nil {
 					return err
@@ -634,25 +719,20 @@ func (h *harness) rowSetup() error {
 		}
 		r.pair()
 		h.logf("%s", r.summary())
-		// For scale: the same command straight to the target, no jump at all.
-		var direct []float64
-		for i := 0; i < min(h.opts.setupRuns, 11); i++ {
-			res, err := h.runClient(viaBastion, "ssh", []string{"-F", h.configs[variant.config], h.login + "@target-direct", "true"}, "", "", "")
-			if err != nil {
-				return err
-			}
-			direct = append(direct, float64(res.wall.Microseconds())/1000)
-		}
-		h.note("for scale (%s), `ssh … true` straight to the target sshd, with no jump host, took %s ms", variant.name, spread(direct))
 	}
 	return nil
 }
 
-// rowBulk: `ssh -J … 'cat > /dev/null'` and `'cat bigfile'` for each
-// cipher: MB/s, and the jump's CPU seconds per GiB from the same runs.
+// rowBulk: `ssh … 'cat > /dev/null'` and `'cat bigfile'` by every route,
+// for a default client and for one forcing each cipher: MB/s, and the
+// jump's CPU seconds per GiB from the same runs.
 func (h *harness) rowBulk() error {
-	for _, cipher := range h.opts.ciphers {
-		short := strings.SplitN(cipher, "@", 2)[0]
+	for _, cipher := range h.variants() {
+		short := variantName(cipher)
+		tag := "default"
+		if cipher != "" {
+			tag = strings.SplitN(cipher, "@", 2)[0]
+		}
 		for _, dir := range []string{"download", "upload"} {
 			cmdline, stdin := "cat "+h.bigfile, ""
 			if dir == "upload" {
@@ -660,7 +740,7 @@ func (h *harness) rowBulk() error {
 			}
 			args := func(via string) []string { return append(h.sshArgs(via, cipher), cmdline) }
 			if err := h.transfer("bulk", fmt.Sprintf("bulk %s, %s", dir, short), fmt.Sprintf("jump CPU, bulk %s, %s", dir, short),
-				"ssh", args, stdin, fmt.Sprintf("bulk-%s-%s", dir, short)); err != nil {
+				"ssh", args, stdin, fmt.Sprintf("bulk-%s-%s", dir, tag)); err != nil {
 				return err
 			}
 		}
@@ -678,17 +758,23 @@ func (h *harness) transfer(group, name, cpuName, program string, args func(via s
 	cpu := h.newRow("cpu", cpuName, "CPU s/GiB", false)
 	var io ioCounts
 	for i := 0; i < h.opts.runs; i++ {
-		for _, via := range order(i) {
+		for _, via := range order(i, routes) {
 			res, err := h.runClient(via, program, args(via), stdin, os.DevNull, "")
 			if err != nil {
 				return err
 			}
 			mbps := float64(size) / 1e6 / res.wall.Seconds()
-			cpuPerGiB := float64(res.cpu) / clockTick / (float64(size) / (1 << 30))
 			h.record(tput, via, i, mbps, fmt.Sprintf("wall_s=%.3f", res.wall.Seconds()), res.others)
+			if via == viaDirect { // no jump
+				h.logf("  %s run %d %s: %.0f MB/s", name, i+1, via, mbps)
+				continue
+			}
+			cpuPerGiB := float64(res.cpu) / clockTick / (float64(size) / (1 << 30))
 			h.record(cpu, via, i, cpuPerGiB, fmt.Sprintf("cpu_ticks=%d", res.cpu), res.others)
 			h.logf("  %s run %d %s: %.0f MB/s, %.2f CPU s/GiB", name, i+1, via, mbps, cpuPerGiB)
-			io = io.add(res.io)
+			if via == viaBastion {
+				io = io.add(res.io)
+			}
 		}
 	}
 	h.ioNote(name, io, size*int64(h.opts.runs))
@@ -846,7 +932,7 @@ func (h *harness) rowMem() error {
 	for _, n := range h.opts.memN {
 		r := h.newRow("mem", fmt.Sprintf("memory per idle session, %d sessions", n), "KiB PSS", false)
 		for i := 0; i < h.opts.memRuns; i++ {
-			for _, via := range order(i) {
+			for _, via := range order(i, []string{viaBastion, viaOpenSSH}) {
 				load := probeLoad()
 				perSession, detail, err := h.idleRun(via, n)
 				if err != nil {

@@ -16,44 +16,57 @@ import (
 )
 
 // row is one line of the results table: a figure for each route, run by
-// run, and the ratios of the runs paired by index.
+// run, and the ratios of each bastion route to OpenSSH's jump, runs paired
+// by index.
 type row struct {
 	group        string
 	name         string
 	unit         string
 	higherBetter bool
-	bastion      []float64
-	openssh      []float64
-	ratio        []float64 // > 1: the bastion is better
-	others       []float64 // CPUs busy outside the harness during each run
+	values       map[string][]float64 // by route
+	ratio        map[string][]float64 // by bastion route; > 1: the bastion is better
+	others       []float64            // CPUs busy outside the harness during each run
 }
 
 func (h *harness) newRow(group, name, unit string, higherBetter bool) *row {
-	r := &row{group: group, name: name, unit: unit, higherBetter: higherBetter}
+	r := &row{group: group, name: name, unit: unit, higherBetter: higherBetter, values: map[string][]float64{}, ratio: map[string][]float64{}}
 	h.rows = append(h.rows, r)
 	return r
 }
 
-// pair computes the ratio of each run: bastion/OpenSSH where higher is
-// better, OpenSSH/bastion where lower is better.
+// pair computes the ratio of each run, for each bastion route:
+// bastion/OpenSSH where higher is better, OpenSSH/bastion where lower is
+// better.
 func (r *row) pair() {
-	r.ratio = nil
-	for i := 0; i < min(len(r.bastion), len(r.openssh)); i++ {
-		b, o := r.bastion[i], r.openssh[i]
-		var q float64
-		if r.higherBetter {
-			q = b / o
-		} else {
-			q = o / b
-		}
-		if !math.IsInf(q, 0) && !math.IsNaN(q) {
-			r.ratio = append(r.ratio, q)
+	clear(r.ratio)
+	o := r.values[viaOpenSSH]
+	for _, via := range bastionRoutes {
+		b := r.values[via]
+		for i := 0; i < min(len(b), len(o)); i++ {
+			q := o[i] / b[i]
+			if r.higherBetter {
+				q = b[i] / o[i]
+			}
+			if !math.IsInf(q, 0) && !math.IsNaN(q) {
+				r.ratio[via] = append(r.ratio[via], q)
+			}
 		}
 	}
 }
 
 func (r *row) summary() string {
-	return fmt.Sprintf("%s (%s): bastion %s, OpenSSH %s, ratio %s", r.name, r.unit, spread(r.bastion), spread(r.openssh), spread(r.ratio))
+	var parts []string
+	for _, via := range routes {
+		if v := r.values[via]; len(v) > 0 {
+			parts = append(parts, routeNames[via]+" "+spread(v))
+		}
+	}
+	for _, via := range bastionRoutes {
+		if q := r.ratio[via]; len(q) > 0 {
+			parts = append(parts, "ratio "+routeNames[via]+" "+spread(q))
+		}
+	}
+	return fmt.Sprintf("%s (%s): %s", r.name, r.unit, strings.Join(parts, ", "))
 }
 
 // stats returns the median, minimum and maximum of xs.
@@ -123,16 +136,53 @@ func (h *harness) report() error {
 		fmt.Fprintf(&b, "- %s\n", e)
 	}
 	fmt.Fprintf(&b, "- load average at the end: %s\n", loadavg())
-	fmt.Fprintf(&b, "- transfers of %d MiB; %d runs per side for transfers, %d for connection setup, %d for idle sessions; runs alternate bastion and OpenSSH\n\n",
+	fmt.Fprintf(&b, "- transfers of %d MiB; %d runs per route for transfers, %d for connection setup, %d for idle sessions; each run takes the routes in turn, a different one first each time\n\n",
 		o.size>>20, o.runs, o.setupRuns, o.memRuns)
-	fmt.Fprintf(&b, "Every figure is a median [min–max] over runs. The ratio is computed run by run, then its median taken:\n"+
+	fmt.Fprintf(&b, "Routes: **bastion -J** is `ssh -J bastion login@target`, **bastion login@vm** `ssh login@target@bastion`, "+
+		"**OpenSSH -J** `ssh -J nobody@jumphost login@target`, **direct** `ssh login@target` with no jump host (no jump: no jump CPU).\n\n")
+	fmt.Fprintf(&b, "Every figure is a median [min–max] over runs. Each ratio is a bastion route against OpenSSH -J, computed run by run, then its median taken:\n"+
 		"bastion/OpenSSH for throughput, OpenSSH/bastion for time, CPU and memory, so a ratio above 1 always means the bastion did better.\n\n")
-	fmt.Fprintf(&b, "| row | unit | bastion | OpenSSH | ratio |\n|---|---|---|---|---|\n")
+	fmt.Fprintf(&b, "| row | unit |")
+	for _, via := range routes {
+		fmt.Fprintf(&b, " %s |", routeNames[via])
+	}
+	for _, via := range bastionRoutes {
+		fmt.Fprintf(&b, " ratio, %s |", routeNames[via])
+	}
+	fmt.Fprintf(&b, "\n|---|---|%s\n", strings.Repeat("---|", len(routes)+len(bastionRoutes)))
 	for _, r := range h.rows {
-		if len(r.bastion) == 0 && len(r.openssh) == 0 {
+		if len(r.values) == 0 {
 			continue
 		}
-		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s |\n", r.name, r.unit, spread(r.bastion), spread(r.openssh), spread(r.ratio))
+		fmt.Fprintf(&b, "| %s | %s |", r.name, r.unit)
+		for _, via := range routes {
+			fmt.Fprintf(&b, " %s |", spread(r.values[via]))
+		}
+		for _, via := range bastionRoutes {
+			fmt.Fprintf(&b, " %s |", spread(r.ratio[via]))
+		}
+		b.WriteString("\n")
+	}
+	if len(h.hops) > 0 {
+		fmt.Fprintf(&b, "\n## Negotiated ciphers, hop by hop\n\n"+
+			"From `ssh -v` (the hops the client negotiates) and from a target sshd logging at DEBUG1 (the bastion's own hop to the target), "+
+			"one connection per cell. A default client sets no cipher; a forced one sets `-c` and `Ciphers` in its ssh_config, which ProxyJump's own ssh reads too.\n\n"+
+			"| client |")
+		for _, via := range routes {
+			fmt.Fprintf(&b, " %s |", routeNames[via])
+		}
+		fmt.Fprintf(&b, "\n|---|%s\n", strings.Repeat("---|", len(routes)))
+		for _, variant := range h.variants() {
+			fmt.Fprintf(&b, "| %s |", variantName(variant))
+			for _, via := range routes {
+				var cells []string
+				for _, hop := range h.hops[variant][via] {
+					cells = append(cells, hop.name+": "+strings.TrimSuffix(hop.cipher, "@openssh.com"))
+				}
+				fmt.Fprintf(&b, " %s |", strings.Join(cells, "<br>"))
+			}
+			b.WriteString("\n")
+		}
 	}
 	if m := h.maxResult; m != nil {
 		status := "no limit reached"
@@ -323,18 +373,26 @@ func profileSummary(path string) string {
 	return b.String()
 }
 
-// chart draws the median ratio of every row as a bar from 1.0, on a
-// logarithmic axis, with the runs' range as a whisker.
+// bar is one bar of the chart: a row's ratios for one bastion route.
+type bar struct {
+	label string
+	ratio []float64
+}
+
+// chart draws the median ratio of every row and bastion route as a bar
+// from 1.0, on a logarithmic axis, with the runs' range as a whisker.
 func (h *harness) chart() string {
-	var rows []*row
+	var rows []bar
 	for _, r := range h.rows {
-		if len(r.ratio) > 0 {
-			rows = append(rows, r)
+		for _, via := range bastionRoutes {
+			if q := r.ratio[via]; len(q) > 0 {
+				rows = append(rows, bar{fmt.Sprintf("%s (%s), %s", r.name, r.unit, routeNames[via]), q})
+			}
 		}
 	}
 	const (
-		left, right, top, barH, gap = 440.0, 40.0, 84.0, 20.0, 8.0
-		width                       = 1040.0
+		left, right, top, barH, gap = 560.0, 40.0, 84.0, 20.0, 8.0
+		width                       = 1160.0
 	)
 	height := top + float64(len(rows))*(barH+gap) + 60
 	lo, hi := 0.5, 2.0
@@ -368,7 +426,7 @@ func (h *harness) chart() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" width="%.0f" height="%.0f" viewBox="0 0 %.0f %.0f" font-family="sans-serif" font-size="12">`+"\n", width, height, width, height)
 	fmt.Fprintf(&b, `<rect width="100%%" height="100%%" fill="white"/>`+"\n")
-	fmt.Fprintf(&b, `<text x="20" y="24" font-size="15" font-weight="bold">Bastion vs OpenSSH ProxyJump: median ratio per row (log scale)</text>`+"\n")
+	fmt.Fprintf(&b, `<text x="20" y="24" font-size="15" font-weight="bold">Bastion vs OpenSSH ProxyJump: median ratio per row and bastion route (log scale)</text>`+"\n")
 	fmt.Fprintf(&b, `<text x="20" y="44" fill="#555">above 1 (right of the line): the bastion did better — faster, less CPU or less memory. Whiskers: min–max of the per-run ratios.</text>`+"\n")
 	axisY := height - 40
 	for _, t := range ticks {
@@ -387,7 +445,7 @@ func (h *harness) chart() string {
 			color = "#c62828"
 			x0, x1 = x1, x0
 		}
-		label := fmt.Sprintf("%s (%s)", r.name, r.unit)
+		label := r.label
 		fmt.Fprintf(&b, `<text x="%.0f" y="%.1f" text-anchor="end">%s</text>`+"\n", left-10, y+barH*0.7, html.EscapeString(label))
 		fmt.Fprintf(&b, `<rect x="%.1f" y="%.1f" width="%.1f" height="%.1f" fill="%s" opacity="0.8"/>`+"\n", x0, y, math.Max(x1-x0, 1), barH, color)
 		cy := y + barH/2

@@ -59,7 +59,7 @@ func (h *harness) rowVM() error {
 	}
 	add := func(name string, bastion, openssh []float64) {
 		r := h.newRow("vm", name, "ms", false)
-		r.bastion, r.openssh = ms(bastion), ms(openssh)
+		r.values[viaBastion], r.values[viaOpenSSH] = ms(bastion), ms(openssh)
 		r.pair()
 		h.logf("%s", r.summary())
 	}
