@@ -142,6 +142,21 @@ func (h *harness) run() error {
 			return err
 		}
 	}
+	if o.rows["keystroke"] {
+		if err := h.rowKeystroke(); err != nil {
+			return err
+		}
+	}
+	if o.rows["files"] {
+		if err := h.rowSmallFiles(); err != nil {
+			return err
+		}
+	}
+	if o.rows["rate"] {
+		if err := h.rowRate(); err != nil {
+			return err
+		}
+	}
 	if o.rows["mem"] {
 		if err := h.rowMem(); err != nil {
 			return err

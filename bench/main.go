@@ -38,15 +38,18 @@ type options struct {
 	keep       bool
 	soakN      int
 	soakFor    time.Duration
+	keystrokes int
+	smallFiles int
+	rateLogins int
 }
 
-var allRows = []string{"setup", "bulk", "sftp", "cpu", "mem", "max", "vm", "soak"}
+var allRows = []string{"setup", "bulk", "sftp", "keystroke", "files", "rate", "cpu", "mem", "max", "vm", "soak"}
 
 func main() {
 	mode := flag.String("mode", "", "internal: reaper, client or stub (the harness re-executes itself)")
 	spec := flag.String("spec", "", "internal: the spec file of -mode client or stub")
 	out := flag.String("out", "bench/results", "directory for results.md, chart.svg, raw.csv and the CPU profiles")
-	quick := flag.Bool("quick", false, "smaller transfers and fewer runs: 128 MiB, 2 runs, 10 connection setups, 100 idle sessions, a 2,000-session hunt")
+	quick := flag.Bool("quick", false, "smaller transfers and fewer runs: 128 MiB, 2 runs, 10 connection setups, 100 keystrokes, 32 logins a burst, 100 idle sessions, a 2,000-session hunt")
 	rows := flag.String("rows", strings.Join(allRows, ","), "rows to run, comma-separated: "+strings.Join(allRows, ", ")+" (cpu is measured during the bulk and sftp transfers; alone it runs the bulk transfers)")
 	runs := flag.Int("runs", 0, "runs of each transfer per side (default 3; 2 with -quick)")
 	setupRuns := flag.Int("setup-runs", 0, "connection setups per side (default 21; 10 with -quick)")
@@ -60,6 +63,9 @@ func main() {
 	profile := flag.Bool("profile", true, "write a CPU profile of the bastion for each bulk and sftp row")
 	soakN := flag.Int("soak-sessions", 1000, "sessions the soak holds at once")
 	soakFor := flag.Duration("soak-duration", 0, "how long the soak's load lasts (default 10m; 1m with -quick)")
+	keystrokes := flag.Int("keystrokes", 0, "keystrokes per run of the keystroke row (default 200; 100 with -quick)")
+	smallFiles := flag.Int("small-files", 1000, "files of 4 KiB in the tree of the files row")
+	rateLogins := flag.Int("rate-logins", 0, "logins per run of the rate row (default 64; 32 with -quick)")
 	keep := flag.Bool("keep", false, "keep the working directory (keys, configs, logs, the big file)")
 	flag.Parse()
 
@@ -104,6 +110,9 @@ func main() {
 		}
 	}
 	o.runs = pick(*runs, 3, 2)
+	o.keystrokes = pick(*keystrokes, 200, 100)
+	o.smallFiles = max(*smallFiles, 1)
+	o.rateLogins = pick(*rateLogins, 64, 32)
 	o.setupRuns = pick(*setupRuns, 21, 10)
 	o.memRuns = pick(*memRuns, 2, 1)
 	o.size = int64(pick(int(*sizeMiB), 1024, 128)) << 20

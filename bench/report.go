@@ -123,7 +123,7 @@ func writeJSON(path string, v any) error {
 func (h *harness) report() error {
 	o := h.opts
 	// Rows by kind: setup, throughput, CPU, memory.
-	groups := []string{"setup", "vm", "bulk", "sftp", "cpu", "mem"}
+	groups := []string{"setup", "rate", "vm", "keystroke", "bulk", "sftp", "files", "cpu", "mem"}
 	slices.SortStableFunc(h.rows, func(a, b *row) int {
 		return slices.Index(groups, a.group) - slices.Index(groups, b.group)
 	})
