@@ -32,6 +32,7 @@ func (m *Manager) dialInBand(ctx context.Context, t *Trust) (*ssh.Client, ssh.Pu
 		conn.SetDeadline(deadline)
 	}
 	config := t.Upstream().ClientConfig(t.Login, "SSH-2.0-bastion-trust")
+	config.Ciphers = m.Ciphers
 	pinned := config.HostKeyCallback
 	var proven ssh.PublicKey
 	config.HostKeyCallback = func(host string, remote net.Addr, key ssh.PublicKey) error {

@@ -106,6 +106,9 @@ type Manager struct {
 	// MaxChecks is how many checks run at once over all VMs; 0 means 16.
 	// The others wait their turn.
 	MaxChecks int
+	// Ciphers are preferred in this order on the in-band connection to
+	// the VM; nil means x/crypto's defaults.
+	Ciphers []string
 	// StateDir, if set, holds trust.json, rewritten whole on every change
 	// of the set of trusts (see state.go).
 	StateDir string

@@ -379,3 +379,37 @@ func TestReconnectedHypervisorDropsItsTrusts(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// TestInBandCiphers: the check's connection to the VM prefers the
+// manager's ciphers, in order, as the VM's sshd logging at DEBUG1 sees.
+func TestInBandCiphers(t *testing.T) {
+	for _, tc := range []struct {
+		ciphers []string
+		want    string
+	}{
+		{nil, "aes128-gcm@openssh.com"}, // x/crypto's first
+		{[]string{"aes256-ctr", "aes128-gcm@openssh.com"}, "aes256-ctr"},
+	} {
+		sshd, err := testenv.StartSSHDWith(testenv.SSHDOptions{Dir: t.TempDir(), Config: testenv.TestConfig + "LogLevel DEBUG1\n"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { sshd.Stop() })
+		g := &localGuest{t: t, sshd: sshd, hostKey: sshd.HostKey}
+		m := g.manager()
+		m.Ciphers = tc.ciphers
+		if _, err := m.Get(context.Background(), vm1, sshd.Login); err != nil {
+			t.Fatalf("ciphers %q: %v", tc.ciphers, err)
+		}
+		log, _ := os.ReadFile(sshd.Log)
+		var seen []string
+		for _, line := range strings.Split(string(log), "\n") {
+			if _, c, ok := strings.Cut(line, "kex: client->server cipher: "); ok {
+				seen = append(seen, strings.Fields(c)[0])
+			}
+		}
+		if len(seen) == 0 || slices.ContainsFunc(seen, func(c string) bool { return c != tc.want }) {
+			t.Errorf("ciphers %q: the VM's sshd saw %q, want %s on every connection", tc.ciphers, seen, tc.want)
+		}
+	}
+}

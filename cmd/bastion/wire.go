@@ -62,6 +62,12 @@ func openFleet(c *Config, logger *slog.Logger, sink audit.Sink, onEvent func(vm.
 	for _, m := range c.Trust.Modes {
 		modes = append(modes, trust.Mode(m))
 	}
+	// The check's own connections to the VM keep to the same ciphers as
+	// the links the people's sessions travel.
+	ciphers := c.Server.ciphers
+	if ciphers == nil {
+		ciphers = bastion.DefaultCiphers()
+	}
 	manager := &trust.Manager{
 		Instance:  instance,
 		TTL:       c.Trust.TTL.Duration,
@@ -69,6 +75,7 @@ func openFleet(c *Config, logger *slog.Logger, sink audit.Sink, onEvent func(vm.
 		SSHPort:   c.Trust.SSHPort,
 		Timeout:   c.Trust.CheckTimeout.Duration,
 		MaxChecks: c.Trust.MaxChecks,
+		Ciphers:   ciphers,
 		Logger:    logger,
 		Audit:     sink,
 	}
