@@ -68,9 +68,9 @@ func ParseCiphers(names []string) ([]string, error) {
 	for i, name := range names {
 		switch {
 		case slices.Contains(insecure, name):
-			return nil, fmt.Errorf("%q is not offered: it is insecure (one of %s)", name, strings.Join(supported, ", "))
+			return nil, fmt.Errorf("%q is insecure, never offered (the bastion offers %s)", name, strings.Join(supported, ", "))
 		case !slices.Contains(supported, name):
-			return nil, fmt.Errorf("%q is not a cipher the bastion implements (one of %s)", name, strings.Join(supported, ", "))
+			return nil, fmt.Errorf("%q is not a cipher the bastion implements (it offers %s)", name, strings.Join(supported, ", "))
 		case slices.Contains(names[:i], name):
 			return nil, fmt.Errorf("%q is named twice", name)
 		}
