@@ -44,6 +44,29 @@ func defaultCiphers(hasAES bool) []string {
 	return slices.Concat([]string{gossh.CipherChaCha20Poly1305}, aesGCM, aesCTR)
 }
 
+// UpstreamCiphers is what the bastion asks for as a client, on the link to
+// a VM and in the trust check, given the configured list (nil: the
+// default). A configured list is kept as it is. The default list comes
+// first, then x/crypto's other secure ciphers: a VM's sshd that has the
+// default's picks it (the client's order wins), and one too old for
+// AES-GCM is still reached.
+func UpstreamCiphers(configured []string) []string {
+	if configured != nil {
+		return configured
+	}
+	return defaultUpstreamList
+}
+
+var defaultUpstreamList = func() []string {
+	list := slices.Clone(defaultCipherList)
+	for _, c := range gossh.SupportedAlgorithms().Ciphers {
+		if !slices.Contains(list, c) {
+			list = append(list, c)
+		}
+	}
+	return list
+}()
+
 // aesHardware reports whether x/crypto's AES-GCM runs on AES instructions
 // here.
 func aesHardware() bool {

@@ -177,8 +177,34 @@ func TestUpstreamCipherIsTheBastionsPreference(t *testing.T) {
 	}
 }
 
-// debugVM starts a second VM sshd, logging at DEBUG1, as the VM name.
-func (f *fixture) debugVM(t *testing.T, name string) *testenv.SSHD {
+// TestUpstreamReachesAnOldSSHD: by default the bastion, as a client, asks
+// for its own list first and then the other secure ciphers, so a VM whose
+// sshd has no AES-GCM (OpenSSH before 6.2) is still reached; a list the
+// operator set is kept to, and such a VM is then refused.
+func TestUpstreamReachesAnOldSSHD(t *testing.T) {
+	if got := bastion.UpstreamCiphers(nil); !slices.Equal(got[:len(bastion.DefaultCiphers())], bastion.DefaultCiphers()) || !slices.Contains(got, "aes128-ctr") {
+		t.Fatalf("UpstreamCiphers(nil) = %q: want the default first, then the others", got)
+	}
+	for _, tc := range []struct {
+		ciphers []string
+		ok      bool
+	}{{nil, true}, {[]string{aes128GCM}, false}} {
+		f := newFixture(t, func(s *bastion.Server) { s.Ciphers = tc.ciphers })
+		vm := f.debugVM(t, "web2", "Ciphers aes128-ctr\n")
+		res := f.ssh(nil, f.login+"@web2@bastion", "true")
+		log, _ := os.ReadFile(vm.Log)
+		if tc.ok && (res.Exit != 0 || !strings.Contains(string(log), "kex: client->server cipher: aes128-ctr")) {
+			t.Errorf("default ciphers to an sshd with aes128-ctr only: %v\n%s", res, log)
+		}
+		if !tc.ok && (res.Exit == 0 || !strings.Contains(res.Stderr, "web2")) {
+			t.Errorf("server.ciphers %q to an sshd with aes128-ctr only: %v, want a refusal", tc.ciphers, res)
+		}
+	}
+}
+
+// debugVM starts a second VM sshd, logging at DEBUG1, as the VM name,
+// with extra lines of sshd_config.
+func (f *fixture) debugVM(t *testing.T, name string, extra ...string) *testenv.SSHD {
 	t.Helper()
 	pemBytes, err := os.ReadFile(f.upstreamKeyPath)
 	if err != nil {
@@ -189,7 +215,7 @@ func (f *fixture) debugVM(t *testing.T, name string) *testenv.SSHD {
 		t.Fatal(err)
 	}
 	vm, err := testenv.StartSSHDWith(testenv.SSHDOptions{Dir: filepath.Join(t.TempDir(), name), Authorized: []gossh.PublicKey{signer.PublicKey()},
-		Config: testenv.TestConfig + "LogLevel DEBUG1\n"})
+		Config: testenv.TestConfig + "LogLevel DEBUG1\n" + strings.Join(extra, "")})
 	if err != nil {
 		t.Fatal(err)
 	}

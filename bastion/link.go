@@ -362,7 +362,7 @@ func (l *link) handshake(ctx context.Context, target keys.Upstream) error {
 		nc.SetDeadline(deadline)
 	}
 	config := target.ClientConfig(l.login, l.srv.version())
-	config.Ciphers = l.srv.ciphers() // as a client, the bastion's order is the preference
+	config.Ciphers = UpstreamCiphers(l.srv.Ciphers) // as a client, the bastion's order is the preference
 	conn, chans, reqs, err := gossh.NewClientConn(nc, target.Addr, config)
 	if err != nil {
 		nc.Close()

@@ -64,10 +64,7 @@ func openFleet(c *Config, logger *slog.Logger, sink audit.Sink, onEvent func(vm.
 	}
 	// The check's own connections to the VM keep to the same ciphers as
 	// the links the people's sessions travel.
-	ciphers := c.Server.ciphers
-	if ciphers == nil {
-		ciphers = bastion.DefaultCiphers()
-	}
+	ciphers := bastion.UpstreamCiphers(c.Server.ciphers)
 	manager := &trust.Manager{
 		Instance:  instance,
 		TTL:       c.Trust.TTL.Duration,
