@@ -248,36 +248,7 @@ func TestGitFlow(t *testing.T) {
 			} else {
 				url = "ssh://" + f.login + "@web1@bastion" + repo
 			}
-			env := []string{"GIT_SSH_COMMAND=" + ssh, "GIT_SSH_VARIANT=ssh", "GIT_TRACE_PACKET=1"}
-			work := t.TempDir()
-			out, code := testenv.Git(t, work, env, "clone", "-q", url, "w")
-			if code != 0 {
-				t.Fatalf("git clone: exit %d\n%s", code, out)
-			}
-			if !strings.Contains(out, "clone< version 2") {
-				t.Fatalf("the clone did not speak protocol v2 (GIT_PROTOCOL did not reach the VM):\n%s", out)
-			}
-			w := filepath.Join(work, "w")
-			os.WriteFile(filepath.Join(w, mode.name), []byte(mode.name+"\n"), 0o644)
-			testenv.Git(t, w, nil, "add", ".")
-			if out, code := testenv.Git(t, w, nil, "commit", "-q", "-m", mode.name); code != 0 {
-				t.Fatalf("git commit: %s", out)
-			}
-			if out, code := testenv.Git(t, w, env, "pull", "-q", "--rebase", "origin", "main"); code != 0 && !strings.Contains(out, "couldn't find remote ref") {
-				t.Fatalf("git pull: exit %d\n%s", code, out)
-			}
-			if out, code := testenv.Git(t, w, env, "push", "-q", "origin", "HEAD:main"); code != 0 {
-				t.Fatalf("git push: exit %d\n%s", code, out)
-			}
-			// Rejected: a push that is not a fast-forward exits 1.
-			testenv.Git(t, w, nil, "commit", "-q", "--amend", "-m", "rewritten")
-			if out, code := testenv.Git(t, w, env, "push", "-q", "origin", "HEAD:main"); code != 1 || !strings.Contains(out, "rejected") {
-				t.Fatalf("a non-fast-forward push: exit %d, want 1\n%s", code, out)
-			}
-			// A repository that is not there: git's 128.
-			if out, code := testenv.Git(t, work, env, "clone", "-q", strings.TrimSuffix(url, "repo.git")+"nosuch.git", "x"); code != 128 {
-				t.Fatalf("a clone of nothing: exit %d, want 128\n%s", code, out)
-			}
+			testenv.GitRoundTrip(t, []string{"GIT_SSH_COMMAND=" + ssh}, url, mode.name)
 		})
 	}
 	out, _ := testenv.Git(t, t.TempDir(), nil, "--git-dir", repo, "log", "--format=%s", "main")

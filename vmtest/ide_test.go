@@ -226,29 +226,7 @@ func TestIDEFlowsOnGuest(t *testing.T) {
 				} else {
 					url = "ssh://root@" + web1 + "@bastion" + repo
 				}
-				env := []string{"GIT_SSH_COMMAND=" + ssh, "GIT_SSH_VARIANT=ssh", "GIT_TRACE_PACKET=1"}
-				work := t.TempDir()
-				out, code := testenv.Git(t, work, env, "clone", "-q", url, "w")
-				if code != 0 || !strings.Contains(out, "clone< version 2") {
-					t.Fatalf("git clone (protocol v2 through GIT_PROTOCOL): exit %d\n%s", code, out)
-				}
-				w := filepath.Join(work, "w")
-				write(t, filepath.Join(w, mode.name), mode.name+"\n")
-				testenv.Git(t, w, nil, "add", ".")
-				testenv.Git(t, w, nil, "commit", "-q", "-m", mode.name)
-				if out, code := testenv.Git(t, w, env, "pull", "-q", "--rebase", "origin", "main"); code != 0 && !strings.Contains(out, "couldn't find remote ref") {
-					t.Fatalf("git pull: exit %d\n%s", code, out)
-				}
-				if out, code := testenv.Git(t, w, env, "push", "-q", "origin", "HEAD:main"); code != 0 {
-					t.Fatalf("git push: exit %d\n%s", code, out)
-				}
-				testenv.Git(t, w, nil, "commit", "-q", "--amend", "-m", "rewritten")
-				if out, code := testenv.Git(t, w, env, "push", "-q", "origin", "HEAD:main"); code != 1 || !strings.Contains(out, "rejected") {
-					t.Fatalf("a push that is not a fast-forward: exit %d, want 1\n%s", code, out)
-				}
-				if out, code := testenv.Git(t, work, env, "clone", "-q", strings.TrimSuffix(url, "repo.git")+"nosuch.git", "x"); code != 128 {
-					t.Fatalf("a clone of nothing: exit %d, want 128\n%s", code, out)
-				}
+				testenv.GitRoundTrip(t, []string{"GIT_SSH_COMMAND=" + ssh}, url, mode.name)
 			})
 		}
 		if res := b.ssh(nil, "root@"+web1, "git --git-dir "+repo+" log --format=%s main"); string(res.Stdout) != "login@vm\njump\n" {

@@ -92,3 +92,37 @@ func Git(t testing.TB, dir string, env []string, args ...string) (string, int) {
 	}
 	return string(out), code
 }
+
+// GitRoundTrip is what a person does with a repository over SSH, with
+// git's exact exit codes: a clone of url that speaks protocol v2, a commit
+// of a file called name pushed back, a push that is not a fast-forward
+// refused (exit 1), and a clone of a repository that is not there (128).
+// env carries GIT_SSH_COMMAND.
+func GitRoundTrip(t testing.TB, env []string, url, name string) {
+	t.Helper()
+	env = append(env, "GIT_SSH_VARIANT=ssh", "GIT_TRACE_PACKET=1")
+	work := t.TempDir()
+	out, code := Git(t, work, env, "clone", "-q", url, "w")
+	if code != 0 || !strings.Contains(out, "clone< version 2") {
+		t.Fatalf("git clone, protocol v2 through GIT_PROTOCOL: exit %d\n%s", code, out)
+	}
+	w := filepath.Join(work, "w")
+	write(t, filepath.Join(w, name), []byte(name+"\n"), 0o644)
+	Git(t, w, nil, "add", ".")
+	if out, code := Git(t, w, nil, "commit", "-q", "-m", name); code != 0 {
+		t.Fatalf("git commit: %s", out)
+	}
+	if out, code := Git(t, w, env, "pull", "-q", "--rebase", "origin", "main"); code != 0 && !strings.Contains(out, "couldn't find remote ref") {
+		t.Fatalf("git pull: exit %d\n%s", code, out)
+	}
+	if out, code := Git(t, w, env, "push", "-q", "origin", "HEAD:main"); code != 0 {
+		t.Fatalf("git push: exit %d\n%s", code, out)
+	}
+	Git(t, w, nil, "commit", "-q", "--amend", "-m", "rewritten")
+	if out, code := Git(t, w, env, "push", "-q", "origin", "HEAD:main"); code != 1 || !strings.Contains(out, "rejected") {
+		t.Fatalf("a push that is not a fast-forward: exit %d, want 1\n%s", code, out)
+	}
+	if out, code := Git(t, work, env, "clone", "-q", strings.TrimSuffix(url, "repo.git")+"nosuch.git", "x"); code != 128 {
+		t.Fatalf("a clone of nothing: exit %d, want 128\n%s", code, out)
+	}
+}
