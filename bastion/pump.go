@@ -163,6 +163,7 @@ type bulkConn struct {
 func newBulkConn(c net.Conn) *bulkConn {
 	b := &bulkConn{Conn: c, out: newWriteBehind(c, c.SetWriteDeadline)}
 	b.in.src = c
+	b.in.quickAck = quickAcker(c)
 	return b
 }
 
@@ -185,6 +186,8 @@ type readAhead struct {
 	r, w    int     // unread bytes are (*buf)[r:w]
 	err     error   // the source's error, returned after the bytes before it
 	backlog bool    // the last read of the source filled what it was given
+	// quickAck, if set, is called before each read outside a backlog.
+	quickAck func()
 }
 
 func (ra *readAhead) Read(p []byte) (int, error) {
@@ -203,6 +206,9 @@ func (ra *readAhead) Read(p []byte) (int, error) {
 		if ra.buf != nil {
 			bulkBuffers.Put(ra.buf)
 			ra.buf = nil
+		}
+		if ra.quickAck != nil {
+			ra.quickAck() // a conversation, not a stream: see quickAcker
 		}
 		n, err := ra.src.Read(p)
 		ra.backlog = n == len(p)

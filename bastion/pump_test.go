@@ -273,3 +273,66 @@ func TestWriteBehindConcurrentWritersKeepEachWriteWhole(t *testing.T) {
 		}
 	}
 }
+
+// Quick acknowledgments are asked for before the reads of a conversation
+// (small reads), not before the gulps of a backlog: a stream's
+// acknowledgments may wait, and each would cost a system call.
+func TestReadAheadAsksForQuickAcksOnlyOutsideABacklog(t *testing.T) {
+	src := &backlogSource{data: make([]byte, 3*bulkSize), err: io.EOF}
+	asked := 0
+	ra := &readAhead{src: src, quickAck: func() { asked++ }}
+	p := make([]byte, 4096)
+	ra.Read(p) // fills p: a backlog from here on
+	for {
+		if _, err := ra.Read(p); err != nil {
+			break
+		}
+	}
+	// The first read's, and the last's, once the backlog has drained; none
+	// for the gulps between or the 4 KiB reads served from them.
+	if asked != 2 {
+		t.Errorf("%d quick acknowledgments over %d source reads (%v), want 2", asked, len(src.asked), src.asked)
+	}
+}
+
+// quickAcker finds the TCP connection, under a PROXY protocol reader too,
+// and sets TCP_QUICKACK on it; a connection that is not TCP gets none.
+func TestQuickAckerFindsTheTCPConnection(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			defer c.Close()
+			io.Copy(io.Discard, c)
+		}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, conn := range []net.Conn{c, rawOf{c}} {
+		ack := quickAcker(conn)
+		if ack == nil {
+			t.Fatalf("no quick acknowledgment for %T", conn)
+		}
+		ack()
+		if !quickAckSet(t, c.(*net.TCPConn)) {
+			t.Errorf("TCP_QUICKACK not set through %T", conn)
+		}
+	}
+	a, b := net.Pipe()
+	defer a.Close()
+	defer b.Close()
+	if quickAcker(a) != nil {
+		t.Error("a quick acknowledgment for a pipe")
+	}
+}
+
+// rawOf stands for go-proxyproto's Conn, which gives its connection by Raw.
+type rawOf struct{ net.Conn }
+
+func (r rawOf) Raw() net.Conn { return r.Conn }
