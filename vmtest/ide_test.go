@@ -189,6 +189,7 @@ func TestIDEFlowsOnGuest(t *testing.T) {
 				// method a mode here, both in process.
 				method := map[string]string{"jump": "sftp", "login@vm": "scp"}[mode.name]
 				dest := "/root/copied-" + mode.name + "-" + method
+				b.client.Run(nil, "ssh", append(slices.Clone(mode.args), "rm -f "+dest)...) // guests may be kept from an earlier run
 				args := []string{"vm0", "-m", "copy", "-a", "src=" + file + " dest=" + dest, "-e", "ansible_ssh_transfer_method=" + method}
 				if method == "scp" {
 					args = append(args, "-e", "ansible_scp_extra_args=-O")
