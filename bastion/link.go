@@ -317,7 +317,9 @@ func (s *Server) beginPending(account string) (done func(), ok bool) {
 // against one VM at once, the others waiting their turn within ctx: every
 // upstream connection comes from the bastion's address, and sshd drops
 // unauthenticated connections past its MaxStartups. One that sshd resets
-// before authentication all the same is tried again, with a growing pause.
+// before authentication all the same is tried again, with a growing pause;
+// so is a refused connection for a few seconds, the time sshd takes to
+// restart (a reload, an upgrade of the package).
 func (l *link) dial(ctx context.Context, target keys.Upstream) error {
 	if len(target.HostKeys) == 0 {
 		return fmt.Errorf("%w: no host key is pinned", ErrNotVerified)
@@ -328,12 +330,17 @@ func (l *link) dial(ctx context.Context, target keys.Upstream) error {
 	}
 	defer turn()
 	pause := 50 * time.Millisecond
+	var refusedSince time.Time
 	for {
 		err := l.handshake(ctx, target)
-		if err == nil || !droppedBeforeAuth(err) {
+		refused := errors.Is(err, syscall.ECONNREFUSED)
+		if refused && refusedSince.IsZero() {
+			refusedSince = time.Now()
+		}
+		if err == nil || !droppedBeforeAuth(err) && !(refused && time.Since(refusedSince) < sshdRestart) {
 			return err
 		}
-		l.log.Debug("the VM's sshd dropped the connection before authentication; trying again", "pause", pause, "err", err)
+		l.log.Debug("the VM's sshd dropped or refused the connection; trying again", "pause", pause, "err", err)
 		select {
 		case <-time.After(pause):
 		case <-ctx.Done():
@@ -342,6 +349,10 @@ func (l *link) dial(ctx context.Context, target keys.Upstream) error {
 		pause = min(2*pause, 2*time.Second)
 	}
 }
+
+// sshdRestart is how long a VM's sshd may refuse connections before the
+// bastion gives up: a restart takes a fraction of a second.
+const sshdRestart = 5 * time.Second
 
 // droppedBeforeAuth reports whether a handshake error is sshd closing or
 // resetting a connection it would not start, as it does past MaxStartups.

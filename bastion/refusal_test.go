@@ -2,7 +2,9 @@ package bastion_test
 
 import (
 	"context"
+	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -335,5 +337,58 @@ func TestStaleTrustHealsWithinTheLogin(t *testing.T) {
 	}
 	if n := f.fleet.Forgotten(); n != 1 {
 		t.Fatalf("forgotten %d times, want once", n)
+	}
+}
+
+// TestRestartingSSHDIsWaitedFor: a VM's sshd that refuses connections for
+// a moment (restarting after a reload or an upgrade) is tried again, and
+// the login goes through; one that stays closed is reported as such.
+func TestRestartingSSHDIsWaitedFor(t *testing.T) {
+	f := newFixture(t)
+	vm := f.debugVM(t, "web2")
+	pemBytes, err := os.ReadFile(f.upstreamKeyPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := gossh.ParsePrivateKey(pemBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// web2 is reached at an address nothing listens on yet; in a second
+	// a forwarder to the real sshd opens there.
+	addr := testenv.FreeAddr(t)
+	f.fleet.Set("web2", keys.Upstream{Addr: addr, HostKeys: []gossh.PublicKey{vm.HostKey}, Signer: signer})
+	go func() {
+		time.Sleep(time.Second)
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		t.Cleanup(func() { ln.Close() })
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", vm.Addr)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go func() { io.Copy(up, c); up.(*net.TCPConn).CloseWrite() }()
+			go func() { io.Copy(c, up); c.(*net.TCPConn).CloseWrite() }()
+		}
+	}()
+	if res := f.ssh(nil, f.login+"@web2@bastion", "echo after the restart"); res.Exit != 0 || string(res.Stdout) != "after the restart\n" {
+		t.Fatalf("a login while the VM's sshd restarts: %v %q", res, res.Stdout)
+	}
+	// Closed for good: refused, with the reason.
+	f.fleet.Set("web2", keys.Upstream{Addr: testenv.FreeAddr(t), HostKeys: []gossh.PublicKey{vm.HostKey}, Signer: signer})
+	if res := f.ssh(nil, f.login+"@web2@bastion", "true"); res.Exit != 255 || !strings.Contains(res.Stderr, "the VM's sshd cannot be reached") {
+		t.Fatalf("a VM whose sshd stays closed: %v", res)
+	}
+	if ev, ok := f.audit.find(audit.UpstreamFailed, "connection refused"); !ok || ev.Cause != "unreachable" {
+		t.Fatalf("no upstream_failed event naming the refusal: %+v %q", ev, f.audit.reasons())
 	}
 }
