@@ -27,30 +27,37 @@ fi
 if [[ -z $root ]] && getent group libvirt >/dev/null; then
   usermod -a -G libvirt bastion
 fi
+# Owners: root's files and the service user's state. Staged by a user who
+# is not root, the files are that user's (a package build sets owners).
 owner=(-o root -g root)
-user=root
-if [[ -z $root ]]; then
-  user=bastion
+state=(-o bastion -g bastion)
+config=(-o root -g bastion)
+if [[ -n $root ]]; then
+  state=(-o root -g root)
+  config=(-o root -g root)
+fi
+if [[ $(id -u) -ne 0 ]]; then
+  owner=() state=() config=()
 fi
 
 install -D -m 0755 "${owner[@]}" "$bin" "$root$prefix/bin/bastion"
 say "$prefix/bin/bastion"
 
-install -d -m 0700 -o "$user" -g "$user" "$root/var/lib/bastion"
+install -d -m 0700 "${state[@]}" "$root/var/lib/bastion"
 say "/var/lib/bastion (mode 0700)"
 
 # The configuration: never overwritten. Readable by the service's group,
 # writable by root only (the bastion refuses a configuration others could
 # change).
-install -d -m 0750 -o root -g "$user" "$root/etc/bastion"
-config=$root/etc/bastion/bastion.toml
-if [[ -e $config ]]; then
+install -d -m 0750 "${config[@]}" "$root/etc/bastion"
+file=$root/etc/bastion/bastion.toml
+if [[ -e $file ]]; then
   say "/etc/bastion/bastion.toml exists: kept as it is"
 else
   tmp=$(mktemp)
   sed -e 's|^state_dir = "state"$|state_dir = "/var/lib/bastion"|' bastion.toml.example >"$tmp"
   grep -q '^state_dir = "/var/lib/bastion"$' "$tmp" || { rm -f "$tmp"; echo "install.sh: the example's state_dir line changed; update install.sh" >&2; exit 1; }
-  install -m 0640 -o root -g "$user" "$tmp" "$config"
+  install -m 0640 "${config[@]}" "$tmp" "$file"
   rm -f "$tmp"
   say "/etc/bastion/bastion.toml (from bastion.toml.example: add accounts, rules and [[hypervisor]])"
 fi
