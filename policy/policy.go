@@ -222,6 +222,30 @@ func (p *Policy) Logins(account string, groups []string, source netip.Addr, d vm
 	return out
 }
 
+// Possible reports whether some allow rule could allow one of kinds to
+// r's account (in its groups) from its source on its VM as its login, at
+// any time and for any command or forward destination: r's Channel,
+// Time, Command, Host, Port and Socket are not read. Deny rules are not
+// weighed, so the answer errs towards yes. The bastion asks it when a
+// link is made, to learn whether the link may ever need an upstream
+// connection of its own (remote forwarding, agent, X11).
+func (p *Policy) Possible(r Request, kinds ...Channel) bool {
+	for i := range p.Rules {
+		rule := &p.Rules[i]
+		if rule.Effect == Deny || !rule.matchesSubject(r) || !rule.matchesVM(r.VM) || !rule.matchesSource(r.Source) {
+			continue
+		}
+		for _, k := range kinds {
+			probe := r
+			probe.Channel = k
+			if rule.matchesLogin(probe) && slices.Contains(rule.channels(), k) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // VMNamePatterns are the names VMs may be reached by under the allow
 // rules: their name globs and UUIDs, for the known_hosts line users add.
 // A rule that selects VMs otherwise (by label or hypervisor only, or not

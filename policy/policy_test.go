@@ -129,6 +129,43 @@ func TestLogins(t *testing.T) {
 	}
 }
 
+// TestPossible: whether a rule could ever allow remote forwarding, agent
+// or X11 to a person on a VM as a login, whatever the time; what the
+// bastion asks before it lets a link share an upstream connection.
+func TestPossible(t *testing.T) {
+	p := load(t)
+	connection := []Channel{RemoteForward, Agent, X11}
+	for _, tc := range []struct {
+		name  string
+		r     Request
+		kinds []Channel
+		want  bool
+	}{
+		{"dev rule allows neither", Request{Account: "carol", Groups: []string{"dev"}, Source: home, VM: web1, Login: "dev"}, connection, false},
+		{"dev rule allows local forwards", Request{Account: "carol", Groups: []string{"dev"}, Source: home, VM: web1, Login: "dev"}, []Channel{LocalForward}, true},
+		{"ops at night still could (the window is not read)", Request{Account: "oscar", Groups: []string{"ops"}, Source: office, VM: db1, Login: "postgres", Time: evening}, connection, true},
+		{"ops: agent alone", Request{Account: "oscar", Groups: []string{"ops"}, Source: office, VM: db1, Login: "any"}, []Channel{Agent}, true},
+		{"ops: X11 alone is in no rule", Request{Account: "oscar", Groups: []string{"ops"}, Source: office, VM: db1, Login: "any"}, []Channel{X11}, false},
+		{"ops from outside its sources", Request{Account: "oscar", Groups: []string{"ops"}, Source: home, VM: db1, Login: "postgres"}, connection, false},
+		{"ops on a local hypervisor", Request{Account: "oscar", Groups: []string{"ops"}, Source: office, VM: web1, Login: "postgres"}, connection, false},
+		{"another group", Request{Account: "carol", Groups: []string{"dev"}, Source: office, VM: db1, Login: "postgres"}, connection, false},
+		{"no kinds", Request{Account: "oscar", Groups: []string{"ops"}, Source: office, VM: db1, Login: "postgres"}, nil, false},
+	} {
+		if got := p.Possible(tc.r, tc.kinds...); got != tc.want {
+			t.Errorf("%s: Possible = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+	// Deny rules are not weighed: a deny of everything on prod for root
+	// leaves an allow rule's answer standing.
+	deny := &Policy{Rules: []Rule{
+		{Name: "no", Effect: Deny, Logins: []string{"root"}},
+		{Name: "yes", Effect: Allow, Logins: []string{"root"}, Channels: []Channel{X11}},
+	}}
+	if !deny.Possible(Request{Account: "a", VM: web1, Login: "root"}, X11) {
+		t.Error("Possible weighed a deny rule")
+	}
+}
+
 func TestParseErrors(t *testing.T) {
 	for _, tc := range []struct{ name, toml, want string }{
 		{"unknown key", "[[rule]]\nname = \"a\"\neffect = \"deny\"\nvm = [\"x\"]\n", "p.toml:4: unknown key rule.vm"},
