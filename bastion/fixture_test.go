@@ -137,6 +137,9 @@ type livePolicy struct{ p atomic.Pointer[policy.Policy] }
 
 func (l *livePolicy) set(p *policy.Policy)                    { l.p.Store(p) }
 func (l *livePolicy) Decide(r policy.Request) policy.Decision { return l.p.Load().Decide(r) }
+func (l *livePolicy) Possible(r policy.Request, kinds ...policy.Channel) bool {
+	return l.p.Load().Possible(r, kinds...)
+}
 func (l *livePolicy) Logins(account string, groups []string, source netip.Addr, d vm.Domain, t time.Time) []string {
 	return l.p.Load().Logins(account, groups, source, d, t)
 }

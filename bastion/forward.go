@@ -24,7 +24,8 @@ import (
 // opened before the downstream one is accepted, so a refusal carries the
 // VM's own reason.
 func (l *link) session(newCh gossh.NewChannel) {
-	up, upReqs, err := l.up.OpenChannel("session", newCh.ExtraData())
+	defer l.sessionOpened()()
+	up, upReqs, err := l.up.conn.OpenChannel("session", newCh.ExtraData())
 	if err != nil {
 		reject(newCh, l.vm.Name, err)
 		return
@@ -399,14 +400,14 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		}
 		f.readOnly, f.limit = d.ReadOnly, d.MaxTime
 	case "auth-agent-req@openssh.com":
-		if !l.allow(ask{kind: policy.Agent}).Allow {
+		if a := (ask{kind: policy.Agent}); l.refuseShared(a) || !l.allow(a).Allow {
 			return false, ""
 		}
 		l.mu.Lock()
 		l.agent = true
 		l.mu.Unlock()
 	case "x11-req":
-		if !l.allow(ask{kind: policy.X11}).Allow {
+		if a := (ask{kind: policy.X11}); l.refuseShared(a) || !l.allow(a).Allow {
 			return false, ""
 		}
 		l.mu.Lock()
@@ -624,7 +625,7 @@ func (l *link) bridge(a ask, limit time.Duration, newCh gossh.NewChannel, other 
 	to.Close()
 	act.Seconds = seconds(time.Since(began))
 	act.BytesUp, act.BytesDown = sent.Load(), received.Load()
-	if other != l.up { // opened by the VM (-R, agent, X11): from is the VM's side
+	if other != l.up.conn { // opened by the VM (-R, agent, X11): from is the VM's side
 		act.BytesUp, act.BytesDown = act.BytesDown, act.BytesUp
 	}
 	l.addBytes(act.BytesUp, act.BytesDown)

@@ -4,16 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"maps"
 	"net"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	gossh "golang.org/x/crypto/ssh"
@@ -35,17 +32,16 @@ type link struct {
 	login string
 	log   *slog.Logger
 
-	up      gossh.Conn
-	upChans <-chan gossh.NewChannel
-	upReqs  <-chan *gossh.Request
+	up       *upstream // its connection to the VM's sshd, perhaps shared (upstream.go)
+	shared   bool      // up may serve other links: nothing of the connection's is the link's
+	sessions int       // session channels open on up; protected by srv.linksMu
 
-	down gossh.Conn // set by start, before any channel is handled
+	down      gossh.Conn  // set by start, before any channel is handled
+	unwatchUp func() bool // stops closing down when up ends; set by start
 
 	closeOnce sync.Once
-	done      chan struct{}      // closed when the link has ended
-	ended     context.Context    // done when the link has ended, for timers
-	endedNow  context.CancelFunc // ends ended
-	open      counter            // channels open on the inner hop
+	done      chan struct{} // closed when the link has ended
+	open      counter       // channels open on the inner hop
 
 	began              time.Time    // when it was established
 	bytesUp, bytesDown atomic.Int64 // totals of its channels that ended
@@ -137,10 +133,13 @@ func (l *link) end(msg string) {
 // logged and audited. Only the first call does anything.
 func (l *link) close() {
 	l.closeOnce.Do(func() {
-		l.up.Close()
+		if l.unwatchUp != nil {
+			l.unwatchUp()
+		}
 		if l.down != nil {
 			l.down.Close()
 		}
+		l.up.release()
 		s := l.srv
 		s.linksMu.Lock()
 		delete(s.links, l)
@@ -150,7 +149,6 @@ func (l *link) close() {
 		ev.Activity = &audit.Activity{Seconds: seconds(time.Since(l.began)), BytesUp: l.bytesUp.Load(), BytesDown: l.bytesDown.Load()}
 		s.audit(ev)
 		close(l.done)
-		l.endedNow()
 	})
 }
 
@@ -228,34 +226,39 @@ func (s *Server) establish(fc *frontConn, d vm.Domain, login string) (*link, err
 	}
 	l := &link{srv: s, front: fc, vm: d, login: login, log: log, done: make(chan struct{}), began: time.Now(),
 		forwards: make(map[string]bool), sockets: make(map[string]bool), active: make(map[*activeChannel]bool)}
-	l.ended, l.endedNow = context.WithCancel(context.Background())
+	shared := s.shareable(fc, d, login)
 	dialed := time.Now()
-	err = l.dial(ctx, target)
+	up, reused, err := s.connect(ctx, l, target, shared)
 	if errors.Is(err, ErrUpstreamAuth) || errors.Is(err, keys.ErrHostKeyMismatch) {
 		// The VM no longer takes the trust's key (configuration management
 		// rewrote authorized_keys) or presents another host key: the trust
 		// is stale. Verified again, once, before the user hears of it; a
 		// changed host key is pinned only if the check proves it again.
+		// Connections made with that trust take no more links.
 		log.Info("the trust no longer holds; verifying the VM again", "err", err)
 		s.Resolver.Forget(d, login, err.Error())
+		s.retireShared(func(k shareKey) bool { return k.uri == d.URI && k.uuid == d.UUID && k.login == login })
 		if target, err = s.Resolver.Resolve(ctx, d, login); err != nil {
 			log.Warn("resolve failed", "err", err)
 			s.audit(upstreamFailed(ev, err, true))
 			return nil, err
 		}
 		dialed = time.Now()
-		err = l.dial(ctx, target)
+		up, reused, err = s.connect(ctx, l, target, shared)
 	}
 	if err != nil {
 		log.Warn("upstream failed", "addr", target.Addr, "err", err)
 		s.audit(upstreamFailed(ev, err, false))
 		return nil, err
 	}
-	log.Info("connected", "addr", target.Addr)
+	l.up, l.shared = up, shared
+	log.Info("connected", "addr", target.Addr, "shared", shared, "reused", reused)
 	connected := ev.With(audit.Connected, "", "", "")
 	// How long reaching the VM's sshd took: the wait for a turn, TCP, the
-	// handshake and the bastion's authentication.
+	// handshake and the bastion's authentication; or, joining a shared
+	// connection, the wait for it.
 	connected.Activity = &audit.Activity{Seconds: seconds(time.Since(dialed))}
+	connected.Reused = reused
 	s.audit(connected)
 	return l, nil
 }
@@ -312,123 +315,6 @@ func (s *Server) beginPending(account string) (done func(), ok bool) {
 	}, true
 }
 
-// dial connects to the VM's sshd, requiring one of the pinned host keys,
-// and logs in with the upstream's signer. At most UpstreamHandshakes run
-// against one VM at once, the others waiting their turn within ctx: every
-// upstream connection comes from the bastion's address, and sshd drops
-// unauthenticated connections past its MaxStartups. One that sshd resets
-// before authentication all the same is tried again, with a growing pause;
-// so is a refused connection for a few seconds, the time sshd takes to
-// restart (a reload, an upgrade of the package).
-func (l *link) dial(ctx context.Context, target keys.Upstream) error {
-	if len(target.HostKeys) == 0 {
-		return fmt.Errorf("%w: no host key is pinned", ErrNotVerified)
-	}
-	turn, err := l.srv.upstreamTurn(ctx, target.Addr)
-	if err != nil {
-		return fmt.Errorf("%w: waiting for a turn to connect: %w", ErrUpstreamUnreachable, err)
-	}
-	defer turn()
-	pause := 50 * time.Millisecond
-	var refusedSince time.Time
-	for {
-		err := l.handshake(ctx, target)
-		refused := errors.Is(err, syscall.ECONNREFUSED)
-		if refused && refusedSince.IsZero() {
-			refusedSince = time.Now()
-		}
-		if err == nil || !droppedBeforeAuth(err) && !(refused && time.Since(refusedSince) < sshdRestart) {
-			return err
-		}
-		l.log.Debug("the VM's sshd dropped or refused the connection; trying again", "pause", pause, "err", err)
-		select {
-		case <-time.After(pause):
-		case <-ctx.Done():
-			return err
-		}
-		pause = min(2*pause, 2*time.Second)
-	}
-}
-
-// sshdRestart is how long a VM's sshd may refuse connections before the
-// bastion gives up: a restart takes a fraction of a second.
-const sshdRestart = 5 * time.Second
-
-// droppedBeforeAuth reports whether a handshake error is sshd closing or
-// resetting a connection it would not start, as it does past MaxStartups.
-func droppedBeforeAuth(err error) bool {
-	return errors.Is(err, ErrUpstreamUnreachable) && (errors.Is(err, syscall.ECONNRESET) || errors.Is(err, io.EOF))
-}
-
-// handshake is one attempt of dial.
-func (l *link) handshake(ctx context.Context, target keys.Upstream) error {
-	var d net.Dialer
-	tcp, err := d.DialContext(ctx, "tcp", target.Addr)
-	if err != nil {
-		return fmt.Errorf("%w: %w", ErrUpstreamUnreachable, err)
-	}
-	nc := newBulkConn(tcp)
-	// The handshake honours ctx through the connection's deadline.
-	if deadline, ok := ctx.Deadline(); ok {
-		nc.SetDeadline(deadline)
-	}
-	config := target.ClientConfig(l.login, l.srv.version())
-	config.Ciphers = UpstreamCiphers(l.srv.Ciphers) // as a client, the bastion's order is the preference
-	conn, chans, reqs, err := gossh.NewClientConn(nc, target.Addr, config)
-	if err != nil {
-		nc.Close()
-		switch {
-		case errors.Is(err, keys.ErrHostKeyMismatch):
-			return err
-		// x/crypto reports a refused login only in the error's text.
-		case strings.Contains(err.Error(), "unable to authenticate"):
-			return fmt.Errorf("%w: %w", ErrUpstreamAuth, err)
-		default:
-			return fmt.Errorf("%w: %w", ErrUpstreamUnreachable, err)
-		}
-	}
-	nc.SetDeadline(time.Time{})
-	l.up, l.upChans, l.upReqs = conn, chans, reqs
-	return nil
-}
-
-// upstreamTurn waits, within ctx, for one of the UpstreamHandshakes turns
-// of the VM at addr; done gives it back.
-func (s *Server) upstreamTurn(ctx context.Context, addr string) (done func(), err error) {
-	s.linksMu.Lock()
-	if s.turns == nil {
-		s.turns = make(map[string]*turns)
-	}
-	t := s.turns[addr]
-	if t == nil {
-		t = &turns{c: make(chan struct{}, s.upstreamHandshakes())}
-		s.turns[addr] = t
-	}
-	t.users++
-	s.linksMu.Unlock()
-	leave := func() {
-		s.linksMu.Lock()
-		if t.users--; t.users == 0 {
-			delete(s.turns, addr)
-		}
-		s.linksMu.Unlock()
-	}
-	select {
-	case t.c <- struct{}{}:
-		return func() { <-t.c; leave() }, nil
-	case <-ctx.Done():
-		leave()
-		return nil, ctx.Err()
-	}
-}
-
-// turns are the handshakes with one VM allowed at once, and how many
-// links use them (so that the entry goes when none does).
-type turns struct {
-	c     chan struct{}
-	users int
-}
-
 // start binds the link to its downstream connection and serves what the
 // VM initiates. Losing either side closes the other and ends the link.
 func (l *link) start(down gossh.Conn) {
@@ -440,8 +326,10 @@ func (l *link) start(down gossh.Conn) {
 	}
 	s.links[l] = true
 	s.linksMu.Unlock()
-	go l.upstream()
-	s.keepalive(l.ended, l.up) // the front door keeps its own connections alive
+	// The upstream ending ends the link: its channels close with the
+	// downstream. The upstream keeps itself alive (upstream.go), the front
+	// door its own connections.
+	l.unwatchUp = context.AfterFunc(l.up.ended, func() { down.Close() })
 	go func() {
 		down.Wait()
 		l.close()
@@ -501,7 +389,7 @@ func (l *link) channel(newCh gossh.NewChannel) {
 			newCh.Reject(gossh.Prohibited, l.denial(policy.LocalForward))
 			return
 		}
-		l.bridge(a, d.MaxTime, newCh, l.up)
+		l.bridge(a, d.MaxTime, newCh, l.up.conn)
 	case "direct-streamlocal@openssh.com":
 		// -L to a unix socket on the VM: VS Code's socket mode.
 		var dest directStreamlocal
@@ -515,7 +403,7 @@ func (l *link) channel(newCh gossh.NewChannel) {
 			newCh.Reject(gossh.Prohibited, l.denial(policy.LocalForward))
 			return
 		}
-		l.bridge(a, d.MaxTime, newCh, l.up)
+		l.bridge(a, d.MaxTime, newCh, l.up.conn)
 	default:
 		newCh.Reject(gossh.UnknownChannelType, "bastion: unsupported channel type "+newCh.ChannelType())
 	}
@@ -586,7 +474,7 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if gossh.Unmarshal(req.Payload, &f) != nil {
 			return false, nil
 		}
-		if !l.allow(ask{kind: policy.RemoteForward, host: f.Host, port: f.Port}).Allow {
+		if a := (ask{kind: policy.RemoteForward, host: f.Host, port: f.Port}); l.refuseShared(a) || !l.allow(a).Allow {
 			return false, nil
 		}
 		// Granted before it is asked for upstream: the VM's sshd may open a
@@ -597,7 +485,7 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if !granted {
 			return false, nil
 		}
-		ok, reply, err := l.srv.sendRequest(l.up, req.Type, true, req.Payload)
+		ok, reply, err := l.srv.sendRequest(l.up.conn, req.Type, true, req.Payload)
 		port := f.Port
 		if err == nil && ok && port == 0 {
 			var bound struct{ Port uint32 }
@@ -633,7 +521,7 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if !granted {
 			return false, nil
 		}
-		ok, reply, err := l.srv.sendRequest(l.up, req.Type, true, req.Payload)
+		ok, reply, err := l.srv.sendRequest(l.up.conn, req.Type, true, req.Payload)
 		return err == nil && ok, reply
 	case "streamlocal-forward@openssh.com":
 		// -R with a unix socket on the VM.
@@ -641,7 +529,7 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if gossh.Unmarshal(req.Payload, &f) != nil {
 			return false, nil
 		}
-		if !l.allow(ask{kind: policy.RemoteForward, socket: f.SocketPath}).Allow {
+		if a := (ask{kind: policy.RemoteForward, socket: f.SocketPath}); l.refuseShared(a) || !l.allow(a).Allow {
 			return false, nil
 		}
 		// Granted before it is asked for, as for ports; withdrawn if the VM
@@ -650,7 +538,7 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if !granted {
 			return false, nil
 		}
-		ok, reply, err := l.srv.sendRequest(l.up, req.Type, true, req.Payload)
+		ok, reply, err := l.srv.sendRequest(l.up.conn, req.Type, true, req.Payload)
 		if err != nil || !ok {
 			if !had {
 				l.mu.Lock()
@@ -672,41 +560,13 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if !granted {
 			return false, nil
 		}
-		ok, reply, err := l.srv.sendRequest(l.up, req.Type, true, req.Payload)
+		ok, reply, err := l.srv.sendRequest(l.up.conn, req.Type, true, req.Payload)
 		return err == nil && ok, reply
 	default:
 		// keepalive@openssh.com, no-more-sessions@openssh.com and unknown
 		// requests stay on this hop.
 		return false, nil
 	}
-}
-
-// upstream handles what the VM sends unasked until its connection ends,
-// then closes the downstream. Channels: forwarded-tcpip for a remote
-// forward the downstream asked for, and agent or X11 channels when the
-// downstream asked for those; anything else is refused. Global requests
-// (hostkeys-00, …) are hop-by-hop: answered false.
-func (l *link) upstream() {
-	chans, reqs := l.upChans, l.upReqs
-	for chans != nil || reqs != nil {
-		select {
-		case newCh, ok := <-chans:
-			if !ok {
-				chans = nil
-				continue
-			}
-			l.upstreamChannel(newCh)
-		case req, ok := <-reqs:
-			if !ok {
-				reqs = nil
-				continue
-			}
-			if req.WantReply {
-				req.Reply(false, nil)
-			}
-		}
-	}
-	l.down.Close()
 }
 
 // upstreamChannel accepts a channel the VM opens if the downstream asked
@@ -766,7 +626,7 @@ func (l *link) revalidateGrants() {
 	for _, path := range sockets {
 		if d := l.decide(ask{kind: policy.RemoteForward, socket: path}); !d.Allow {
 			l.withdraw(l.sockets, path, d, func() {
-				l.srv.sendRequest(l.up, "cancel-streamlocal-forward@openssh.com", true, gossh.Marshal(streamlocalForward{SocketPath: path}))
+				l.srv.sendRequest(l.up.conn, "cancel-streamlocal-forward@openssh.com", true, gossh.Marshal(streamlocalForward{SocketPath: path}))
 			})
 		}
 	}
@@ -780,7 +640,7 @@ func (l *link) revalidateGrants() {
 		var cancel func()
 		if port != 0 {
 			cancel = func() {
-				l.srv.sendRequest(l.up, "cancel-tcpip-forward", true, gossh.Marshal(tcpipForward{Host: host, Port: uint32(port)}))
+				l.srv.sendRequest(l.up.conn, "cancel-tcpip-forward", true, gossh.Marshal(tcpipForward{Host: host, Port: uint32(port)}))
 			}
 		}
 		l.withdraw(l.forwards, f, d, cancel)
@@ -823,6 +683,23 @@ func (l *link) allow(a ask) policy.Decision {
 		l.srv.audit(ev)
 	}
 	return d
+}
+
+// refuseShared refuses, as the policy does, what a link on a shared
+// upstream connection cannot have: remote forwarding, agent and X11, whose
+// channels the VM would open on a connection other links use. The policy
+// could not allow them when the link was made (shareable); after a reload
+// that allows them, a new link has a connection of its own.
+func (l *link) refuseShared(a ask) bool {
+	if !l.shared {
+		return false
+	}
+	reason := "the link shares its upstream connection, made when the policy could not allow " + string(a.kind) + "; a new connection can have it"
+	l.log.Info("denied", "channel", a.kind, "detail", a.detail(), "reason", reason)
+	ev := l.event().With(audit.Denied, string(a.kind), "", reason)
+	ev.Detail = a.detail()
+	l.srv.audit(ev)
+	return true
 }
 
 // denial is what the user is told when the policy refuses kind.

@@ -73,6 +73,11 @@ type Decider interface {
 	// Logins lists the logins on d that account (in groups) may use from
 	// source at t, "*" meaning any: what the menu offers.
 	Logins(account string, groups []string, source netip.Addr, d vm.Domain, t time.Time) []string
+	// Possible reports whether a rule could ever allow one of kinds to
+	// r's account, source, VM and login, whatever the time and the
+	// request's particulars: whether a link may share its upstream
+	// connection. Erring towards true is safe.
+	Possible(r policy.Request, kinds ...policy.Channel) bool
 }
 
 // HostCertifier issues host certificates for the bastion's host key.
@@ -107,8 +112,13 @@ type Server struct {
 	// once; 0 means 8, below sshd's default MaxStartups of 10. More wait
 	// their turn within the connect timeout.
 	UpstreamHandshakes int
-	AuthFailures       int           // failed authentications a source address may make at once; 0 means 10
-	AuthRefill         time.Duration // how often a source regains one failure; 0 means 6s
+	// UpstreamMaxSessions is how many sessions one upstream connection
+	// carries for the links that share it (see upstream.go); 0 means 10,
+	// OpenSSH's default MaxSessions; 1 gives every link a connection of
+	// its own.
+	UpstreamMaxSessions int
+	AuthFailures        int           // failed authentications a source address may make at once; 0 means 10
+	AuthRefill          time.Duration // how often a source regains one failure; 0 means 6s
 
 	// Ciphers are offered on the front door and the ProxyJump inner hop,
 	// and preferred in this order on the link to the VM; nil means
@@ -156,12 +166,13 @@ type Server struct {
 	certMu sync.Mutex // protects certs
 	certs  map[string]cachedCert
 
-	linksMu sync.Mutex // protects links, fronts, pending and turns
+	linksMu sync.Mutex // protects links, fronts, pending, turns, shared and the counts of each upstream and link's sessions
 	links   map[*link]bool
-	fronts  map[*frontConn]bool // authenticated front-door connections
-	pending map[string]int      // links being set up, by account
-	turns   map[string]*turns   // handshakes with each VM's sshd, by address
-	lives   map[string]*live    // running sessions with a terminal, by id, for watch
+	shared  map[shareKey][]*upstream // upstream connections links may share, by what they have in common
+	fronts  map[*frontConn]bool      // authenticated front-door connections
+	pending map[string]int           // links being set up, by account
+	turns   map[string]*turns        // handshakes with each VM's sshd, by address
+	lives   map[string]*live         // running sessions with a terminal, by id, for watch
 }
 
 // Counts are what the server holds open now: authenticated front-door
@@ -214,9 +225,19 @@ func (s *Server) Revalidate() {
 // undefined, each with a message saying so: their upstream is gone, or
 // about to be, and a reset guest would leave them hanging until TCP gave
 // up. Other events leave sessions alone (a guest agent that leaves does
-// not touch sshd). It does not block; the trust manager drops the trust
-// itself.
+// not touch sshd). Every event that drops the VM's trusts (the agent
+// leaving too) retires the upstream connections links share with it: they
+// take no new link, which verifies again and dials. It does not block; the
+// trust manager drops the trust itself.
 func (s *Server) VMEvent(e vm.Event) {
+	// The trust manager drops the VM's trusts on these: the connections
+	// made with them take no more links.
+	switch e.Kind {
+	case vm.EventStopped, vm.EventRebooted, vm.EventMigrated, vm.EventUndefined, vm.EventAgentGone:
+		s.retireShared(func(k shareKey) bool { return k.uri == e.URI && k.uuid == e.UUID })
+	case vm.EventReconnected:
+		s.retireShared(func(k shareKey) bool { return k.uri == e.URI })
+	}
 	var what string
 	switch e.Kind {
 	case vm.EventStopped:
@@ -977,6 +998,8 @@ func (s *Server) requestTimeout() time.Duration { return orDefault(s.RequestTime
 func (s *Server) maxChannels() int { return orDefault(s.MaxChannels, 100) }
 
 func (s *Server) upstreamHandshakes() int { return orDefault(s.UpstreamHandshakes, 8) }
+
+func (s *Server) upstreamMaxSessions() int { return orDefault(s.UpstreamMaxSessions, 10) }
 
 func (s *Server) maxPending() int { return orDefault(s.MaxPending, 64) }
 

@@ -70,6 +70,9 @@ type Event struct {
 	Rule       string  `json:"rule,omitempty"`
 	Reason     string  `json:"reason,omitempty"`
 	Cause      string  `json:"cause,omitempty"` // upstream_failed: the kind of failure, one of Causes
+	// Reused says a link joined an upstream connection another link
+	// opened, with no dial of its own (connected).
+	Reused bool `json:"reused,omitempty"`
 	*Activity
 }
 

@@ -29,6 +29,7 @@ type Metrics struct {
 	authentications *prometheus.CounterVec
 	denials         *prometheus.CounterVec
 	upstreams       *prometheus.CounterVec
+	upstreamReuses  prometheus.Counter
 	trustChecks     *prometheus.CounterVec
 	trustSeconds    *prometheus.HistogramVec
 	trustDrops      prometheus.Counter
@@ -61,7 +62,9 @@ func New(version string) *Metrics {
 	m.auditEvents = counter("audit_events_total", "Audit events emitted, by type.", "type")
 	m.authentications = counter("authentications_total", "Front-door authentications, by result (success, failure).", "result")
 	m.denials = counter("policy_denials_total", "Requests the policy or the front door refused, by channel kind.", "channel")
-	m.upstreams = counter("upstream_connections_total", "Upstream connections to VMs, by result (connected, failed).", "result")
+	m.upstreams = counter("upstream_connections_total", "Upstream connections to VMs dialled, by result (connected, failed).", "result")
+	m.upstreamReuses = prometheus.NewCounter(prometheus.CounterOpts{Name: "bastion_upstream_reuses_total",
+		Help: "Links to VMs that joined an upstream connection another link had made (server.upstream_max_sessions), with no dial."})
 	m.trustChecks = counter("trust_checks_total", "Dual-band trust checks, by result (verified, failed).", "result")
 	m.reloads = counter("reloads_total", "Configuration reloads, by result (ok, failed).", "result")
 	m.dispenses = counter("dispenses_total", "VMs made from templates, by result (ok, failed).", "result")
@@ -96,7 +99,7 @@ func New(version string) *Metrics {
 		Help:    "How long making a VM from a template took, until it was reachable, by result (ok, failed).",
 		Buckets: []float64{1, 5, 10, 20, 30, 60, 120, 300, 600},
 	}, []string{"result"})
-	m.reg.MustRegister(m.channelsActive, m.sessionSeconds, m.recordingFailed, m.recordingBytes, m.auditFailures, m.dialSeconds, m.dispenseSeconds)
+	m.reg.MustRegister(m.upstreamReuses, m.channelsActive, m.sessionSeconds, m.recordingFailed, m.recordingBytes, m.auditFailures, m.dialSeconds, m.dispenseSeconds)
 	info := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name:        "bastion_build_info",
 		Help:        "The running build: always 1, with its version and Go version as labels.",
@@ -239,6 +242,10 @@ func (m *Metrics) Observe(e audit.Event) {
 			m.fileOps.WithLabelValues(bounded(knownFileOps, e.Op), bounded(knownFileOps, e.Status)).Inc()
 		}
 	case audit.Connected:
+		if e.Reused {
+			m.upstreamReuses.Inc() // no dial: neither a connection nor its duration
+			break
+		}
 		m.upstreams.WithLabelValues("connected").Inc()
 		if e.Activity != nil {
 			m.dialSeconds.Observe(e.Seconds)

@@ -58,6 +58,7 @@ func TestObserveSessions(t *testing.T) {
 	m.Observe(audit.Event{Type: audit.SessionEnd, Activity: &audit.Activity{Kind: "shell", ExitStatus: &status, Seconds: 90, BytesUp: 10, BytesDown: 1000,
 		Recording: "s-1", RecordingCapped: true, RecordingBytes: 4096}})
 	m.Observe(audit.Event{Type: audit.Connected, Activity: &audit.Activity{Seconds: 0.3}})
+	m.Observe(audit.Event{Type: audit.Connected, Reused: true, Activity: &audit.Activity{Seconds: 0.001}})
 	m.Observe(audit.Event{Type: audit.UpstreamFailed, Cause: "auth"})
 	m.Observe(audit.Event{Type: audit.UpstreamFailed, Cause: "10.0.0.5 said no"})
 	m.Observe(audit.Event{Type: audit.Dispensed, Activity: &audit.Activity{Seconds: 25}})
@@ -81,6 +82,9 @@ func TestObserveSessions(t *testing.T) {
 		`bastion_sftp_file_operations_total{op="rename",status="denied"} 1`,
 		`bastion_audit_write_failures_total 1`,
 		`bastion_recording_bytes_total 4096`,
+		`bastion_upstream_connections_total{result="connected"} 1`,
+		`bastion_upstream_reuses_total 1`,
+		`bastion_upstream_dial_duration_seconds_bucket{le="0.01"} 0`,
 		`bastion_upstream_dial_duration_seconds_bucket{le="0.25"} 0`,
 		`bastion_upstream_dial_duration_seconds_bucket{le="0.5"} 1`,
 		`bastion_upstream_failures_total{cause="auth"} 1`,

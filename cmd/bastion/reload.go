@@ -47,6 +47,10 @@ func (l *live) Decide(r policy.Request) policy.Decision {
 	return l.policy.Load().Decide(r)
 }
 
+func (l *live) Possible(r policy.Request, kinds ...policy.Channel) bool {
+	return l.policy.Load().Possible(r, kinds...)
+}
+
 func (l *live) Logins(account string, groups []string, source netip.Addr, d vm.Domain, t time.Time) []string {
 	return l.policy.Load().Logins(account, groups, source, d, t)
 }

@@ -1,0 +1,401 @@
+package bastion_test
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	gossh "golang.org/x/crypto/ssh"
+
+	"github.com/bastionvm/bastion/bastion"
+	"github.com/bastionvm/bastion/bastion/audit"
+	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/policy"
+	"github.com/bastionvm/bastion/vm"
+)
+
+// shareFixture is a fixture whose VM is reached through a TCP relay that
+// counts the bastion's connections to it and can cut them, under a
+// policy that could never allow remote forwarding, agent or X11 (so that
+// links may share an upstream connection).
+func shareFixture(t *testing.T, configure ...func(*bastion.Server)) (*fixture, *relay) {
+	t.Helper()
+	f := newFixture(t, configure...)
+	f.policy.set(&policy.Policy{Rules: []policy.Rule{sessionsRule(f)}})
+	d, err := f.fleet.Find(context.Background(), "web1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := f.fleet.Resolve(context.Background(), d, f.login)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startRelay(t, up.Addr)
+	up.Addr = r.addr
+	f.fleet.Set("web1", up)
+	return f, r
+}
+
+// sessionsRule lets group dev use sessions and local forwards on web*:
+// nothing that needs a connection of its own.
+func sessionsRule(f *fixture) policy.Rule {
+	r := f.devRule()
+	r.Name, r.Channels = "sessions", []policy.Channel{policy.Shell, policy.Exec, policy.SCP, policy.SFTP, policy.LocalForward}
+	return r
+}
+
+// relay accepts TCP connections and copies them to and from an address,
+// counting them; cut closes every one open.
+type relay struct {
+	addr  string
+	mu    sync.Mutex
+	n     int
+	conns []net.Conn
+}
+
+func startRelay(t *testing.T, to string) *relay {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &relay{addr: ln.Addr().String()}
+	t.Cleanup(func() { ln.Close(); r.cut() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", to)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			r.mu.Lock()
+			r.n++
+			r.conns = append(r.conns, c, up)
+			r.mu.Unlock()
+			go func() { io.Copy(up, c); up.Close() }()
+			go func() { io.Copy(c, up); c.Close() }()
+		}
+	}()
+	return r
+}
+
+// count is how many connections the relay has accepted.
+func (r *relay) count() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.n
+}
+
+func (r *relay) cut() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, c := range r.conns {
+		c.Close()
+	}
+	r.conns = nil
+}
+
+// echoing is an ssh running a loop on the VM that answers each line it
+// reads, and exits 3 at the end of its input.
+type echoing struct {
+	stdin  io.WriteCloser
+	out    *bufio.Reader
+	stderr *testenv.LockedBuffer
+	done   chan struct{}
+	cmd    interface{ Wait() error }
+	exit   int
+}
+
+const echoLoop = `echo started; while read l; do echo "got $l"; done; exit 3`
+
+// hold starts `ssh args... echoLoop` with client c and waits for it to
+// start.
+func hold(t *testing.T, c *testenv.Client, args ...string) *echoing {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	cmd := c.Command(ctx, "ssh", append(args, echoLoop)...)
+	e := &echoing{stderr: &testenv.LockedBuffer{}, done: make(chan struct{}), cmd: cmd}
+	cmd.Stderr = e.stderr
+	var err error
+	if e.stdin, err = cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	e.out = bufio.NewReader(out)
+	if line, err := e.out.ReadString('\n'); line != "started\n" {
+		t.Fatalf("the session did not start: %q %v; stderr %s", line, err, e.stderr.String())
+	}
+	go func() {
+		// Wait closes stdout once ssh has exited: the lines a test reads
+		// come before that.
+		cmd.Wait()
+		e.exit = cmd.ProcessState.ExitCode()
+		close(e.done)
+	}()
+	t.Cleanup(func() { e.stdin.Close() })
+	return e
+}
+
+// echo sends line and expects its answer.
+func (e *echoing) echo(t *testing.T, line string) {
+	t.Helper()
+	if _, err := io.WriteString(e.stdin, line+"\n"); err != nil {
+		t.Fatalf("writing %q: %v; stderr %s", line, err, e.stderr.String())
+	}
+	got := make(chan string, 1)
+	go func() {
+		s, _ := e.out.ReadString('\n')
+		got <- s
+	}()
+	select {
+	case s := <-got:
+		if s != "got "+line+"\n" {
+			t.Fatalf("answer to %q: %q; stderr %s", line, s, e.stderr.String())
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("no answer to %q; stderr %s", line, e.stderr.String())
+	}
+}
+
+// finish closes the input and returns the exit code.
+func (e *echoing) finish(t *testing.T) int {
+	t.Helper()
+	e.stdin.Close()
+	return e.ended(t)
+}
+
+// ended waits for the ssh to exit.
+func (e *echoing) ended(t *testing.T) int {
+	t.Helper()
+	select {
+	case <-e.done:
+		return e.exit
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the session did not end; stderr %s", e.stderr.String())
+		return 0
+	}
+}
+
+// reused counts the connected events that joined a shared connection.
+func (a *auditLog) reused() (reused, dialled int) {
+	for _, e := range a.all() {
+		if e.Type != audit.Connected {
+			continue
+		}
+		if e.Reused {
+			reused++
+		} else {
+			dialled++
+		}
+	}
+	return reused, dialled
+}
+
+// waitCount waits for the relay to have accepted n connections.
+func (r *relay) waitCount(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for r.count() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections to the VM, want %d", r.count(), n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestSharedUpstream: one person's links to the same login on the same VM,
+// by ssh -J and login@vm@bastion, share one connection to the VM's sshd;
+// closing one leaves the others working, and the connection closes with
+// the last one.
+func TestSharedUpstream(t *testing.T) {
+	f, r := shareFixture(t)
+	a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	b := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	c := hold(t, f.client, f.login+"@web1@bastion")
+	r.waitCount(t, 1)
+	if reused, dialled := f.audit.reused(); reused != 2 || dialled != 1 {
+		t.Fatalf("connected events: %d reused, %d dialled; want 2 and 1", reused, dialled)
+	}
+	for _, e := range []*echoing{a, b, c} {
+		e.echo(t, "one")
+	}
+	if code := a.finish(t); code != 3 {
+		t.Fatalf("the first session exited %d, want 3; stderr %s", code, a.stderr.String())
+	}
+	f.audit.wait(t, audit.Disconnected, "web1", 1)
+	b.echo(t, "two")
+	c.echo(t, "two")
+	// A command on a link of its own, meanwhile: the same connection.
+	if res := f.jump(nil, "echo more; exit 7"); res.Exit != 7 || string(res.Stdout) != "more\n" {
+		t.Fatalf("another link: %v %q", res, res.Stdout)
+	}
+	if code := b.finish(t); code != 3 {
+		t.Fatalf("the second session exited %d, want 3", code)
+	}
+	if code := c.finish(t); code != 3 {
+		t.Fatalf("the third session exited %d, want 3", code)
+	}
+	r.waitCount(t, 1)
+	f.audit.wait(t, audit.Disconnected, "web1", 4)
+	// The last link gone, the connection closed: the next link dials.
+	if res := f.jump(nil, "true"); res.Exit != 0 {
+		t.Fatalf("after the last link: %v", res)
+	}
+	r.waitCount(t, 2)
+}
+
+// TestSharedUpstreamIsOnePersons: another account, another login, a policy
+// that could allow remote forwarding or agent forwarding, and
+// upstream_max_sessions = 1 each get a connection of their own.
+func TestSharedUpstreamIsOnePersons(t *testing.T) {
+	t.Run("another account", func(t *testing.T) {
+		f, r := shareFixture(t)
+		bob := testenv.NewClient(t, f.addr, "bob", f.host.KnownHostsLine())
+		f.setAccounts(bastion.Account{Name: "alice", Groups: []string{"dev"}, Keys: []gossh.PublicKey{f.client.PublicKey}},
+			bastion.Account{Name: "bob", Groups: []string{"dev"}, Keys: []gossh.PublicKey{bob.PublicKey}})
+		a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+		b := hold(t, bob, "-J", "bastion", f.login+"@web1")
+		r.waitCount(t, 2)
+		a.echo(t, "alice")
+		b.echo(t, "bob")
+	})
+	t.Run("another login", func(t *testing.T) {
+		f, r := shareFixture(t)
+		rule := sessionsRule(f)
+		rule.Logins = append(rule.Logins, "nobody")
+		f.rules(rule)
+		a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+		// The VM's sshd lets in one user: this one's login fails there,
+		// after a connection of its own.
+		if res := f.ssh(nil, "-J", "bastion", "nobody@web1", "true"); res.Exit == 0 {
+			t.Fatalf("nobody logged in to the VM: %v", res)
+		}
+		if r.count() < 2 {
+			t.Fatalf("%d connections to the VM; another login shared one", r.count())
+		}
+		a.echo(t, "still")
+	})
+	for _, kind := range []policy.Channel{policy.RemoteForward, policy.Agent} {
+		t.Run("policy could allow "+string(kind), func(t *testing.T) {
+			f, r := shareFixture(t)
+			rule := sessionsRule(f)
+			rule.Channels = append(rule.Channels, kind)
+			// Outside its window now: the link may need it later all the same.
+			rule.Window = &policy.Window{From: time.Duration((time.Now().UTC().Hour()+12)%24) * time.Hour, To: time.Duration((time.Now().UTC().Hour()+13)%24) * time.Hour, Zone: time.UTC}
+			f.rules(sessionsRule(f), rule)
+			a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+			b := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+			r.waitCount(t, 2)
+			a.echo(t, "a")
+			b.echo(t, "b")
+		})
+	}
+	t.Run("upstream_max_sessions 1", func(t *testing.T) {
+		f, r := shareFixture(t, func(s *bastion.Server) { s.UpstreamMaxSessions = 1 })
+		a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+		b := hold(t, f.client, f.login+"@web1@bastion")
+		r.waitCount(t, 2)
+		a.echo(t, "a")
+		b.echo(t, "b")
+		if reused, _ := f.audit.reused(); reused != 0 {
+			t.Fatalf("%d links reused a connection", reused)
+		}
+	})
+}
+
+// TestSharedUpstreamFull: N+1 links make two connections; a link that
+// ends frees its place.
+func TestSharedUpstreamFull(t *testing.T) {
+	f, r := shareFixture(t, func(s *bastion.Server) { s.UpstreamMaxSessions = 2 })
+	a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	b := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	r.waitCount(t, 1)
+	c := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	r.waitCount(t, 2)
+	for _, e := range []*echoing{a, b, c} {
+		e.echo(t, "x")
+	}
+	if code := a.finish(t); code != 3 {
+		t.Fatalf("exit %d", code)
+	}
+	f.audit.wait(t, audit.Disconnected, "web1", 1)
+	d := hold(t, f.client, f.login+"@web1@bastion")
+	r.waitCount(t, 2)
+	d.echo(t, "joined")
+}
+
+// TestSharedUpstreamDies: cutting the shared connection ends every session
+// on it; the next link dials anew.
+func TestSharedUpstreamDies(t *testing.T) {
+	f, r := shareFixture(t)
+	a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	b := hold(t, f.client, f.login+"@web1@bastion")
+	r.waitCount(t, 1)
+	r.cut()
+	for name, e := range map[string]*echoing{"ssh -J": a, "login@vm@bastion": b} {
+		if code := e.ended(t); code != 255 {
+			t.Errorf("%s: exit %d after its upstream died, want 255; stderr %s", name, code, e.stderr.String())
+		}
+	}
+	if res := f.jump(nil, "echo back"); res.Exit != 0 || string(res.Stdout) != "back\n" {
+		t.Fatalf("after the cut: %v %q", res, res.Stdout)
+	}
+	r.waitCount(t, 2)
+}
+
+// TestSharedUpstreamEndsOneLink: what ends one link sharing a connection
+// (a reload removing the key of its front-door connection, a policy change
+// to its channel) leaves the other links on it alone.
+func TestSharedUpstreamEndsOneLink(t *testing.T) {
+	f, r := shareFixture(t)
+	second := testenv.NewClient(t, f.addr, "alice", f.host.KnownHostsLine())
+	f.setAccounts(bastion.Account{Name: "alice", Groups: []string{"dev"}, Keys: []gossh.PublicKey{f.client.PublicKey, second.PublicKey}})
+	a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	b := hold(t, second, "-J", "bastion", f.login+"@web1")
+	r.waitCount(t, 1)
+	f.setAccounts(bastion.Account{Name: "alice", Groups: []string{"dev"}, Keys: []gossh.PublicKey{f.client.PublicKey}})
+	f.srv.Revalidate()
+	if code := b.ended(t); code != 255 || !strings.Contains(b.stderr.String(), "the key it logged in with was removed") {
+		t.Fatalf("the removed key's session: exit %d, stderr %q", code, b.stderr.String())
+	}
+	a.echo(t, "kept")
+	if code := a.finish(t); code != 3 {
+		t.Fatalf("the kept session exited %d, want 3", code)
+	}
+}
+
+// TestSharedUpstreamRetired: an event that drops the VM's trust without
+// ending its sessions (the guest agent leaving) leaves them on their
+// connection, which takes no new link.
+func TestSharedUpstreamRetired(t *testing.T) {
+	f, r := shareFixture(t)
+	web1, err := f.fleet.Find(context.Background(), "web1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	f.srv.VMEvent(vm.Event{URI: web1.URI, UUID: web1.UUID, Name: web1.Name, Kind: vm.EventAgentGone})
+	b := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	r.waitCount(t, 2)
+	c := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	r.waitCount(t, 2) // the new connection is shared in turn
+	for _, e := range []*echoing{a, b, c} {
+		e.echo(t, "x")
+	}
+}
