@@ -83,9 +83,10 @@ type ServerConfig struct {
 	RevokedKeys       string `toml:"revoked_keys"` // an OpenSSH KRL (ssh-keygen -k); relative to this file's directory
 	LogLevel          string `toml:"log_level"`
 
-	MaxChannels        int `toml:"max_channels"`
-	MaxPending         int `toml:"max_pending"`
-	UpstreamHandshakes int `toml:"upstream_handshakes"`
+	MaxChannels         int `toml:"max_channels"`
+	MaxPending          int `toml:"max_pending"`
+	UpstreamHandshakes  int `toml:"upstream_handshakes"`
+	UpstreamMaxSessions int `toml:"upstream_max_sessions"` // sessions one shared upstream connection carries; 1: none shared
 
 	LoginGraceTime       Duration    `toml:"login_grace_time"`
 	MaxStartups          MaxStartups `toml:"max_startups"`
@@ -152,6 +153,7 @@ func defaults() Config {
 		MaxChannels:          100,
 		MaxPending:           64,
 		UpstreamHandshakes:   8,
+		UpstreamMaxSessions:  10,
 		RecordingMaxBytes:    16 << 20,
 	}}
 }
@@ -215,6 +217,10 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 			return nil, fmt.Errorf("%s:%d: server.ciphers: %w", name, tomlpos.KeyLine(data, "server.ciphers"), err)
 		}
 	}
+	if n := c.Server.UpstreamMaxSessions; n < 1 || n > maxUpstreamSessions {
+		return nil, fmt.Errorf("%s:%d: server.upstream_max_sessions: %d is not from 1 (no connection shared) to %d",
+			name, tomlpos.KeyLine(data, "server.upstream_max_sessions"), n, maxUpstreamSessions)
+	}
 	if p := c.Server.RevokedKeys; p != "" && !filepath.IsAbs(p) {
 		c.Server.RevokedKeys = filepath.Join(filepath.Dir(name), p)
 	}
@@ -252,6 +258,10 @@ func (c *Config) loadPolicy(name string, data []byte) (*policy.Policy, error) {
 	}
 	return policy.Parse(path, pdata, true)
 }
+
+// maxUpstreamSessions bounds server.upstream_max_sessions: well above
+// any sshd's MaxSessions a bastion would meet, and short of a typo's.
+const maxUpstreamSessions = 1000
 
 func (c *Config) validate() error {
 	if c.Server.Listen == "" {

@@ -265,6 +265,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		MaxChannels:          c.Server.MaxChannels,
 		MaxPending:           c.Server.MaxPending,
 		UpstreamHandshakes:   c.Server.UpstreamHandshakes,
+		UpstreamMaxSessions:  c.Server.UpstreamMaxSessions,
 		ProxyProtocol:        c.Server.balancers,
 		Logger:               logger,
 		Audit:                sink,
