@@ -198,8 +198,10 @@ func (h *harness) setup() error {
 	if err := setSubreaper(); err != nil {
 		return err
 	}
-	// The bastion holds two descriptors per idle session, its clients two
-	// more: room for the session hunt.
+	// The bastion holds a descriptor per idle session at its front door and
+	// one per upstream connection (one for up to server.upstream_max_sessions
+	// of one person's sessions, 10 by default), its clients more: room for
+	// the session hunt.
 	want := uint64(max(65536, 4*h.opts.maxN+4096))
 	got, err := raiseNofile(want)
 	if err != nil {
@@ -208,7 +210,7 @@ func (h *harness) setup() error {
 	h.nofile = got
 	if got < want {
 		h.note("RLIMIT_NOFILE could only be raised to %d (the hard limit; this process lacks CAP_SYS_RESOURCE), not %d: "+
-			"the bastion holds two descriptors per session (front door and upstream), so at most about %d sessions fit", got, want, got/2)
+			"the bastion holds about 1.1 descriptors per session (one at the front door, and an upstream connection per 10 of one person's sessions), so at most about %d sessions fit", got, want, got*10/11)
 	}
 	var clientPEM []byte
 	if h.clientSigner, clientPEM, err = testenv.GenerateKey(); err != nil {
