@@ -22,9 +22,10 @@ import (
 )
 
 // link is one downstream connection bound to one login on one VM, and the
-// upstream connection to that VM's sshd that serves it. The downstream is
-// either the ProxyJump inner hop or a front-door connection whose user name
-// is login@vm.
+// upstream connection to that VM's sshd that serves it, its own or shared
+// with the same person's other links there (upstream.go). The downstream
+// is either the ProxyJump inner hop or a front-door connection whose user
+// name is login@vm.
 type link struct {
 	srv   *Server
 	front *frontConn // the person's connection to the front door
@@ -55,7 +56,8 @@ type link struct {
 }
 
 // endGrace bounds how long an ending link waits for its channels to take
-// their last messages to the user before it closes the connections.
+// their last messages to the user before it closes its downstream and lets
+// go of its upstream.
 const endGrace = 5 * time.Second
 
 // activeChannel is a channel in use on a link: what the policy allowed it
@@ -128,8 +130,10 @@ func (l *link) end(msg string) {
 	}()
 }
 
-// close is the end of the link's life, whichever side ended it: both
-// connections are closed, the link leaves the server's set, and its end is
+// close is the end of the link's life, whichever side ended it: the
+// downstream is closed (and with it every channel of the link, on either
+// side), the link gives back its place on the upstream connection (which
+// closes with its last link), leaves the server's set, and its end is
 // logged and audited. Only the first call does anything.
 func (l *link) close() {
 	l.closeOnce.Do(func() {

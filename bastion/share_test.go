@@ -399,3 +399,60 @@ func TestSharedUpstreamRetired(t *testing.T) {
 		e.echo(t, "x")
 	}
 }
+
+// TestSharedUpstreamRefusesConnectionKinds: a link on a shared connection
+// that is asked for a remote forward or agent forwarding after a reload
+// allowed them refuses both, as the policy would, and says why in the
+// audit; a new link then has a connection of its own, and its forward
+// works.
+func TestSharedUpstreamRefusesConnectionKinds(t *testing.T) {
+	f, r := shareFixture(t)
+	c := f.goClient(f.login + "@web1")
+	if out, err := mustSession(t, c).Output("echo linked"); err != nil || string(out) != "linked\n" {
+		t.Fatalf("first session: %q %v", out, err)
+	}
+	r.waitCount(t, 1)
+	all := sessionsRule(f)
+	all.Channels = append(all.Channels, policy.RemoteForward, policy.Agent)
+	f.rules(all)
+
+	if ln, err := c.Listen("tcp", "127.0.0.1:0"); err == nil {
+		ln.Close()
+		t.Fatal("a remote forward was granted on a shared connection")
+	}
+	s := mustSession(t, c)
+	if ok, err := s.SendRequest("auth-agent-req@openssh.com", true, nil); ok || err != nil {
+		t.Fatalf("agent forwarding on a shared connection: %v %v", ok, err)
+	}
+	denied := 0
+	for _, e := range f.audit.all() {
+		if e.Type == audit.Denied && strings.Contains(e.Reason, "the link shares its upstream connection") {
+			denied++
+		}
+	}
+	if denied != 2 {
+		t.Fatalf("%d denials saying why, want 2: %q", denied, f.audit.reasons())
+	}
+	if out, err := mustSession(t, c).Output("echo still"); err != nil || string(out) != "still\n" {
+		t.Fatalf("a session after the refusals: %q %v", out, err)
+	}
+
+	// A new link has its own connection, and the forward.
+	own := f.goClient(f.login + "@web1")
+	ln, err := own.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("a remote forward on a link of its own: %v", err)
+	}
+	ln.Close()
+	r.waitCount(t, 2)
+}
+
+func mustSession(t *testing.T, c *gossh.Client) *gossh.Session {
+	t.Helper()
+	s, err := c.NewSession()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
