@@ -456,3 +456,23 @@ func mustSession(t *testing.T, c *gossh.Client) *gossh.Session {
 	t.Cleanup(func() { s.Close() })
 	return s
 }
+
+// TestSharedUpstreamTimeLimit: a session's time limit ends that session
+// alone, not the other link's on the same connection.
+func TestSharedUpstreamTimeLimit(t *testing.T) {
+	f, r := shareFixture(t)
+	rule := sessionsRule(f)
+	rule.MaxTime = 4 * time.Second
+	f.rules(rule)
+	a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	time.Sleep(2 * time.Second)
+	b := hold(t, f.client, f.login+"@web1@bastion")
+	r.waitCount(t, 1)
+	if code := a.ended(t); code != 255 || !strings.Contains(a.stderr.String(), "session time limit") {
+		t.Fatalf("the first session: exit %d, stderr %q", code, a.stderr.String())
+	}
+	b.echo(t, "mine still")
+	if code := b.ended(t); code != 255 {
+		t.Fatalf("the second session: exit %d at its own limit", code)
+	}
+}
