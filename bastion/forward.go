@@ -27,6 +27,7 @@ func (l *link) session(newCh gossh.NewChannel) {
 	defer l.sessionOpened()()
 	up, upReqs, err := l.up.conn.OpenChannel("session", newCh.ExtraData())
 	if err != nil {
+		l.up.sessionRefused(err)
 		reject(newCh, l.vm.Name, err)
 		return
 	}

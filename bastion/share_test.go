@@ -476,3 +476,41 @@ func TestSharedUpstreamTimeLimit(t *testing.T) {
 		t.Fatalf("the second session: exit %d at its own limit", code)
 	}
 }
+
+// TestSharedUpstreamBelowVMsMaxSessions: a VM whose sshd allows fewer
+// sessions a connection than upstream_max_sessions refuses the one past
+// them (as it would on a single connection); that connection then takes no
+// more links, and the next link dials its own.
+func TestSharedUpstreamBelowVMsMaxSessions(t *testing.T) {
+	f, r := shareFixture(t)
+	d, err := f.fleet.Find(context.Background(), "web1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := f.fleet.Resolve(context.Background(), d, f.login)
+	if err != nil {
+		t.Fatal(err)
+	}
+	small, err := testenv.StartSSHDWith(testenv.SSHDOptions{Dir: t.TempDir() + "/small", Authorized: []gossh.PublicKey{up.Signer.PublicKey()},
+		Config: testenv.TestConfig + "MaxSessions 2\n"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { small.Stop() })
+	r = startRelay(t, small.Addr)
+	up.Addr, up.HostKeys = r.addr, []gossh.PublicKey{small.HostKey}
+	f.fleet.Set("web1", up)
+
+	a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	b := hold(t, f.client, "-J", "bastion", f.login+"@web1")
+	r.waitCount(t, 1)
+	if res := f.jump(nil, "true"); res.Exit != 255 || !strings.Contains(res.Stderr, "open failed") {
+		t.Fatalf("a third session past the VM's MaxSessions: %v", res)
+	}
+	if res := f.jump(nil, "echo own"); res.Exit != 0 || string(res.Stdout) != "own\n" {
+		t.Fatalf("the next link: %v %q", res, res.Stdout)
+	}
+	r.waitCount(t, 2)
+	a.echo(t, "a")
+	b.echo(t, "b")
+}

@@ -47,6 +47,7 @@ type upstream struct {
 	links   int  // links holding it, those waiting for its dial included
 	slots   int  // sessions counted against the cap: each link's open sessions, at least one a link
 	retired bool // takes no more links: its trust was dropped, its dial failed, or it closed
+	full    bool // the VM refused a session on it (its MaxSessions is below the cap): no more links
 }
 
 // shareKey is what links sharing an upstream have in common: the account,
@@ -162,7 +163,7 @@ func (s *Server) connect(ctx context.Context, l *link, target keys.Upstream, sha
 // nil. srv.linksMu is held.
 func (s *Server) joinShared(key shareKey, target keys.Upstream) *upstream {
 	for _, up := range s.shared[key] {
-		if up.retired || up.slots >= s.upstreamMaxSessions() || !sameTarget(up.target, target) {
+		if up.retired || up.full || up.slots >= s.upstreamMaxSessions() || !sameTarget(up.target, target) {
 			continue
 		}
 		if up.ended.Err() != nil {
@@ -244,6 +245,19 @@ func (l *link) sessionOpened() (closed func()) {
 		l.sessions--
 		s.linksMu.Unlock()
 	}
+}
+
+// sessionRefused notes that the VM refused a session on up, as sshd does
+// past its MaxSessions: if up is shared, it takes no more links, which
+// dial a connection of their own instead. Its links go on.
+func (up *upstream) sessionRefused(err error) {
+	var refused *gossh.OpenChannelError
+	if up.key == (shareKey{}) || !errors.As(err, &refused) {
+		return
+	}
+	up.srv.linksMu.Lock()
+	up.full = true
+	up.srv.linksMu.Unlock()
 }
 
 // serve handles what the VM sends unasked until the connection ends:
