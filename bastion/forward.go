@@ -401,14 +401,14 @@ func (f *sessionForward) request(req *gossh.Request) (ok bool, denied policy.Cha
 		}
 		f.readOnly, f.limit = d.ReadOnly, d.MaxTime
 	case "auth-agent-req@openssh.com":
-		if a := (ask{kind: policy.Agent}); l.refuseShared(a) || !l.allow(a).Allow {
+		if !l.allowConnectionWide(ask{kind: policy.Agent}) {
 			return false, ""
 		}
 		l.mu.Lock()
 		l.agent = true
 		l.mu.Unlock()
 	case "x11-req":
-		if a := (ask{kind: policy.X11}); l.refuseShared(a) || !l.allow(a).Allow {
+		if !l.allowConnectionWide(ask{kind: policy.X11}) {
 			return false, ""
 		}
 		l.mu.Lock()

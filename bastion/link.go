@@ -478,7 +478,7 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if gossh.Unmarshal(req.Payload, &f) != nil {
 			return false, nil
 		}
-		if a := (ask{kind: policy.RemoteForward, host: f.Host, port: f.Port}); l.refuseShared(a) || !l.allow(a).Allow {
+		if !l.allowConnectionWide(ask{kind: policy.RemoteForward, host: f.Host, port: f.Port}) {
 			return false, nil
 		}
 		// Granted before it is asked for upstream: the VM's sshd may open a
@@ -533,7 +533,7 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if gossh.Unmarshal(req.Payload, &f) != nil {
 			return false, nil
 		}
-		if a := (ask{kind: policy.RemoteForward, socket: f.SocketPath}); l.refuseShared(a) || !l.allow(a).Allow {
+		if !l.allowConnectionWide(ask{kind: policy.RemoteForward, socket: f.SocketPath}) {
 			return false, nil
 		}
 		// Granted before it is asked for, as for ports; withdrawn if the VM
@@ -687,6 +687,14 @@ func (l *link) allow(a ask) policy.Decision {
 		l.srv.audit(ev)
 	}
 	return d
+}
+
+// allowConnectionWide asks the policy about a, one of the kinds that
+// belong to a whole upstream connection (remote forwarding, agent, X11),
+// and refuses it all the same on a shared connection. Each refusal is
+// audited with its own reason.
+func (l *link) allowConnectionWide(a ask) bool {
+	return l.allow(a).Allow && !l.refuseShared(a)
 }
 
 // refuseShared refuses, as the policy does, what a link on a shared

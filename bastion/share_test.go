@@ -412,6 +412,19 @@ func TestSharedUpstreamRefusesConnectionKinds(t *testing.T) {
 		t.Fatalf("first session: %q %v", out, err)
 	}
 	r.waitCount(t, 1)
+	// While the policy refuses them, the refusal is the policy's.
+	if ln, err := c.Listen("tcp", "127.0.0.1:0"); err == nil {
+		ln.Close()
+		t.Fatal("a remote forward the policy refuses was granted")
+	}
+	for _, e := range f.audit.all() {
+		if e.Type == audit.Denied && strings.Contains(e.Reason, "the link shares its upstream connection") {
+			t.Fatalf("a refusal by policy audited as the sharing's: %q", e.Reason)
+		}
+	}
+	if _, ok := f.audit.find(audit.Denied, "no rule allows it"); !ok {
+		t.Fatalf("no policy denial for the remote forward: %q", f.audit.reasons())
+	}
 	all := sessionsRule(f)
 	all.Channels = append(all.Channels, policy.RemoteForward, policy.Agent)
 	f.rules(all)
