@@ -125,13 +125,17 @@ func (c *versionConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (c *versionConn) version() string {
-	line, _, _ := strings.Cut(string(c.first), "\n")
+func (c *versionConn) version() string { return VersionLine(c.first) }
+
+// VersionLine is the SSH version line at the start of what a server sent
+// first ("SSH-2.0-OpenSSH_9.2p1 …"), made printable for an operator's
+// terminal (it is the server's choice of bytes), or "" if it sent none.
+func VersionLine(first []byte) string {
+	line, _, _ := strings.Cut(string(first), "\n")
 	line = strings.TrimSpace(line)
 	if !strings.HasPrefix(line, "SSH-") {
 		return ""
 	}
-	// The guest's words, shown to an operator: printable ASCII only.
 	return strings.Map(func(r rune) rune {
 		if r < ' ' || r > '~' {
 			return '?'

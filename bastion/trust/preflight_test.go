@@ -85,3 +85,16 @@ func TestPreflight(t *testing.T) {
 		t.Fatalf("a port that is not sshd: %v", found)
 	}
 }
+
+func TestVersionLine(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n\x00\x00\x01", "SSH-2.0-OpenSSH_9.2p1 Debian-2"},
+		{"SSH-2.0-evil\x1b[2J\r\n", "SSH-2.0-evil?[2J"},
+		{"HTTP/1.0 400 Bad Request\r\n", ""},
+		{"", ""},
+	} {
+		if got := VersionLine([]byte(tc.in)); got != tc.want {
+			t.Errorf("VersionLine(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}

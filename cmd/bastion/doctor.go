@@ -203,12 +203,7 @@ func sshBanner(addr string) string {
 	conn.SetDeadline(time.Now().Add(3 * time.Second))
 	buf := make([]byte, 256)
 	n, _ := conn.Read(buf)
-	line, _, _ := strings.Cut(string(buf[:n]), "\n")
-	line = strings.TrimSpace(line)
-	if !strings.HasPrefix(line, "SSH-") {
-		return ""
-	}
-	return line
+	return trust.VersionLine(buf[:n])
 }
 
 // destinations checks where the audit trail and the recordings go.
