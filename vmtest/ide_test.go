@@ -54,19 +54,21 @@ func (b *bastionProc) modes(login, vm string) []struct {
 	}
 }
 
-// hold starts ssh args... in the background until the test ends, and
-// returns its stderr.
-func (b *bastionProc) hold(t *testing.T, args ...string) *testenv.LockedBuffer {
+// hold starts ssh args... in the background, and returns its stderr and
+// a function that stops it, which the test's end calls too.
+func (b *bastionProc) hold(t *testing.T, args ...string) (*testenv.LockedBuffer, func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	cmd := b.client.Command(ctx, "ssh", args...)
 	var stderr testenv.LockedBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
+		cancel()
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cancel(); cmd.Wait() })
-	return &stderr
+	stop := sync.OnceFunc(func() { cancel(); cmd.Wait() })
+	t.Cleanup(stop)
+	return &stderr, stop
 }
 
 func TestIDEFlowsOnGuest(t *testing.T) {
@@ -147,7 +149,7 @@ func TestIDEFlowsOnGuest(t *testing.T) {
 		}
 		t.Run("held forward", func(t *testing.T) {
 			local := testenv.FreeAddr(t)
-			stderr := b.hold(t, "-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=2",
+			stderr, _ := b.hold(t, "-N", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=2",
 				"-L", local+":"+target, "-J", "bastion", "root@"+web1)
 			testenv.WaitListening(t, local)
 			open := testenv.Dial(t, local)

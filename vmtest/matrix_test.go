@@ -206,12 +206,8 @@ func TestClientMatrix(t *testing.T) {
 
 // background starts ssh -J bastion args... and returns a stop function.
 func background(t *testing.T, b *bastionProc, args ...string) func() {
-	ctx, cancel := context.WithCancel(context.Background())
-	cmd := b.client.Command(ctx, "ssh", append([]string{"-J", "bastion"}, args...)...)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	return func() { cancel(); cmd.Wait() }
+	_, stop := b.hold(t, append([]string{"-J", "bastion"}, args...)...)
+	return stop
 }
 
 func readBanner(t *testing.T, addr string) string {
