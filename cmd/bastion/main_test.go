@@ -248,24 +248,7 @@ vms = ["web*"]
 logins = ["root"]
 `, strings.TrimSpace(string(gossh.MarshalAuthorizedKey(client.PublicKey))))
 	os.WriteFile(filepath.Join(dir, "bastion.toml"), []byte(config), 0o600)
-	cmd := exec.Command(bin, "serve", "--config", "bastion.toml")
-	cmd.Dir = dir
-	var logs lockedLog
-	cmd.Stderr = &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	var addr string
-	deadline := time.Now().Add(30 * time.Second)
-	for addr == "" {
-		if m := regexp.MustCompile(`bastion: listening on (\S+)`).FindStringSubmatch(logs.String()); m != nil {
-			addr = m[1]
-		} else if time.Now().After(deadline) {
-			t.Fatalf("serve did not start:\n%s", logs.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	addr := serveIn(t, bin, dir)
 	keysCmd := exec.Command(bin, "keys", "known-hosts", "--config", "bastion.toml")
 	keysCmd.Dir = dir
 	out, err := keysCmd.Output()
@@ -303,22 +286,7 @@ state_dir = "state"
 audit = "off"
 ciphers = ["aes256-ctr", "aes128-gcm@openssh.com"]
 `), 0o600)
-	cmd := exec.Command(bin, "serve", "--config", "bastion.toml")
-	cmd.Dir = dir
-	var logs lockedLog
-	cmd.Stderr = &logs
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
-	var addr string
-	for deadline := time.Now().Add(30 * time.Second); addr == ""; time.Sleep(20 * time.Millisecond) {
-		if m := regexp.MustCompile(`bastion: listening on (\S+)`).FindStringSubmatch(logs.String()); m != nil {
-			addr = m[1]
-		} else if time.Now().After(deadline) {
-			t.Fatalf("serve did not start:\n%s", logs.String())
-		}
-	}
+	addr := serveIn(t, bin, dir)
 	// The client knows no host key: the key exchange is all there is.
 	client := testenv.NewClient(t, addr, "alice", "")
 	// OpenSSH's default order puts aes256-ctr before aes128-gcm.
@@ -329,6 +297,28 @@ ciphers = ["aes256-ctr", "aes128-gcm@openssh.com"]
 	res = client.Run(nil, "ssh", "-c", "aes128-ctr", "bastion", "true")
 	if res.Exit != 255 || !strings.Contains(res.Stderr, "no matching cipher found. Their offer: aes256-ctr,aes128-gcm@openssh.com") {
 		t.Errorf("a client asking for aes128-ctr: %v, want no matching cipher found and the bastion's offer", res)
+	}
+}
+
+// serveIn starts `bastion serve` on dir's bastion.toml, waits for it to
+// listen, and returns the address; the test's end kills it.
+func serveIn(t *testing.T, bin, dir string) string {
+	t.Helper()
+	cmd := exec.Command(bin, "serve", "--config", "bastion.toml")
+	cmd.Dir = dir
+	logs := &lockedLog{}
+	cmd.Stderr = logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if m := regexp.MustCompile(`bastion: listening on (\S+)`).FindStringSubmatch(logs.String()); m != nil {
+			return m[1]
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("serve did not start:\n%s", logs.String())
+		}
 	}
 }
 
