@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -69,6 +70,16 @@ func setup() error {
 	if out, err := script("install-host.sh"); err != nil {
 		return fmt.Errorf("install-host.sh: %v\n%s", err, out)
 	}
+	state := os.Getenv("BASTION_TESTBED_STATE")
+	if state == "" {
+		state = "/var/lib/bastion-testbed"
+	}
+	if err := lockRun(state); err != nil {
+		return err
+	}
+	if err := clearLeftovers(); err != nil {
+		return err
+	}
 	dir, err := os.MkdirTemp("", "vmtest-bin")
 	if err != nil {
 		return err
@@ -96,10 +107,6 @@ func setup() error {
 		return fmt.Errorf("guest.sh up: %v\n%s", err, out)
 	}
 	fmt.Printf("vmtest: guests ready in %v\n", time.Since(boot).Round(time.Second))
-	state := os.Getenv("BASTION_TESTBED_STATE")
-	if state == "" {
-		state = "/var/lib/bastion-testbed"
-	}
 	data, err := os.ReadFile(filepath.Join(state, "guests.json"))
 	if err != nil {
 		return err
@@ -116,6 +123,60 @@ func setup() error {
 		if _, ok := guests[name]; !ok {
 			return fmt.Errorf("guests.json lists no %s", name)
 		}
+	}
+	return nil
+}
+
+// lockRun makes this run of the suite the only one on the machine: two runs
+// share the guests, the pool and the names of dispensed VMs, and would break
+// each other's tests. A second run waits, and says for whom. The lock is the
+// process's until it exits.
+func lockRun(state string) error {
+	if err := os.MkdirAll(state, 0o755); err != nil {
+		return err
+	}
+	name := filepath.Join(state, "vmtest.lock")
+	f, err := os.OpenFile(name, os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		holder, _ := os.ReadFile(name)
+		fmt.Printf("vmtest: another run of the suite holds %s (%s); waiting for it\n", name, strings.TrimSpace(string(holder)))
+		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+			return fmt.Errorf("lock %s: %w", name, err)
+		}
+	}
+	f.Truncate(0)
+	fmt.Fprintf(f, "pid %d, since %s\n", os.Getpid(), time.Now().UTC().Format(time.RFC3339))
+	lockFile = f // kept open, so kept locked
+	return nil
+}
+
+var lockFile *os.File
+
+// clearLeftovers removes what an earlier run that died left behind: VMs it
+// dispensed and the volumes in the pool. The suite's own guests stay, to be
+// reused.
+func clearLeftovers() error {
+	out, err := exec.Command("virsh", "-q", "-c", "qemu:///system", "list", "--all", "--name").Output()
+	if err != nil {
+		return fmt.Errorf("virsh list: %v", err)
+	}
+	var stale []string
+	for _, name := range strings.Fields(string(out)) {
+		if strings.HasPrefix(name, "bt-") && name != web1 && name != agent {
+			stale = append(stale, name)
+		}
+	}
+	if len(stale) > 0 {
+		fmt.Printf("vmtest: removing VMs an earlier run left: %s\n", strings.Join(stale, " "))
+		if out, err := script("guest.sh", append([]string{"down"}, stale...)...); err != nil {
+			return fmt.Errorf("guest.sh down: %v\n%s", err, out)
+		}
+	}
+	if out, err := script("pool.sh", "down"); err != nil {
+		return fmt.Errorf("pool.sh down: %v\n%s", err, out)
 	}
 	return nil
 }
