@@ -117,8 +117,13 @@ type Server struct {
 	// OpenSSH's default MaxSessions; 1 gives every link a connection of
 	// its own.
 	UpstreamMaxSessions int
-	AuthFailures        int           // failed authentications a source address may make at once; 0 means 10
-	AuthRefill          time.Duration // how often a source regains one failure; 0 means 6s
+	// UpstreamLinger is how long a shared upstream connection stays open
+	// once its last link has ended, for the same account's next link to
+	// the same login on the VM; 0 closes it at once. Config's default is
+	// DefaultUpstreamLinger.
+	UpstreamLinger time.Duration
+	AuthFailures   int           // failed authentications a source address may make at once; 0 means 10
+	AuthRefill     time.Duration // how often a source regains one failure; 0 means 6s
 
 	// Ciphers are offered on the front door and the ProxyJump inner hop,
 	// and preferred in this order on the link to the VM; nil means
@@ -166,13 +171,14 @@ type Server struct {
 	certMu sync.Mutex // protects certs
 	certs  map[string]cachedCert
 
-	linksMu sync.Mutex // protects links, fronts, pending, turns, shared and the counts of each upstream and link's sessions
-	links   map[*link]bool
-	shared  map[shareKey][]*upstream // upstream connections links may share, by what they have in common
-	fronts  map[*frontConn]bool      // authenticated front-door connections
-	pending map[string]int           // links being set up, by account
-	turns   map[string]*turns        // handshakes with each VM's sshd, by address
-	lives   map[string]*live         // running sessions with a terminal, by id, for watch
+	linksMu       sync.Mutex // protects links, fronts, pending, turns, shared and the counts of each upstream and link's sessions
+	links         map[*link]bool
+	shared        map[shareKey][]*upstream // upstream connections links may share, by what they have in common
+	fronts        map[*frontConn]bool      // authenticated front-door connections
+	pending       map[string]int           // links being set up, by account
+	turns         map[string]*turns        // handshakes with each VM's sshd, by address
+	idleUpstreams int                      // shared upstreams lingering with no link
+	lives         map[string]*live         // running sessions with a terminal, by id, for watch
 }
 
 // Counts are what the server holds open now: authenticated front-door
@@ -182,6 +188,14 @@ func (s *Server) Counts() (connections, links int) {
 	s.linksMu.Lock()
 	defer s.linksMu.Unlock()
 	return len(s.fronts), len(s.links)
+}
+
+// IdleUpstreams is how many shared upstream connections are open with no
+// link, kept for the next (UpstreamLinger).
+func (s *Server) IdleUpstreams() int {
+	s.linksMu.Lock()
+	defer s.linksMu.Unlock()
+	return s.idleUpstreams
 }
 
 // Unauthenticated is how many front-door connections have not yet
@@ -484,6 +498,7 @@ func (s *Server) watchWindows() {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.initOnce.Do(s.init)
 	s.stopOnce.Do(func() { close(s.stopped) })
+	s.closeIdle()
 	err := s.front.Shutdown(ctx)
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 		s.front.Close()
@@ -495,6 +510,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) Close() error {
 	s.initOnce.Do(s.init)
 	s.stopOnce.Do(func() { close(s.stopped) })
+	s.closeIdle()
 	return s.front.Close()
 }
 

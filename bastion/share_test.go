@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -50,11 +51,12 @@ func sessionsRule(f *fixture) policy.Rule {
 }
 
 // relay accepts TCP connections and copies them to and from an address,
-// counting them; cut closes every one open.
+// counting them and those still open; cut closes every one open.
 type relay struct {
 	addr  string
 	mu    sync.Mutex
 	n     int
+	open  int
 	conns []net.Conn
 }
 
@@ -79,10 +81,19 @@ func startRelay(t *testing.T, to string) *relay {
 			}
 			r.mu.Lock()
 			r.n++
+			r.open++
 			r.conns = append(r.conns, c, up)
 			r.mu.Unlock()
-			go func() { io.Copy(up, c); up.Close() }()
-			go func() { io.Copy(c, up); c.Close() }()
+			var halves sync.WaitGroup
+			halves.Add(2)
+			go func() { io.Copy(up, c); up.Close(); halves.Done() }()
+			go func() { io.Copy(c, up); c.Close(); halves.Done() }()
+			go func() {
+				halves.Wait()
+				r.mu.Lock()
+				r.open--
+				r.mu.Unlock()
+			}()
 		}
 	}()
 	return r
@@ -205,6 +216,24 @@ func (a *auditLog) reused() (reused, dialled int) {
 		}
 	}
 	return reused, dialled
+}
+
+// waitOpen waits for the relay to hold n connections open.
+func (r *relay) waitOpen(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		r.mu.Lock()
+		open := r.open
+		r.mu.Unlock()
+		if open == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections to the VM open, want %d", open, n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // waitCount waits for the relay to have accepted n connections.
@@ -526,4 +555,82 @@ func TestSharedUpstreamBelowVMsMaxSessions(t *testing.T) {
 	r.waitCount(t, 2)
 	a.echo(t, "a")
 	b.echo(t, "b")
+}
+
+// TestSharedUpstreamLingers: with upstream_linger, a shared connection
+// outlives its last link for the account's next one to the same login,
+// which opens a session on it and makes no handshake; it closes once the
+// time is up, at once when the VM's trust is dropped, and when the server
+// stops. A link that may not share never lingers.
+func TestSharedUpstreamLingers(t *testing.T) {
+	const linger = 2 * time.Second
+	lingering := func(s *bastion.Server) { s.UpstreamLinger = linger }
+
+	t.Run("one after another", func(t *testing.T) {
+		f, r := shareFixture(t, lingering)
+		for i := range 3 {
+			if res := f.jump(nil, "echo", strconv.Itoa(i)); res.Exit != 0 || string(res.Stdout) != strconv.Itoa(i)+"\n" {
+				t.Fatalf("command %d: %v %q", i, res, res.Stdout)
+			}
+		}
+		if res := f.ssh(nil, f.login+"@web1@bastion", "echo direct"); res.Exit != 0 || string(res.Stdout) != "direct\n" {
+			t.Fatalf("login@vm@bastion: %v %q", res, res.Stdout)
+		}
+		if reused, dialled := f.audit.reused(); r.count() != 1 || reused != 3 || dialled != 1 {
+			t.Fatalf("%d connections to the VM, %d links reused one and %d dialled; want 1, 3 and 1", r.count(), reused, dialled)
+		}
+		r.waitOpen(t, 1)
+		time.Sleep(linger + time.Second)
+		r.waitOpen(t, 0)
+		if res := f.jump(nil, "true"); res.Exit != 0 {
+			t.Fatalf("after the linger: %v", res)
+		}
+		if r.count() != 2 {
+			t.Fatalf("%d connections to the VM after the linger ran out, want 2", r.count())
+		}
+	})
+	t.Run("trust dropped", func(t *testing.T) {
+		f, r := shareFixture(t, func(s *bastion.Server) { s.UpstreamLinger = time.Hour })
+		if res := f.jump(nil, "true"); res.Exit != 0 {
+			t.Fatal(res)
+		}
+		r.waitOpen(t, 1)
+		web1, err := f.fleet.Find(context.Background(), "web1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.srv.VMEvent(vm.Event{URI: web1.URI, UUID: web1.UUID, Name: web1.Name, Kind: vm.EventAgentGone})
+		r.waitOpen(t, 0)
+		if res := f.jump(nil, "true"); res.Exit != 0 || r.count() != 2 {
+			t.Fatalf("after the trust was dropped: %v, %d connections", res, r.count())
+		}
+	})
+	t.Run("server stops", func(t *testing.T) {
+		f, r := shareFixture(t, func(s *bastion.Server) { s.UpstreamLinger = time.Hour })
+		if res := f.jump(nil, "true"); res.Exit != 0 {
+			t.Fatal(res)
+		}
+		r.waitOpen(t, 1)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := f.srv.Shutdown(ctx); err != nil {
+			t.Fatalf("shutdown with only a lingering connection: %v", err)
+		}
+		r.waitOpen(t, 0)
+	})
+	t.Run("not shared", func(t *testing.T) {
+		f, r := shareFixture(t, lingering)
+		rule := sessionsRule(f)
+		rule.Channels = append(rule.Channels, policy.Agent)
+		f.rules(rule)
+		for range 2 {
+			if res := f.jump(nil, "true"); res.Exit != 0 {
+				t.Fatal(res)
+			}
+		}
+		r.waitOpen(t, 0)
+		if r.count() != 2 {
+			t.Fatalf("%d connections to the VM, want one a link", r.count())
+		}
+	})
 }

@@ -28,8 +28,11 @@ import (
 // shares one with the same account's other such links to the same login
 // on the same VM, as long as the resolver still returns the target it was
 // dialled with: up to UpstreamMaxSessions sessions. Any other link has one
-// of its own. Either way the connection closes when its last link ends,
-// and every link on it ends when it does.
+// of its own, which closes when the link ends. A shared connection whose
+// last link ends stays open for UpstreamLinger, idle, for the account's
+// next link to the login (the next `ssh -J` of a script, an IDE's next
+// connection): no handshake at the VM then. Every link on a connection
+// ends when it does.
 type upstream struct {
 	srv    *Server
 	key    shareKey      // its place in srv.shared; zero for a link's own
@@ -44,11 +47,20 @@ type upstream struct {
 	endedNow context.CancelFunc // ends ended
 
 	// Protected by srv.linksMu:
-	links   int  // links holding it, those waiting for its dial included
-	slots   int  // sessions counted against the cap: each link's open sessions, at least one a link
-	retired bool // takes no more links: its trust was dropped, its dial failed, or it closed
-	full    bool // the VM refused a session on it (its MaxSessions is below the cap): no more links
+	links   int         // links holding it, those waiting for its dial included
+	slots   int         // sessions counted against the cap: each link's open sessions, at least one a link
+	retired bool        // takes no more links: its trust was dropped, its dial failed, or it closed
+	full    bool        // the VM refused a session on it (its MaxSessions is below the cap): no more links
+	idle    *time.Timer // set while it lingers with no link, to close it
 }
+
+// DefaultUpstreamLinger is server.upstream_linger's default.
+const DefaultUpstreamLinger = 15 * time.Second
+
+// maxIdleUpstreams caps the shared connections lingering with no link at
+// once, over all accounts: past it, a connection whose last link ends
+// closes at once.
+const maxIdleUpstreams = 1000
 
 // shareKey is what links sharing an upstream have in common: the account,
 // the VM (its hypervisor and UUID) and the login. The target is compared
@@ -169,6 +181,7 @@ func (s *Server) joinShared(key shareKey, target keys.Upstream) *upstream {
 		if up.ended.Err() != nil {
 			continue
 		}
+		s.wake(up)
 		up.links++
 		up.slots++
 		return up
@@ -183,6 +196,10 @@ func (s *Server) retire(up *upstream) {
 		return
 	}
 	up.retired = true
+	if up.idle != nil {
+		s.wake(up)
+		go up.conn.Close() // no link holds it
+	}
 	if up.key == (shareKey{}) {
 		return
 	}
@@ -217,13 +234,58 @@ func (up *upstream) release() {
 	up.links--
 	up.slots--
 	var closing gossh.Conn
-	if up.links == 0 {
+	if up.links == 0 && !s.linger(up) {
 		s.retire(up)
 		closing = up.conn
 	}
 	s.linksMu.Unlock()
 	if closing != nil {
 		closing.Close()
+	}
+}
+
+// linger keeps up open with no link, for UpstreamLinger, if it is shared
+// and may take links still; it reports whether it does. srv.linksMu is
+// held.
+func (s *Server) linger(up *upstream) bool {
+	if s.UpstreamLinger <= 0 || up.key == (shareKey{}) || up.retired || up.full || up.conn == nil || up.ended.Err() != nil ||
+		s.idleUpstreams >= maxIdleUpstreams || s.Draining() {
+		return false
+	}
+	s.idleUpstreams++
+	var timer *time.Timer
+	timer = time.AfterFunc(s.UpstreamLinger, func() {
+		s.linksMu.Lock()
+		defer s.linksMu.Unlock()
+		if up.idle == timer { // no link took it meanwhile
+			s.retire(up) // closes it
+		}
+	})
+	up.idle = timer
+	return true
+}
+
+// wake ends up's lingering, as a link takes it or it is retired.
+// srv.linksMu is held.
+func (s *Server) wake(up *upstream) {
+	if up.idle != nil {
+		up.idle.Stop()
+		up.idle = nil
+		s.idleUpstreams--
+	}
+}
+
+// closeIdle closes the shared connections lingering with no link, as the
+// server stops.
+func (s *Server) closeIdle() {
+	s.linksMu.Lock()
+	defer s.linksMu.Unlock()
+	for _, list := range s.shared {
+		for _, up := range slices.Clone(list) {
+			if up.idle != nil {
+				s.retire(up)
+			}
+		}
 	}
 }
 

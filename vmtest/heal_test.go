@@ -13,10 +13,15 @@ import (
 
 // TestRewrittenAuthorizedKeysHeal: configuration management rewriting a
 // login's authorized_keys inside the guest (here virsh set-user-sshkeys
-// --reset) takes the trust's key away; the next login still goes through,
-// the bastion verifying the VM again within it.
+// --reset) takes the trust's key away; the next login that needs a new
+// connection to the VM still goes through, the bastion verifying the VM
+// again within it.
 func TestRewrittenAuthorizedKeysHeal(t *testing.T) {
-	b := startBastion(t, "")
+	b := newBastionProc(t, "", defaultRule)
+	// Not kept open for the next login, which would then need no new
+	// connection and find nothing to heal.
+	b.server(`upstream_linger = "0s"`)
+	b.launch()
 	target := "user@" + web1
 	if res := b.ssh(nil, target, "echo first"); res.Exit != 0 || string(res.Stdout) != "first\n" {
 		t.Fatalf("first login: %v %q", res, res.Stdout)

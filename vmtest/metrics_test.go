@@ -23,7 +23,8 @@ func TestMetricsScrapedByPrometheus(t *testing.T) {
 	prometheus := testenv.Need(t, "prometheus")
 	b := newBastionProc(t, "", defaultRule)
 	ops := testenv.FreeAddr(t)
-	b.server(fmt.Sprintf("ops_listen = %q", ops))
+	// The connection to the guest is kept while the test queries.
+	b.server(fmt.Sprintf("ops_listen = %q\nupstream_linger = \"10m\"", ops))
 	b.launch()
 
 	dir := t.TempDir()
@@ -90,6 +91,7 @@ scrape_configs:
 		`bastion_session_duration_seconds_count`:                        func(v float64) bool { return v == 1 },
 		`bastion_upstream_dial_duration_seconds_count`:                  func(v float64) bool { return v == 1 },
 		`bastion_upstream_connections_total{result="connected"}`:        func(v float64) bool { return v == 1 },
+		`bastion_upstream_idle`:                                         func(v float64) bool { return v == 1 },
 		`bastion_trust_checks_total{result="verified"}`:                 func(v float64) bool { return v == 1 },
 		`bastion_trust_check_duration_seconds_count{result="verified"}`: func(v float64) bool { return v == 1 },
 		`bastion_trusts{state="valid"}`:                                 func(v float64) bool { return v == 1 },

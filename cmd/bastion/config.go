@@ -83,10 +83,11 @@ type ServerConfig struct {
 	RevokedKeys       string `toml:"revoked_keys"` // an OpenSSH KRL (ssh-keygen -k); relative to this file's directory
 	LogLevel          string `toml:"log_level"`
 
-	MaxChannels         int `toml:"max_channels"`
-	MaxPending          int `toml:"max_pending"`
-	UpstreamHandshakes  int `toml:"upstream_handshakes"`
-	UpstreamMaxSessions int `toml:"upstream_max_sessions"` // sessions one shared upstream connection carries; 1: none shared
+	MaxChannels         int      `toml:"max_channels"`
+	MaxPending          int      `toml:"max_pending"`
+	UpstreamHandshakes  int      `toml:"upstream_handshakes"`
+	UpstreamMaxSessions int      `toml:"upstream_max_sessions"` // sessions one shared upstream connection carries; 1: none shared
+	UpstreamLinger      Duration `toml:"upstream_linger"`       // how long a shared upstream connection outlives its last link; 0: not at all
 
 	LoginGraceTime       Duration    `toml:"login_grace_time"`
 	MaxStartups          MaxStartups `toml:"max_startups"`
@@ -154,6 +155,7 @@ func defaults() Config {
 		MaxPending:           64,
 		UpstreamHandshakes:   8,
 		UpstreamMaxSessions:  10,
+		UpstreamLinger:       Duration{bastion.DefaultUpstreamLinger},
 		RecordingMaxBytes:    16 << 20,
 	}}
 }
@@ -221,6 +223,10 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 		return nil, fmt.Errorf("%s:%d: server.upstream_max_sessions: %d is not from 1 (no connection shared) to %d",
 			name, tomlpos.KeyLine(data, "server.upstream_max_sessions"), n, maxUpstreamSessions)
 	}
+	if d := c.Server.UpstreamLinger.Duration; d < 0 || d > maxUpstreamLinger {
+		return nil, fmt.Errorf("%s:%d: server.upstream_linger: %v is not from 0s (closed with its last session) to %v",
+			name, tomlpos.KeyLine(data, "server.upstream_linger"), d, maxUpstreamLinger)
+	}
 	if p := c.Server.RevokedKeys; p != "" && !filepath.IsAbs(p) {
 		c.Server.RevokedKeys = filepath.Join(filepath.Dir(name), p)
 	}
@@ -262,6 +268,10 @@ func (c *Config) loadPolicy(name string, data []byte) (*policy.Policy, error) {
 // maxUpstreamSessions bounds server.upstream_max_sessions: well above
 // any sshd's MaxSessions a bastion would meet, and short of a typo's.
 const maxUpstreamSessions = 1000
+
+// maxUpstreamLinger bounds server.upstream_linger: an idle connection to a
+// VM longer than this serves no script or IDE better than a new one.
+const maxUpstreamLinger = 10 * time.Minute
 
 func (c *Config) validate() error {
 	if c.Server.Listen == "" {

@@ -266,6 +266,7 @@ func serve(configPath string, stderr, stdout io.Writer) error {
 		MaxPending:           c.Server.MaxPending,
 		UpstreamHandshakes:   c.Server.UpstreamHandshakes,
 		UpstreamMaxSessions:  c.Server.UpstreamMaxSessions,
+		UpstreamLinger:       c.Server.UpstreamLinger.Duration,
 		ProxyProtocol:        c.Server.balancers,
 		Logger:               logger,
 		Audit:                sink,

@@ -459,6 +459,7 @@ func TestOpsListener(t *testing.T) {
 		`bastion_authentications_total{result="success"}`: "1",
 		`bastion_audit_events_total{type="login"}`:        "1",
 		`bastion_connections_active`:                      "1",
+		`bastion_upstream_idle`:                           "0",
 		`bastion_reloads_total{result="failed"}`:          "1",
 		`bastion_reloads_total{result="ok"}`:              "0",
 		`bastion_ready`:                                   "1",

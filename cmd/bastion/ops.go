@@ -37,6 +37,8 @@ func serveOps(addr string, m *metrics.Metrics, srv *bastion.Server, pool *hyperv
 		func() float64 { return float64(srv.Unauthenticated()) })
 	gauge("links_active", "Links to VMs open now (one connection's channels to one VM).", nil,
 		func() float64 { _, n := srv.Counts(); return float64(n) })
+	gauge("upstream_idle", "Connections to VMs open with no session, kept for their person's next login (server.upstream_linger).", nil,
+		func() float64 { return float64(srv.IdleUpstreams()) })
 	gauge("ready", "1 while /readyz answers ready, else 0.", nil,
 		func() float64 {
 			if ready(srv, pool) != nil {
