@@ -4,6 +4,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"time"
 
 	gossh "golang.org/x/crypto/ssh"
 
@@ -35,9 +36,9 @@ type inProcess struct {
 // startBastion wires a bastion.Server the way the package's own test
 // fixture does: host keys in stateDir, one account holding clientKey, a
 // policy letting it reach VMs "target*" and "stub" as login, a static
-// resolver (no trust check: that needs a real guest), and ciphers as
-// server.ciphers (nil: the default).
-func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login string, ciphers []string) (*inProcess, error) {
+// resolver (no trust check: that needs a real guest), ciphers as
+// server.ciphers (nil: the default) and linger as server.upstream_linger.
+func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login string, ciphers []string, linger time.Duration) (*inProcess, error) {
 	host, err := keys.LoadOrCreate(stateDir)
 	if err != nil {
 		return nil, err
@@ -70,9 +71,10 @@ func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login str
 			Name: "bench", Groups: []string{"bench"}, VMs: []string{"target*", "stub"}, Logins: []string{login},
 			Channels: []policy.Channel{policy.Shell, policy.Exec, policy.SFTP},
 		}}},
-		Ciphers: ciphers,
-		Logger:  slog.New(slog.NewTextHandler(logFile, &slog.HandlerOptions{Level: slog.LevelInfo})),
-		Audit:   audit.JSON(logFile),
+		Ciphers:        ciphers,
+		UpstreamLinger: linger,
+		Logger:         slog.New(slog.NewTextHandler(logFile, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		Audit:          audit.JSON(logFile),
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -73,6 +73,7 @@ type harness struct {
 	jump    *sshd
 	bastion *inProcess // as configured by default
 	wide    *inProcess // offering every cipher, for the rows that force one the default leaves out
+	cold    *inProcess // as bastion, but with no upstream connection kept for the next login (upstream_linger 0s)
 
 	cleanupOnce sync.Mutex
 	cleaned     bool
@@ -244,13 +245,18 @@ func (h *harness) setup() error {
 	if err != nil {
 		return err
 	}
-	h.bastion, err = startBastion(filepath.Join(h.dir, "bastion-state"), filepath.Join(h.dir, "bastion.log"), h.clientSigner.PublicKey(), h.login, nil)
+	h.bastion, err = startBastion(filepath.Join(h.dir, "bastion-state"), filepath.Join(h.dir, "bastion.log"), h.clientSigner.PublicKey(), h.login, nil,
+		bastion.DefaultUpstreamLinger)
 	if err != nil {
 		return err
 	}
-	// The same host keys: one known_hosts line trusts both.
+	// The same host keys: one known_hosts line trusts them all.
 	h.wide, err = startBastion(filepath.Join(h.dir, "bastion-state"), filepath.Join(h.dir, "bastion-wide.log"), h.clientSigner.PublicKey(), h.login,
-		gossh.SupportedAlgorithms().Ciphers)
+		gossh.SupportedAlgorithms().Ciphers, bastion.DefaultUpstreamLinger)
+	if err != nil {
+		return err
+	}
+	h.cold, err = startBastion(filepath.Join(h.dir, "bastion-state"), filepath.Join(h.dir, "bastion-cold.log"), h.clientSigner.PublicKey(), h.login, nil, 0)
 	if err != nil {
 		return err
 	}
@@ -303,6 +309,7 @@ func (h *harness) setup() error {
 func (h *harness) setVM(name string, u keys.Upstream) {
 	h.bastion.fleet.Set(name, u)
 	h.wide.fleet.Set(name, u)
+	h.cold.fleet.Set(name, u)
 }
 
 // variants are the clients of the bulk rows: "" is a client at OpenSSH's
@@ -325,6 +332,23 @@ func bastionFor(cipher string) string {
 		return "bastion"
 	}
 	return "bastion-wide"
+}
+
+// throughBastion points args made by sshArgs at the bastion called host
+// instead of "bastion"; "" leaves them alone.
+func throughBastion(args []string, host string) []string {
+	if host == "" {
+		return args
+	}
+	out := slices.Clone(args)
+	for i, a := range out {
+		if a == "bastion" {
+			out[i] = host
+		} else if before, ok := strings.CutSuffix(a, "@bastion"); ok {
+			out[i] = before + "@" + host
+		}
+	}
+	return out
 }
 
 func knownHostsLine(addr string, key gossh.PublicKey) string {
@@ -352,11 +376,13 @@ func (h *harness) writeConfig(name, cipher, kex string) (string, error) {
 	path := filepath.Join(h.dir, file)
 	bHost, bPort, _ := strings.Cut(h.bastion.addr, ":")
 	wHost, wPort, _ := strings.Cut(h.wide.addr, ":")
+	cHost, cPort, _ := strings.Cut(h.cold.addr, ":")
 	jHost, jPort, _ := strings.Cut(h.jump.Addr, ":")
 	tHost, tPort, _ := strings.Cut(h.target.Addr, ":")
 	var b strings.Builder
 	fmt.Fprintf(&b, "Host bastion\n  HostName %s\n  Port %s\n  User %s\n", bHost, bPort, benchAccount)
 	fmt.Fprintf(&b, "Host bastion-wide\n  HostName %s\n  Port %s\n  User %s\n", wHost, wPort, benchAccount)
+	fmt.Fprintf(&b, "Host bastion-cold\n  HostName %s\n  Port %s\n  User %s\n", cHost, cPort, benchAccount)
 	fmt.Fprintf(&b, "Host jumphost\n  HostName %s\n  Port %s\n  User %s\n", jHost, jPort, jumpUser)
 	fmt.Fprintf(&b, "Host target-direct\n  HostName %s\n  Port %s\n", tHost, tPort)
 	fmt.Fprintf(&b, "Host *\n  User %s\n", h.login)
@@ -403,7 +429,7 @@ func (h *harness) cleanup() {
 	}
 	h.cleaned = true
 	defer h.reapOrphans()
-	for _, b := range []*inProcess{h.bastion, h.wide} {
+	for _, b := range []*inProcess{h.bastion, h.wide, h.cold} {
 		if b != nil {
 			b.stop()
 		}
@@ -712,12 +738,20 @@ func order(i int, routes []string) []string {
 // OpenSSH's default key exchange and again with curve25519 forced on the
 // client's hops (OpenSSH 9.2 prefers sntrup761x25519, which x/crypto does
 // not offer, so by default the routes do not do the same key exchanges).
+// The bastion keeps its connection to the VM open between one login and
+// the next (server.upstream_linger); the rows marked "new connection to
+// the VM" go through a bastion that does not, so that each login makes
+// every handshake OpenSSH's route makes.
 func (h *harness) rowSetup() error {
-	for _, variant := range []struct{ config, name string }{
-		{"", "connection setup: ssh … true, default KEX"},
-		{kexClassic, "connection setup: ssh … true, curve25519 KEX"},
+	for _, variant := range []struct{ config, name, bastion string }{
+		{"", "connection setup: ssh … true, default KEX", ""},
+		{"", "connection setup: ssh … true, default KEX, new connection to the VM", "bastion-cold"},
+		{kexClassic, "connection setup: ssh … true, curve25519 KEX", ""},
+		{kexClassic, "connection setup: ssh … true, curve25519 KEX, new connection to the VM", "bastion-cold"},
 	} {
-		args := func(via string) []string { return append(h.sshArgsConfig(via, variant.config, ""), "true") }
+		args := func(via string) []string {
+			return append(throughBastion(h.sshArgsConfig(via, variant.config, ""), variant.bastion), "true")
+		}
 		r := h.newRow("setup", variant.name, "ms", false)
 		// Warm every route up (the bastion caches its certificate per VM).
 		for _, via := range routes {

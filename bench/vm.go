@@ -66,6 +66,7 @@ func (h *harness) rowVM() error {
 	add(fmt.Sprintf("real guest (%s): dual-band check, cold", v.Guest), v.ColdCheck, nil)
 	add(fmt.Sprintf("real guest (%s): dual-band check, second login", v.Guest), v.SecondLoginCheck, nil)
 	add(fmt.Sprintf("real guest (%s): ssh -J … true, trust cold", v.Guest), v.ColdSetup, nil)
-	add(fmt.Sprintf("real guest (%s): ssh -J … true, trust warm", v.Guest), v.WarmSetup, v.OpenSSHSetup)
+	add(fmt.Sprintf("real guest (%s): ssh -J … true, trust warm, new connection to the guest", v.Guest), v.WarmSetup, v.OpenSSHSetup)
+	add(fmt.Sprintf("real guest (%s): ssh -J … true, trust warm, connection kept (default)", v.Guest), v.LingerSetup, v.OpenSSHSetup)
 	return nil
 }
