@@ -623,7 +623,6 @@ func (h *harness) verify() error {
 		return err
 	}
 	defer dbg.stop()
-	h.setVM("target-debug", keys.Upstream{Addr: dbg.Addr, HostKeys: []gossh.PublicKey{dbg.HostKey}, Signer: h.upstream})
 	known, err := os.OpenFile(h.knownHosts, os.O_APPEND|os.O_WRONLY, 0)
 	if err != nil {
 		return err
@@ -647,15 +646,21 @@ func (h *harness) verify() error {
 		viaDirect:  {"client→target"},
 	}
 	h.hops = map[string]map[string][]hop{}
+	probes := 0
 	for _, variant := range h.variants() {
 		h.hops[variant] = map[string][]hop{}
 		for _, via := range routes {
 			args := h.sshArgs(via, variant)
 			// The same route to the debug sshd: the bastion's name for it,
-			// or its own address.
+			// a new one each time (the bastion keeps its connection to a VM
+			// for the next login: server.upstream_linger), or its own
+			// address.
 			dest := &args[len(args)-1]
 			if onBastion(via) {
-				*dest = strings.Replace(*dest, "@target", "@target-debug", 1)
+				probes++
+				name := fmt.Sprintf("target-debug%d", probes)
+				h.setVM(name, keys.Upstream{Addr: dbg.Addr, HostKeys: []gossh.PublicKey{dbg.HostKey}, Signer: h.upstream})
+				*dest = strings.Replace(*dest, "@target", "@"+name, 1)
 			} else {
 				args = append(args[:len(args)-1:len(args)-1], "-p", dbgPort, *dest)
 			}
