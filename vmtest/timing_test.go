@@ -71,7 +71,12 @@ func TestTrustTimings(t *testing.T) {
 	}
 	// A bastion as configured by default, whose connection to the guest
 	// outlives a login for the next (server.upstream_linger).
-	lingering := startBastion(t, "")
+	// A name of its own, so that the two bastions' keys in the guest are
+	// not taken for each other's stale ones; a rule that lets its links
+	// share a connection (no remote forwarding).
+	lingering := newBastionProc(t, "", strings.Replace(defaultRule, `, "remote-forward"]`, "]", 1))
+	lingering.server(`replica = "timing-kept"`)
+	lingering.launch()
 	if r := lingering.ssh(nil, "root@"+web1, "true"); r.Exit != 0 {
 		t.Fatalf("ssh: %v", r)
 	}
@@ -99,6 +104,15 @@ func TestTrustTimings(t *testing.T) {
 	}
 	if len(lingering.auditEvents("trust_verified")) != 1 {
 		t.Fatalf("the default bastion verified %d times, want once", len(lingering.auditEvents("trust_verified")))
+	}
+	reused := 0
+	for _, e := range lingering.auditEvents("connected") {
+		if e["reused"] == true {
+			reused++
+		}
+	}
+	if reused != setups {
+		t.Fatalf("the default bastion's logins after the first: %d of %d reused its connection to the guest", reused, setups)
 	}
 
 	med := func(v []float64) string {
