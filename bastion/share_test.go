@@ -3,6 +3,7 @@ package bastion_test
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"strconv"
@@ -221,31 +222,29 @@ func (a *auditLog) reused() (reused, dialled int) {
 // waitOpen waits for the relay to hold n connections open.
 func (r *relay) waitOpen(t *testing.T, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	open := func() int {
 		r.mu.Lock()
-		open := r.open
-		r.mu.Unlock()
-		if open == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d connections to the VM open, want %d", open, n)
-		}
-		time.Sleep(20 * time.Millisecond)
+		defer r.mu.Unlock()
+		return r.open
 	}
+	waitFor(t, func() bool { return open() == n }, func() string { return fmt.Sprintf("%d connections to the VM open, want %d", open(), n) })
 }
 
 // waitCount waits for the relay to have accepted n connections.
 func (r *relay) waitCount(t *testing.T, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for r.count() != n {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d connections to the VM, want %d", r.count(), n)
-		}
-		time.Sleep(20 * time.Millisecond)
+	waitFor(t, func() bool { return r.count() == n }, func() string { return fmt.Sprintf("%d connections to the VM, want %d", r.count(), n) })
+}
+
+// agentGone tells f's server that web1's guest agent left, which drops
+// its trusts and leaves its sessions alone.
+func agentGone(t *testing.T, f *fixture) {
+	t.Helper()
+	web1, err := f.fleet.Find(context.Background(), "web1")
+	if err != nil {
+		t.Fatal(err)
 	}
+	f.srv.VMEvent(vm.Event{URI: web1.URI, UUID: web1.UUID, Name: web1.Name, Kind: vm.EventAgentGone})
 }
 
 // TestSharedUpstream: one person's links to the same login on the same VM,
@@ -414,12 +413,8 @@ func TestSharedUpstreamEndsOneLink(t *testing.T) {
 // connection, which takes no new link.
 func TestSharedUpstreamRetired(t *testing.T) {
 	f, r := shareFixture(t)
-	web1, err := f.fleet.Find(context.Background(), "web1")
-	if err != nil {
-		t.Fatal(err)
-	}
 	a := hold(t, f.client, "-J", "bastion", f.login+"@web1")
-	f.srv.VMEvent(vm.Event{URI: web1.URI, UUID: web1.UUID, Name: web1.Name, Kind: vm.EventAgentGone})
+	agentGone(t, f)
 	b := hold(t, f.client, "-J", "bastion", f.login+"@web1")
 	r.waitCount(t, 2)
 	c := hold(t, f.client, "-J", "bastion", f.login+"@web1")
@@ -595,11 +590,7 @@ func TestSharedUpstreamLingers(t *testing.T) {
 			t.Fatal(res)
 		}
 		r.waitOpen(t, 1)
-		web1, err := f.fleet.Find(context.Background(), "web1")
-		if err != nil {
-			t.Fatal(err)
-		}
-		f.srv.VMEvent(vm.Event{URI: web1.URI, UUID: web1.UUID, Name: web1.Name, Kind: vm.EventAgentGone})
+		agentGone(t, f)
 		r.waitOpen(t, 0)
 		if res := f.jump(nil, "true"); res.Exit != 0 || r.count() != 2 {
 			t.Fatalf("after the trust was dropped: %v, %d connections", res, r.count())

@@ -43,6 +43,11 @@ logins = ["root", "user"]
 channels = ["shell", "exec", "scp", "sftp", "local-forward", "remote-forward"]
 `
 
+// sharingRule is defaultRule without remote forwarding: a person's links
+// to a login then share one connection to the guest, which outlives them
+// for server.upstream_linger.
+var sharingRule = strings.Replace(defaultRule, `, "remote-forward"]`, "]", 1)
+
 // startBastion starts the bastion binary allowing "me" root and user on
 // every VM, with a short check timeout so that a silent agent costs
 // seconds. extra is appended to the configuration.

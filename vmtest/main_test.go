@@ -140,12 +140,22 @@ func lockRun(state string) error {
 	if err != nil {
 		return err
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
-		holder, _ := os.ReadFile(name)
-		fmt.Printf("vmtest: another run of the suite holds %s (%s); waiting for it\n", name, strings.TrimSpace(string(holder)))
-		if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-			return fmt.Errorf("lock %s: %w", name, err)
+	deadline := time.Now().Add(lockWait)
+	for told := false; ; told = true {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			break
 		}
+		holder, _ := os.ReadFile(name)
+		switch {
+		case err != syscall.EWOULDBLOCK:
+			return fmt.Errorf("lock %s: %w", name, err)
+		case time.Now().After(deadline):
+			return fmt.Errorf("another run of the suite has held %s for over %v (%s)", name, lockWait, strings.TrimSpace(string(holder)))
+		case !told:
+			fmt.Printf("vmtest: another run of the suite holds %s (%s); waiting for it\n", name, strings.TrimSpace(string(holder)))
+		}
+		time.Sleep(time.Second)
 	}
 	f.Truncate(0)
 	fmt.Fprintf(f, "pid %d, since %s\n", os.Getpid(), time.Now().UTC().Format(time.RFC3339))
@@ -154,6 +164,10 @@ func lockRun(state string) error {
 }
 
 var lockFile *os.File
+
+// lockWait bounds the wait for another run: a whole run of the suite takes
+// about 25 minutes.
+const lockWait = 30 * time.Minute
 
 // clearLeftovers removes what an earlier run that died left behind: VMs it
 // dispensed and the volumes in the pool. The suite's own guests stay, to be

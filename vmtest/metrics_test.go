@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -22,8 +21,7 @@ import (
 // duration, the dial, the verified trust and the guest's agent up.
 func TestMetricsScrapedByPrometheus(t *testing.T) {
 	prometheus := testenv.Need(t, "prometheus")
-	// No remote forwarding: its links may share, and keep, a connection.
-	b := newBastionProc(t, "", strings.Replace(defaultRule, `, "remote-forward"]`, "]", 1))
+	b := newBastionProc(t, "", sharingRule)
 	ops := testenv.FreeAddr(t)
 	// The connection to the guest is kept while the test queries.
 	b.server(fmt.Sprintf("ops_listen = %q\nupstream_linger = \"10m\"", ops))

@@ -74,7 +74,7 @@ func TestTrustTimings(t *testing.T) {
 	// A name of its own, so that the two bastions' keys in the guest are
 	// not taken for each other's stale ones; a rule that lets its links
 	// share a connection (no remote forwarding).
-	lingering := newBastionProc(t, "", strings.Replace(defaultRule, `, "remote-forward"]`, "]", 1))
+	lingering := newBastionProc(t, "", sharingRule)
 	lingering.server(`replica = "timing-kept"`)
 	lingering.launch()
 	if r := lingering.ssh(nil, "root@"+web1, "true"); r.Exit != 0 {
