@@ -72,6 +72,7 @@ func newFixture(t testing.TB, configure ...func(*bastion.Server)) *fixture {
 	f.srv = &bastion.Server{
 		HostKey:   host.Key,
 		Certifier: host,
+		Hostnames: []string{"127.0.0.1", "localhost"},
 		Accounts:  f.accounts,
 		VMs:       f.fleet,
 		Resolver:  f.fleet,

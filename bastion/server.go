@@ -94,7 +94,7 @@ var DefaultEnvAllow = []string{"LANG", "LC_*", "LANGUAGE", "TZ", "COLORTERM", "T
 type Server struct {
 	HostKey   gossh.Signer  // required
 	Certifier HostCertifier // issues host certificates; if nil, plain host keys only
-	Hostnames []string      // principals of the front door's own certificate (names and addresses users reach it by); if empty, valid for any name
+	Hostnames []string      // principals of the front door's own certificate (names and addresses users reach it by); if empty, the front door presents its plain host key only
 
 	Accounts Identifier // if nil, nobody can log in
 	VMs      VMs        // if nil, no VM is known
@@ -552,9 +552,11 @@ func (s *Server) init() {
 			"default": s.frontRequest,
 		},
 	}
-	if s.Certifier != nil {
+	if s.Certifier != nil && len(s.Hostnames) > 0 {
 		// A certificate for the bastion's names, valid for a week and
-		// renewed before it ends: the host CA is what users trust.
+		// renewed before it ends: the host CA is what users trust. A
+		// certificate names its hosts: one valid for any name would be
+		// refused by x/crypto, and is one a stolen key could use anywhere.
 		cert, err := newRenewingCert(func(validity time.Duration) (gossh.Signer, error) {
 			return s.Certifier.HostCertSigner(s.Hostnames, validity)
 		}, s.logger())

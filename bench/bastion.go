@@ -64,6 +64,7 @@ func startBastion(stateDir, logPath string, clientKey gossh.PublicKey, login str
 	b.srv = &bastion.Server{
 		HostKey:   host.Key,
 		Certifier: host,
+		Hostnames: []string{"127.0.0.1", "localhost"},
 		Accounts:  accounts,
 		VMs:       b.fleet,
 		Resolver:  b.fleet,

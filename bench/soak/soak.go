@@ -276,6 +276,7 @@ func start(stateDir string) (*env, error) {
 	e.srv = &bastion.Server{
 		HostKey:   host.Key,
 		Certifier: host,
+		Hostnames: []string{"127.0.0.1", "localhost"},
 		Accounts:  accounts,
 		VMs:       fleet,
 		Resolver:  fleet,

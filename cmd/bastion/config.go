@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -227,6 +228,12 @@ func ParseConfig(name string, data []byte) (*Config, error) {
 		return nil, fmt.Errorf("%s:%d: server.upstream_linger: %v is not from 0s (closed with its last session) to %v",
 			name, tomlpos.KeyLine(data, "server.upstream_linger"), d, maxUpstreamLinger)
 	}
+	for _, h := range c.Server.Hostnames {
+		if h == "" || strings.ContainsAny(h, " \t,") {
+			return nil, fmt.Errorf("%s:%d: server.hostnames: %q is not a host name or address (a principal of the front door's certificate: not empty, no space or comma)",
+				name, tomlpos.KeyLine(data, "server.hostnames"), h)
+		}
+	}
 	if p := c.Server.RevokedKeys; p != "" && !filepath.IsAbs(p) {
 		c.Server.RevokedKeys = filepath.Join(filepath.Dir(name), p)
 	}
@@ -345,6 +352,17 @@ func (c *Config) validate() error {
 	return err
 }
 
+// keyError explains a key that does not parse. A DSA key is refused by
+// name: x/crypto no longer reads them (OpenSSH stopped accepting them in
+// 7.0 and removed them in 9.8), and its parser's own words would only say
+// that no key was found.
+func keyError(line string, err error) error {
+	if slices.Contains(strings.Fields(line), "ssh-dss") {
+		return errors.New("ssh-dss (DSA) keys are not accepted: use an ed25519, ECDSA or RSA key")
+	}
+	return err
+}
+
 // accounts parses the [[account]] tables.
 func (c *Config) accounts() (*bastion.AccountSet, error) {
 	var accounts []bastion.Account
@@ -360,7 +378,7 @@ func (c *Config) accounts() (*bastion.AccountSet, error) {
 			}
 			key, _, options, rest, err := gossh.ParseAuthorizedKey([]byte(line))
 			if err != nil {
-				return fail(err)
+				return fail(keyError(line, err))
 			}
 			if len(strings.TrimSpace(string(rest))) > 0 {
 				return fail(errors.New("one key per entry"))
@@ -398,7 +416,7 @@ func (c *Config) accounts() (*bastion.AccountSet, error) {
 		}
 		key, _, _, _, err := gossh.ParseAuthorizedKey([]byte(u.Key))
 		if err != nil {
-			return fail(fmt.Errorf("key: %w (the CA's public key, as in its .pub file)", err))
+			return fail(fmt.Errorf("key: %w (the CA's public key, as in its .pub file)", keyError(u.Key, err)))
 		}
 		if _, isCert := key.(*gossh.Certificate); isCert {
 			return fail(errors.New("key: a certificate, not the CA's public key"))

@@ -65,6 +65,9 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		{"bad duration", "[server]\ngrace_period = \"5 minutes\"\n", `bastion.toml:2: server.grace_period: not a duration`},
 		{"syntax", "[server\n", "bastion.toml:"},
 		{"bad key", "[[account]]\nname = \"a\"\nkeys = [\"ssh-ed25519 nonsense\"]\n", `bastion.toml:1: account "a": keys[0]`},
+		{"empty host name", "[server]\nhostnames = [\"bastion.example.com\", \"\"]\n", `bastion.toml:2: server.hostnames: "" is not a host name or address`},
+		{"host names in one string", "[server]\n\nhostnames = [\"a.example.com,b.example.com\"]\n", `bastion.toml:3: server.hostnames: "a.example.com,b.example.com" is not a host name or address`},
+		{"DSA key", "[[account]]\nname = \"a\"\nkeys = [\"" + dsaKey + "\"]\n", `bastion.toml:1: account "a": keys[0]: ssh-dss (DSA) keys are not accepted: use an ed25519, ECDSA or RSA key`},
 		{"shared key", "[[account]]\nname = \"a\"\nkeys = [\"" + exampleKey + "\"]\n[[account]]\nname = \"b\"\nkeys = [\"" + exampleKey + "\"]\n",
 			`one key maps to one account`},
 		{"rule without logins", "[server]\n\n[[rule]]\nname = \"r\"\ngroups = [\"g\"]\nvms = [\"*\"]\n", `bastion.toml:3: rule r: invalid rule: an allow rule must name logins`},
@@ -112,6 +115,9 @@ func TestConfigErrorsNameFileLineKey(t *testing.T) {
 		})
 	}
 }
+
+// dsaKey is a DSA public key, made by ssh-keygen -t dsa.
+const dsaKey = "ssh-dss AAAAB3NzaC1kc3MAAACBAOONr+MsdUABPVjT7w9Or9AnQnmM5PtAHIxKKzRwEV1QPoiCZMQNSo8aXJ7zG5s0yorX1vl7/d88s9BaRlhqVvDZQnSLMSEBZrD9B1K8PNMO/iWOFxI1MXjg4e/lIazOYIWTbM96fuDzH9+wK32Ww+bRyiXTlZda5dN4QtLSl7rlAAAAFQDXb1n99Hd9KjY30A/wUmRwz9El9QAAAIALtmNvJZzBoadRGiFgiBh9QPh3gF9T9P68WNPn1vaYE6kcEEInvj0wlnBMNMj3PyPd5VBhe8P7BgbqPEG9hOJJ8he+0GNtLnv7guqNk7Pwrxv2iBv7N56FyeX4icO+pF7Eq9JhStWDtwPCIZX7JPzBzMvDfcSg/ahKv2qdfkmMfAAAAIA8hgSmRfCG0uvdFy6RknCqF+oRMn+zxZBev2j2+n0rj9r9zBjffM5N0kK4zwQT5insIFsyeAgX70K4jgFbj6/DmIYn3mBbClzi5fd9YLK/crForneLexxiUUljPHoVtrrY2rInav2vwwejp6wIr0rBeOuzVaYIb/EYUQQ6RwgkUQ== bob@old-laptop"
 
 const exampleKey = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDYkFTUBOi1yUr7Kp/A1R7niLASGFb2LqPzEb3qnv+o6 alice@laptop"
 
