@@ -25,7 +25,7 @@ import (
 // VM's own reason.
 func (l *link) session(newCh gossh.NewChannel) {
 	defer l.sessionOpened()()
-	up, upReqs, err := l.up.conn.OpenChannel("session", newCh.ExtraData())
+	up, upReqs, err := l.openSession(newCh.ExtraData())
 	if err != nil {
 		l.up.sessionRefused(err)
 		reject(newCh, l.vm.Name, err)
@@ -37,6 +37,28 @@ func (l *link) session(newCh gossh.NewChannel) {
 		return
 	}
 	(&sessionForward{link: l, up: up, down: down, id: l.front.channelN.Add(1)}).run(upReqs, downReqs)
+}
+
+// sessionRetries are the waits before asking a shared connection again for
+// a session the VM refused. OpenSSH's sshd frees a closed session's place
+// only once it has handled everything it read with the close, so a session
+// asked for the moment another ended (the next of many parallel `ssh -J`)
+// can be refused past MaxSessions for an instant.
+var sessionRetries = []time.Duration{10 * time.Millisecond, 40 * time.Millisecond, 150 * time.Millisecond}
+
+// openSession opens a session channel on l's connection to the VM, asking
+// again (sessionRetries) if the VM refuses it on a shared connection.
+func (l *link) openSession(extra []byte) (gossh.Channel, <-chan *gossh.Request, error) {
+	ch, reqs, err := l.up.conn.OpenChannel("session", extra)
+	var refused *gossh.OpenChannelError
+	for _, wait := range sessionRetries {
+		if err == nil || !l.shared || !errors.As(err, &refused) {
+			break
+		}
+		time.Sleep(wait)
+		ch, reqs, err = l.up.conn.OpenChannel("session", extra)
+	}
+	return ch, reqs, err
 }
 
 // reject refuses newCh with the reason another hop gave for refusing it.

@@ -65,6 +65,15 @@ type relay struct {
 
 func startRelay(t *testing.T, to string) *relay {
 	t.Helper()
+	return startLaggingRelay(t, to, 0)
+}
+
+// startLaggingRelay is startRelay whose copies towards the VM wait lag
+// after each read, so that what the bastion sends meanwhile reaches the
+// VM in one piece: a VM slow to read (a guest under TCG) sees a channel's
+// close and the next open together.
+func startLaggingRelay(t *testing.T, to string, lag time.Duration) *relay {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -89,7 +98,7 @@ func startRelay(t *testing.T, to string) *relay {
 			r.mu.Unlock()
 			var halves sync.WaitGroup
 			halves.Add(2)
-			go func() { io.Copy(up, c); up.Close(); halves.Done() }()
+			go func() { io.Copy(up, lagging{c, lag}); up.Close(); halves.Done() }()
 			go func() { io.Copy(c, up); c.Close(); halves.Done() }()
 			go func() {
 				halves.Wait()
@@ -100,6 +109,18 @@ func startRelay(t *testing.T, to string) *relay {
 		}
 	}()
 	return r
+}
+
+// lagging is a reader that waits lag after each read.
+type lagging struct {
+	r   io.Reader
+	lag time.Duration
+}
+
+func (l lagging) Read(p []byte) (int, error) {
+	n, err := l.r.Read(p)
+	time.Sleep(l.lag)
+	return n, err
 }
 
 // count is how many connections the relay has accepted.
@@ -731,5 +752,53 @@ func TestSharedUpstreamRemoteForwards(t *testing.T) {
 	through(remoteB, "B")
 	if r.count() != 1 {
 		t.Fatalf("%d connections to the VM, want 1", r.count())
+	}
+}
+
+// TestSharedUpstreamManyAtOnce: many `ssh -J … true` at once, each ending
+// as others begin, all succeed on shared connections. A VM slow to read
+// (the lagging relay) sees a session's close and the next link's open
+// together, and its sshd refuses the open before it frees the closed
+// session's place; the bastion asks again.
+func TestSharedUpstreamManyAtOnce(t *testing.T) {
+	f, r := shareFixture(t)
+	d, err := f.fleet.Find(context.Background(), "web1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := f.fleet.Resolve(context.Background(), d, f.login)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r = startLaggingRelay(t, f.vm.Addr, 20*time.Millisecond)
+	up.Addr = r.addr
+	f.fleet.Set("web1", up)
+	const logins, parallel = 60, 20
+	results := make(chan testenv.Result, logins)
+	turns := make(chan struct{}, parallel)
+	var all sync.WaitGroup
+	for range logins {
+		all.Add(1)
+		go func() {
+			defer all.Done()
+			turns <- struct{}{}
+			defer func() { <-turns }()
+			results <- f.jump(nil, "true")
+		}()
+	}
+	all.Wait()
+	close(results)
+	failed := 0
+	for res := range results {
+		if res.Exit != 0 {
+			failed++
+			t.Logf("failed: %v", res)
+		}
+	}
+	if failed > 0 {
+		t.Fatalf("%d of %d logins failed", failed, logins)
+	}
+	if n := r.count(); n >= logins/2 {
+		t.Fatalf("%d connections to the VM for %d logins: they were hardly shared", n, logins)
 	}
 }
