@@ -199,8 +199,9 @@ func (s *Server) pick(fc *frontConn, ch gossh.Channel, reqs <-chan *gossh.Reques
 		sendExitStatus(ch, 255)
 		return
 	}
-	up, upReqs, err := l.up.conn.OpenChannel("session", nil)
+	up, upReqs, err := l.openSession(nil)
 	if err != nil {
+		l.up.sessionRefused(err)
 		fmt.Fprintf(ch, "bastion: %s: %v\r\n", picked.vm.Name, err)
 		sendExitStatus(ch, 255)
 		return
