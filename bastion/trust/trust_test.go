@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -411,5 +412,50 @@ func TestInBandCiphers(t *testing.T) {
 		if len(seen) == 0 || slices.ContainsFunc(seen, func(c string) bool { return c != tc.want }) {
 			t.Errorf("ciphers %q: the VM's sshd saw %q, want %s on every connection", tc.ciphers, seen, tc.want)
 		}
+	}
+}
+
+// TestCheckWaitsForRestartingSSHD: a guest whose sshd refuses connections
+// for a moment, as while it restarts (a reload re-executes it), is
+// verified once it listens again.
+func TestCheckWaitsForRestartingSSHD(t *testing.T) {
+	g := newLocalGuest(t)
+	addr := testenv.FreeAddr(t)
+	listening := make(chan net.Listener, 1)
+	t.Cleanup(func() {
+		if ln := <-listening; ln != nil {
+			ln.Close()
+		}
+	})
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		ln, err := net.Listen("tcp", addr)
+		listening <- ln
+		if err != nil {
+			return
+		}
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", g.sshd.Addr)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			go func() { io.Copy(up, c); up.Close() }()
+			go func() { io.Copy(c, up); c.Close() }()
+		}
+	}()
+	m := g.manager()
+	_, port, _ := net.SplitHostPort(addr)
+	m.SSHPort, _ = strconv.Atoi(port)
+	tr, err := m.Get(context.Background(), vm1, g.sshd.Login)
+	if err != nil {
+		t.Fatalf("a check while the sshd restarts: %v", err)
+	}
+	if tr.Addr != addr {
+		t.Fatalf("trust at %s, want %s", tr.Addr, addr)
 	}
 }
