@@ -19,6 +19,7 @@ import (
 	"github.com/bastionvm/bastion/bastion"
 	"github.com/bastionvm/bastion/bastion/audit"
 	"github.com/bastionvm/bastion/internal/testenv"
+	"github.com/bastionvm/bastion/keys"
 	"github.com/bastionvm/bastion/policy"
 	"github.com/bastionvm/bastion/vm"
 )
@@ -31,6 +32,16 @@ func shareFixture(t *testing.T, configure ...func(*bastion.Server)) (*fixture, *
 	t.Helper()
 	f := newFixture(t, configure...)
 	f.policy.set(&policy.Policy{Rules: []policy.Rule{sessionsRule(f)}})
+	up := web1Target(t, f)
+	r := startRelay(t, up.Addr)
+	up.Addr = r.addr
+	f.fleet.Set("web1", up)
+	return f, r
+}
+
+// web1Target is the target f's fleet resolves web1 to for f's login.
+func web1Target(t *testing.T, f *fixture) keys.Upstream {
+	t.Helper()
 	d, err := f.fleet.Find(context.Background(), "web1")
 	if err != nil {
 		t.Fatal(err)
@@ -39,10 +50,7 @@ func shareFixture(t *testing.T, configure ...func(*bastion.Server)) (*fixture, *
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := startRelay(t, up.Addr)
-	up.Addr = r.addr
-	f.fleet.Set("web1", up)
-	return f, r
+	return up
 }
 
 // sessionsRule lets group dev use sessions and local forwards on web*:
@@ -546,14 +554,7 @@ func TestSharedUpstreamTimeLimit(t *testing.T) {
 // more links, and the next link dials its own.
 func TestSharedUpstreamBelowVMsMaxSessions(t *testing.T) {
 	f, r := shareFixture(t)
-	d, err := f.fleet.Find(context.Background(), "web1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	up, err := f.fleet.Resolve(context.Background(), d, f.login)
-	if err != nil {
-		t.Fatal(err)
-	}
+	up := web1Target(t, f)
 	small, err := testenv.StartSSHDWith(testenv.SSHDOptions{Dir: t.TempDir() + "/small", Authorized: []gossh.PublicKey{up.Signer.PublicKey()},
 		Config: testenv.TestConfig + "MaxSessions 2\n"})
 	if err != nil {
@@ -762,14 +763,7 @@ func TestSharedUpstreamRemoteForwards(t *testing.T) {
 // session's place; the bastion asks again.
 func TestSharedUpstreamManyAtOnce(t *testing.T) {
 	f, r := shareFixture(t)
-	d, err := f.fleet.Find(context.Background(), "web1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	up, err := f.fleet.Resolve(context.Background(), d, f.login)
-	if err != nil {
-		t.Fatal(err)
-	}
+	up := web1Target(t, f)
 	r = startLaggingRelay(t, f.vm.Addr, 20*time.Millisecond)
 	up.Addr = r.addr
 	f.fleet.Set("web1", up)
