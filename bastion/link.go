@@ -143,7 +143,6 @@ func (l *link) close() {
 		if l.down != nil {
 			l.down.Close()
 		}
-		l.dropForwards()
 		l.up.release()
 		s := l.srv
 		s.linksMu.Lock()
@@ -431,78 +430,29 @@ type streamlocalForward struct {
 }
 
 // maxRemoteForwards caps the remote forwards (ports and sockets) one
-// link may hold: each is a listener on the VM.
+// connection may hold: each is a listener on the VM.
 const maxRemoteForwards = 64
 
 // grantForward marks key granted in m (l.forwards or l.sockets), unless
-// the link holds maxRemoteForwards already and key is not one of them, or
-// (on a shared connection) another link holds the forward of route key.
-// had says whether it was granted before.
-func (l *link) grantForward(m map[string]bool, key, route string) (had, granted bool) {
+// the connection holds maxRemoteForwards already and key is not one of
+// them. had says whether it was granted before.
+func (l *link) grantForward(m map[string]bool, key string) (had, granted bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if had = m[key]; !had && len(l.forwards)+len(l.sockets) >= maxRemoteForwards {
 		l.log.Info("refused a remote forward: too many", "max", maxRemoteForwards)
 		return false, false
 	}
-	if l.shared && !l.up.claim(route, l) {
-		l.log.Info("refused a remote forward: another session of the account on the same connection to the VM holds it", "forward", key)
-		return false, false
-	}
 	m[key] = true
 	return had, true
-}
-
-// unroute stops routing the VM's channels for the forward of route key to
-// l, if its connection is shared. l.mu is held.
-func (l *link) unroute(route string) {
-	if l.shared {
-		l.up.unclaim(route, l)
-	}
-}
-
-// dropForwards ends the link's remote forwards on a shared connection,
-// which outlives the link: their routes go at once, and the VM is asked to
-// stop listening, in the background (an answer may be slow to come; if
-// the connection closes meanwhile, the listeners go with it).
-func (l *link) dropForwards() {
-	if !l.shared {
-		return
-	}
-	l.mu.Lock()
-	forwards, sockets := l.forwards, l.sockets
-	l.forwards, l.sockets = make(map[string]bool), make(map[string]bool)
-	for f := range forwards {
-		l.unroute(tcpRoute(f))
-	}
-	for path := range sockets {
-		l.unroute(unixRoute(path))
-	}
-	l.mu.Unlock()
-	if len(forwards)+len(sockets) == 0 {
-		return
-	}
-	conn := l.up.conn
-	go func() {
-		for f := range forwards {
-			host, portText, _ := net.SplitHostPort(f)
-			if port, _ := strconv.ParseUint(portText, 10, 32); port != 0 {
-				l.srv.sendRequest(conn, "cancel-tcpip-forward", true, gossh.Marshal(tcpipForward{Host: host, Port: uint32(port)}))
-			}
-		}
-		for path := range sockets {
-			l.srv.sendRequest(conn, "cancel-streamlocal-forward@openssh.com", true, gossh.Marshal(streamlocalForward{SocketPath: path}))
-		}
-	}()
 }
 
 // withdraw ends the remote forward key of m, which the policy (decision d)
 // no longer allows: audited, and cancelled on the VM with cancel (if not
 // nil) so that its sshd stops listening.
-func (l *link) withdraw(m map[string]bool, key, route string, d policy.Decision, cancel func()) {
+func (l *link) withdraw(m map[string]bool, key string, d policy.Decision, cancel func()) {
 	l.mu.Lock()
 	delete(m, key)
-	l.unroute(route)
 	l.mu.Unlock()
 	l.log.Info("remote forward cancelled by a policy change", "forward", key, "reason", d.Reason)
 	ev := l.event().With(audit.Ended, string(policy.RemoteForward), d.Rule, "policy change: "+d.Reason)
@@ -528,18 +478,14 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if gossh.Unmarshal(req.Payload, &f) != nil {
 			return false, nil
 		}
-		if !l.allow(ask{kind: policy.RemoteForward, host: f.Host, port: f.Port}).Allow {
+		if !l.allowConnectionWide(ask{kind: policy.RemoteForward, host: f.Host, port: f.Port}) {
 			return false, nil
 		}
 		// Granted before it is asked for upstream: the VM's sshd may open a
 		// forwarded-tcpip channel the moment it binds, before its answer
 		// arrives here. A port of 0 stands for the port the VM will choose.
 		requested := net.JoinHostPort(f.Host, fmt.Sprint(f.Port))
-		if l.shared && f.Port == 0 {
-			l.up.dynamic.Lock()
-			defer l.up.dynamic.Unlock()
-		}
-		had, granted := l.grantForward(l.forwards, requested, tcpRoute(requested))
+		had, granted := l.grantForward(l.forwards, requested)
 		if !granted {
 			return false, nil
 		}
@@ -557,14 +503,9 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		// leaves that one in place.
 		if f.Port == 0 || (!had && (err != nil || !ok)) {
 			delete(l.forwards, requested)
-			l.unroute(tcpRoute(requested))
 		}
 		if err == nil && ok {
-			bound := net.JoinHostPort(f.Host, fmt.Sprint(port))
-			l.forwards[bound] = true
-			if l.shared {
-				l.up.claim(tcpRoute(bound), l)
-			}
+			l.forwards[net.JoinHostPort(f.Host, fmt.Sprint(port))] = true
 		}
 		l.mu.Unlock()
 		if err != nil || !ok {
@@ -580,7 +521,6 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		l.mu.Lock()
 		granted := l.forwards[key]
 		delete(l.forwards, key)
-		l.unroute(tcpRoute(key))
 		l.mu.Unlock()
 		if !granted {
 			return false, nil
@@ -593,12 +533,12 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		if gossh.Unmarshal(req.Payload, &f) != nil {
 			return false, nil
 		}
-		if !l.allow(ask{kind: policy.RemoteForward, socket: f.SocketPath}).Allow {
+		if !l.allowConnectionWide(ask{kind: policy.RemoteForward, socket: f.SocketPath}) {
 			return false, nil
 		}
 		// Granted before it is asked for, as for ports; withdrawn if the VM
 		// refuses, unless it was granted already.
-		had, granted := l.grantForward(l.sockets, f.SocketPath, unixRoute(f.SocketPath))
+		had, granted := l.grantForward(l.sockets, f.SocketPath)
 		if !granted {
 			return false, nil
 		}
@@ -607,7 +547,6 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 			if !had {
 				l.mu.Lock()
 				delete(l.sockets, f.SocketPath)
-				l.unroute(unixRoute(f.SocketPath))
 				l.mu.Unlock()
 			}
 			return false, nil
@@ -621,7 +560,6 @@ func (l *link) global(req *gossh.Request) (bool, []byte) {
 		l.mu.Lock()
 		granted := l.sockets[f.SocketPath]
 		delete(l.sockets, f.SocketPath)
-		l.unroute(unixRoute(f.SocketPath))
 		l.mu.Unlock()
 		if !granted {
 			return false, nil
@@ -691,7 +629,7 @@ func (l *link) revalidateGrants() {
 	l.mu.Unlock()
 	for _, path := range sockets {
 		if d := l.decide(ask{kind: policy.RemoteForward, socket: path}); !d.Allow {
-			l.withdraw(l.sockets, path, unixRoute(path), d, func() {
+			l.withdraw(l.sockets, path, d, func() {
 				l.srv.sendRequest(l.up.conn, "cancel-streamlocal-forward@openssh.com", true, gossh.Marshal(streamlocalForward{SocketPath: path}))
 			})
 		}
@@ -709,7 +647,7 @@ func (l *link) revalidateGrants() {
 				l.srv.sendRequest(l.up.conn, "cancel-tcpip-forward", true, gossh.Marshal(tcpipForward{Host: host, Port: uint32(port)}))
 			}
 		}
-		l.withdraw(l.forwards, f, tcpRoute(f), d, cancel)
+		l.withdraw(l.forwards, f, d, cancel)
 	}
 	for _, g := range []struct {
 		kind policy.Channel
@@ -752,16 +690,16 @@ func (l *link) allow(a ask) policy.Decision {
 }
 
 // allowConnectionWide asks the policy about a, one of the kinds that
-// belong to a whole upstream connection (agent, X11), and refuses it all
-// the same on a shared connection. Each refusal is audited with its own
-// reason.
+// belong to a whole upstream connection (remote forwarding, agent, X11),
+// and refuses it all the same on a shared connection. Each refusal is
+// audited with its own reason.
 func (l *link) allowConnectionWide(a ask) bool {
 	return l.allow(a).Allow && !l.refuseShared(a)
 }
 
 // refuseShared refuses, as the policy does, what a link on a shared
-// upstream connection cannot have: agent and X11 forwarding, whose
-// channels the VM opens back naming no session they belong to. The policy
+// upstream connection cannot have: remote forwarding, agent and X11, whose
+// channels the VM would open on a connection other links use. The policy
 // could not allow them when the link was made (shareable); after a reload
 // that allows them, a new link has a connection of its own.
 func (l *link) refuseShared(a ask) bool {

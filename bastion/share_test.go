@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -320,8 +318,8 @@ func TestSharedUpstream(t *testing.T) {
 }
 
 // TestSharedUpstreamIsOnePersons: another account, another login, a policy
-// that could allow agent or X11 forwarding, and upstream_max_sessions = 1
-// each get a connection of their own.
+// that could allow remote forwarding or agent forwarding, and
+// upstream_max_sessions = 1 each get a connection of their own.
 func TestSharedUpstreamIsOnePersons(t *testing.T) {
 	t.Run("another account", func(t *testing.T) {
 		f, r := shareFixture(t)
@@ -350,7 +348,7 @@ func TestSharedUpstreamIsOnePersons(t *testing.T) {
 		}
 		a.echo(t, "still")
 	})
-	for _, kind := range []policy.Channel{policy.Agent, policy.X11} {
+	for _, kind := range []policy.Channel{policy.RemoteForward, policy.Agent} {
 		t.Run("policy could allow "+string(kind), func(t *testing.T) {
 			f, r := shareFixture(t)
 			rule := sessionsRule(f)
@@ -456,10 +454,10 @@ func TestSharedUpstreamRetired(t *testing.T) {
 }
 
 // TestSharedUpstreamRefusesConnectionKinds: a link on a shared connection
-// that is asked for agent forwarding after a reload allowed it refuses,
-// as the policy would, and says why in the audit, while a remote forward
-// allowed by the same reload works; a new link then has a connection of
-// its own.
+// that is asked for a remote forward or agent forwarding after a reload
+// allowed them refuses both, as the policy would, and says why in the
+// audit; a new link then has a connection of its own, and its forward
+// works.
 func TestSharedUpstreamRefusesConnectionKinds(t *testing.T) {
 	f, r := shareFixture(t)
 	c := f.goClient(f.login + "@web1")
@@ -484,12 +482,9 @@ func TestSharedUpstreamRefusesConnectionKinds(t *testing.T) {
 	all.Channels = append(all.Channels, policy.RemoteForward, policy.Agent)
 	f.rules(all)
 
-	// The remote forward now works on the shared connection; agent
-	// forwarding does not.
-	if ln, err := c.Listen("tcp", "127.0.0.1:0"); err != nil {
-		t.Fatalf("a remote forward on a shared connection, once the policy allows it: %v", err)
-	} else {
+	if ln, err := c.Listen("tcp", "127.0.0.1:0"); err == nil {
 		ln.Close()
+		t.Fatal("a remote forward was granted on a shared connection")
 	}
 	s := mustSession(t, c)
 	if ok, err := s.SendRequest("auth-agent-req@openssh.com", true, nil); ok || err != nil {
@@ -501,8 +496,8 @@ func TestSharedUpstreamRefusesConnectionKinds(t *testing.T) {
 			denied++
 		}
 	}
-	if denied != 1 {
-		t.Fatalf("%d denials saying why, want 1 (agent forwarding): %q", denied, f.audit.reasons())
+	if denied != 2 {
+		t.Fatalf("%d denials saying why, want 2: %q", denied, f.audit.reasons())
 	}
 	if out, err := mustSession(t, c).Output("echo still"); err != nil || string(out) != "still\n" {
 		t.Fatalf("a session after the refusals: %q %v", out, err)
@@ -651,109 +646,6 @@ func TestSharedUpstreamLingers(t *testing.T) {
 			t.Fatalf("%d connections to the VM, want one a link", r.count())
 		}
 	})
-}
-
-// TestSharedUpstreamRemoteForwards: links on one shared connection each
-// have their remote forwards, as on OpenSSH's ControlMaster. The VM's
-// channels for each forward reach the client that asked for it (two
-// `ssh -J -R` and a forward on a port the VM chooses); a forward another
-// link holds is refused; a link's forwards end with it, on a connection
-// that goes on serving the others.
-func TestSharedUpstreamRemoteForwards(t *testing.T) {
-	f, r := shareFixture(t)
-	dir, err := os.MkdirTemp("", "sl") // short: a socket's path has a limit
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	ports, sockets := sessionsRule(f), sessionsRule(f)
-	ports.Channels = append(ports.Channels, policy.RemoteForward)
-	sockets.Name, sockets.Channels, sockets.ForwardSockets = "sockets", []policy.Channel{policy.RemoteForward}, []string{dir + "/*.sock"}
-	f.rules(ports, sockets)
-
-	// Behind each client, a server that names itself.
-	named := func(name string) string {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				io.WriteString(c, name)
-				c.Close()
-			}
-		}()
-		return ln.Addr().String()
-	}
-	remoteA, remoteB := testenv.FreeAddr(t), testenv.FreeAddr(t) // bound by the VM's sshd, on the host's loopback
-	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-R", remoteA+":"+named("A"), f.login+"@web1")
-	f.background("-N", "-o", "ExitOnForwardFailure=yes", "-J", "bastion", "-R", remoteB+":"+named("B"), f.login+"@web1")
-	testenv.WaitListening(t, remoteA)
-	testenv.WaitListening(t, remoteB)
-	r.waitCount(t, 1)
-	through := func(remote, want string) {
-		t.Helper()
-		conn := testenv.Dial(t, remote)
-		defer conn.Close()
-		conn.SetDeadline(time.Now().Add(30 * time.Second))
-		if got, err := io.ReadAll(conn); string(got) != want {
-			t.Fatalf("a connection to %s reached %q (%v), want the server behind client %s", remote, got, err, want)
-		}
-	}
-	through(remoteA, "A")
-	through(remoteB, "B")
-
-	// A third link on the same connection: a forward on a port the VM
-	// chooses, one of a unix socket, and one another link holds.
-	c := f.goClient(f.login + "@web1")
-	ln, err := c.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("a remote forward on port 0: %v", err)
-	}
-	echoC := serveEcho(t, ln)
-	r.waitCount(t, 1)
-	if reused, dialled := f.audit.reused(); reused != 2 || dialled != 1 {
-		t.Fatalf("connected events: %d reused, %d dialled; want 2 and 1", reused, dialled)
-	}
-	remoteC := ln.Addr().String()
-	testenv.EchoThrough(t, testenv.Dial(t, remoteC))
-	if echoC.count() != 1 {
-		t.Fatalf("the port-0 forward's client saw %d connections, want 1", echoC.count())
-	}
-	socket := filepath.Join(dir, "c.sock")
-	unixLn, err := c.ListenUnix(socket)
-	if err != nil {
-		t.Fatalf("a unix-socket remote forward: %v", err)
-	}
-	serveEcho(t, unixLn)
-	testenv.EchoThrough(t, dialUnix(t, socket))
-	if taken, err := c.Listen("tcp", remoteA); err == nil {
-		taken.Close()
-		t.Fatalf("a forward of %s granted to a second link", remoteA)
-	}
-	through(remoteA, "A")
-
-	// The third link ends: its forward is cancelled on the VM, and the
-	// connection goes on with the others'.
-	c.Close()
-	for _, gone := range []struct{ network, addr string }{{"tcp", remoteC}, {"unix", socket}} {
-		waitFor(t, func() bool {
-			conn, err := net.DialTimeout(gone.network, gone.addr, time.Second)
-			if err == nil {
-				conn.Close()
-			}
-			return err != nil
-		}, func() string { return "the VM still listens on " + gone.addr + " after its link ended" })
-	}
-	through(remoteB, "B")
-	if r.count() != 1 {
-		t.Fatalf("%d connections to the VM, want 1", r.count())
-	}
 }
 
 // TestSharedUpstreamManyAtOnce: many `ssh -J … true` at once, each ending

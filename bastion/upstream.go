@@ -10,7 +10,6 @@ import (
 	"net"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -23,19 +22,17 @@ import (
 
 // upstream is one SSH connection to a VM's sshd and the links it serves.
 //
-// A link that can never need agent or X11 forwarding (channels the VM
-// opens back, which name no session a bastion could route them by)
+// A link that can never need what belongs to a whole connection (remote
+// forwards, whose channels the VM opens on the connection that asked for
+// them, and agent and X11 forwarding, whose channels the VM opens back)
 // shares one with the same account's other such links to the same login
 // on the same VM, as long as the resolver still returns the target it was
 // dialled with: up to UpstreamMaxSessions sessions. Any other link has one
-// of its own, which closes when the link ends. Remote forwards work on a
-// shared connection as on OpenSSH's ControlMaster: the VM opens each
-// forward's channels on the connection, naming the forward, and they go
-// to the link that asked for it; a link's forwards are cancelled when it
-// ends. A shared connection whose last link ends stays open for
-// UpstreamLinger, idle, for the account's next link to the login (the
-// next `ssh -J` of a script, an IDE's next connection): no handshake at
-// the VM then. Every link on a connection ends when it does.
+// of its own, which closes when the link ends. A shared connection whose
+// last link ends stays open for UpstreamLinger, idle, for the account's
+// next link to the login (the next `ssh -J` of a script, an IDE's next
+// connection): no handshake at the VM then. Every link on a connection
+// ends when it does.
 type upstream struct {
 	srv    *Server
 	key    shareKey      // its place in srv.shared; zero for a link's own
@@ -55,16 +52,6 @@ type upstream struct {
 	retired bool        // takes no more links: its trust was dropped, its dial failed, or it closed
 	full    bool        // the VM refused a session on it (its MaxSessions is below the cap): no more links
 	idle    *time.Timer // set while it lingers with no link, to close it
-
-	// The remote forwards of the links on a shared connection, by route
-	// key (tcpRoute, unixRoute): the link each belongs to.
-	routesMu sync.Mutex
-	routes   map[string]*link
-	// dynamic is held while a link on a shared connection asks for a
-	// forward on port 0. Until the VM's answer names the port it chose,
-	// channels for that forward name a port no route has; they go to the
-	// one link asking.
-	dynamic sync.Mutex
 }
 
 // DefaultUpstreamLinger is server.upstream_linger's default.
@@ -84,11 +71,11 @@ type shareKey struct {
 
 // connectionKinds are the channel kinds that belong to a whole upstream
 // connection rather than to one link's channels.
-var connectionKinds = []policy.Channel{policy.Agent, policy.X11}
+var connectionKinds = []policy.Channel{policy.RemoteForward, policy.Agent, policy.X11}
 
 // shareable reports whether a link of fc to login on d may share an
 // upstream connection: sharing is on, and neither the policy (at any time)
-// nor fc's certificate could let it use agent or X11 forwarding.
+// nor fc's certificate could let it use remote forwarding, agent or X11.
 func (s *Server) shareable(fc *frontConn, d vm.Domain, login string) bool {
 	if s.upstreamMaxSessions() <= 1 || s.Policy == nil {
 		return false
@@ -172,7 +159,10 @@ func (s *Server) connect(ctx context.Context, l *link, target keys.Upstream, sha
 		close(up.ready)
 		route := l.upstreamChannel
 		if shared {
-			route = up.routeForward
+			route = func(newCh gossh.NewChannel) {
+				l.log.Warn("refused a channel the VM opened on a shared connection", "type", newCh.ChannelType())
+				newCh.Reject(gossh.Prohibited, "not requested")
+			}
 		}
 		go up.serve(chans, reqs, route)
 		s.keepalive(up.ended, conn) // once per connection, whatever the links on it
@@ -297,71 +287,6 @@ func (s *Server) closeIdle() {
 			}
 		}
 	}
-}
-
-// tcpRoute and unixRoute are the route keys of a remote forward: a TCP
-// one by "host:port" as the forward's request named the host, a unix
-// socket one by its path.
-func tcpRoute(hostPort string) string { return "tcp " + hostPort }
-func unixRoute(path string) string    { return "unix " + path }
-
-// claim routes the VM's channels for the remote forward of route key to l.
-// It reports false if another link on up holds that forward: the VM would
-// refuse to listen there twice anyway.
-func (up *upstream) claim(key string, l *link) bool {
-	up.routesMu.Lock()
-	defer up.routesMu.Unlock()
-	if owner := up.routes[key]; owner != nil && owner != l {
-		return false
-	}
-	if up.routes == nil {
-		up.routes = make(map[string]*link)
-	}
-	up.routes[key] = l
-	return true
-}
-
-// unclaim stops routing key to l.
-func (up *upstream) unclaim(key string, l *link) {
-	up.routesMu.Lock()
-	defer up.routesMu.Unlock()
-	if up.routes[key] == l {
-		delete(up.routes, key)
-	}
-}
-
-// routeForward passes a channel the VM opens on a shared connection to the
-// link whose remote forward it answers, or to the link asking for a port
-// 0 forward on its host, whose port nobody knows yet; it refuses any
-// other. The link then checks it as on a connection of its own.
-func (up *upstream) routeForward(newCh gossh.NewChannel) {
-	var keys []string
-	switch newCh.ChannelType() {
-	case "forwarded-tcpip":
-		var p directTCPIP
-		if gossh.Unmarshal(newCh.ExtraData(), &p) == nil {
-			keys = []string{tcpRoute(net.JoinHostPort(p.Host, fmt.Sprint(p.Port))), tcpRoute(net.JoinHostPort(p.Host, "0"))}
-		}
-	case "forwarded-streamlocal@openssh.com":
-		var p streamlocalForward
-		if gossh.Unmarshal(newCh.ExtraData(), &p) == nil {
-			keys = []string{unixRoute(p.SocketPath)}
-		}
-	}
-	var owner *link
-	up.routesMu.Lock()
-	for _, k := range keys {
-		if owner = up.routes[k]; owner != nil {
-			break
-		}
-	}
-	up.routesMu.Unlock()
-	if owner == nil {
-		up.srv.logger().Warn("refused a channel the VM opened on a shared connection", "type", newCh.ChannelType(), "addr", up.target.Addr)
-		newCh.Reject(gossh.Prohibited, "not requested")
-		return
-	}
-	owner.upstreamChannel(newCh)
 }
 
 // sessionOpened counts one more session channel of l on its upstream: a

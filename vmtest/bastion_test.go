@@ -33,9 +33,7 @@ type bastionProc struct {
 	stderr *testenv.LockedBuffer
 }
 
-// defaultRule lets "me" be root and user on every test guest. It allows no
-// agent or X11 forwarding, so a person's links to a login share one
-// connection to the guest, which outlives them for server.upstream_linger.
+// defaultRule lets "me" be root and user on every test guest.
 const defaultRule = `
 [[rule]]
 name = "dev-all"
@@ -44,6 +42,11 @@ vms = ["bt-*"]
 logins = ["root", "user"]
 channels = ["shell", "exec", "scp", "sftp", "local-forward", "remote-forward"]
 `
+
+// sharingRule is defaultRule without remote forwarding: a person's links
+// to a login then share one connection to the guest, which outlives them
+// for server.upstream_linger.
+var sharingRule = strings.Replace(defaultRule, `, "remote-forward"]`, "]", 1)
 
 // startBastion starts the bastion binary allowing "me" root and user on
 // every VM, with a short check timeout so that a silent agent costs

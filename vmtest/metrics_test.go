@@ -21,7 +21,7 @@ import (
 // duration, the dial, the verified trust and the guest's agent up.
 func TestMetricsScrapedByPrometheus(t *testing.T) {
 	prometheus := testenv.Need(t, "prometheus")
-	b := newBastionProc(t, "", defaultRule)
+	b := newBastionProc(t, "", sharingRule)
 	ops := testenv.FreeAddr(t)
 	// The connection to the guest is kept while the test queries.
 	b.server(fmt.Sprintf("ops_listen = %q\nupstream_linger = \"10m\"", ops))

@@ -72,8 +72,9 @@ func TestTrustTimings(t *testing.T) {
 	// A bastion as configured by default, whose connection to the guest
 	// outlives a login for the next (server.upstream_linger).
 	// A name of its own, so that the two bastions' keys in the guest are
-	// not taken for each other's stale ones.
-	lingering := newBastionProc(t, "", defaultRule)
+	// not taken for each other's stale ones; a rule that lets its links
+	// share a connection (no remote forwarding).
+	lingering := newBastionProc(t, "", sharingRule)
 	lingering.server(`replica = "timing-kept"`)
 	lingering.launch()
 	if r := lingering.ssh(nil, "root@"+web1, "true"); r.Exit != 0 {
