@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"slices"
 	"strings"
 	"syscall"
@@ -356,9 +355,8 @@ func (up *upstream) serve(chans <-chan gossh.NewChannel, reqs <-chan *gossh.Requ
 // turn within ctx: every upstream connection comes from the bastion's
 // address, and sshd drops unauthenticated connections past its
 // MaxStartups. One that sshd resets before authentication all the same is
-// tried again, with a growing pause; so is a refused connection for a few
-// seconds, the time sshd takes to restart (a reload, an upgrade of the
-// package).
+// tried again, with a growing pause; a refused connection is tried again
+// by keys.DialSSHD for the few seconds sshd takes to restart.
 func (s *Server) dial(ctx context.Context, log *slog.Logger, login string, target keys.Upstream) (gossh.Conn, <-chan gossh.NewChannel, <-chan *gossh.Request, error) {
 	if len(target.HostKeys) == 0 {
 		return nil, nil, nil, fmt.Errorf("%w: no host key is pinned", ErrNotVerified)
@@ -369,17 +367,12 @@ func (s *Server) dial(ctx context.Context, log *slog.Logger, login string, targe
 	}
 	defer turn()
 	pause := 50 * time.Millisecond
-	var refusedSince time.Time
 	for {
 		conn, chans, reqs, err := s.handshake(ctx, login, target)
-		refused := errors.Is(err, syscall.ECONNREFUSED)
-		if refused && refusedSince.IsZero() {
-			refusedSince = time.Now()
-		}
-		if err == nil || !droppedBeforeAuth(err) && !(refused && time.Since(refusedSince) < sshdRestart) {
+		if err == nil || !droppedBeforeAuth(err) {
 			return conn, chans, reqs, err
 		}
-		log.Debug("the VM's sshd dropped or refused the connection; trying again", "pause", pause, "err", err)
+		log.Debug("the VM's sshd dropped the connection; trying again", "pause", pause, "err", err)
 		select {
 		case <-time.After(pause):
 		case <-ctx.Done():
@@ -389,10 +382,6 @@ func (s *Server) dial(ctx context.Context, log *slog.Logger, login string, targe
 	}
 }
 
-// sshdRestart is how long a VM's sshd may refuse connections before the
-// bastion gives up: a restart takes a fraction of a second.
-const sshdRestart = 5 * time.Second
-
 // droppedBeforeAuth reports whether a handshake error is sshd closing or
 // resetting a connection it would not start, as it does past MaxStartups.
 func droppedBeforeAuth(err error) bool {
@@ -401,8 +390,7 @@ func droppedBeforeAuth(err error) bool {
 
 // handshake is one attempt of dial.
 func (s *Server) handshake(ctx context.Context, login string, target keys.Upstream) (gossh.Conn, <-chan gossh.NewChannel, <-chan *gossh.Request, error) {
-	var d net.Dialer
-	tcp, err := d.DialContext(ctx, "tcp", target.Addr)
+	tcp, err := keys.DialSSHD(ctx, target.Addr)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("%w: %w", ErrUpstreamUnreachable, err)
 	}

@@ -1,10 +1,13 @@
 package keys
 
 import (
+	"context"
 	"crypto/subtle"
 	"errors"
 	"fmt"
 	"net"
+	"syscall"
+	"time"
 
 	"golang.org/x/crypto/ssh"
 )
@@ -62,4 +65,27 @@ func hostKeyAlgorithms(keys []ssh.PublicKey) []string {
 		}
 	}
 	return algos
+}
+
+// SSHDRestart is how long a VM's sshd may refuse connections before a dial
+// to it gives up: sshd closes its listener for a moment as it restarts (a
+// reload re-executes it, an upgrade of the package restarts it).
+const SSHDRestart = 5 * time.Second
+
+// DialSSHD connects to a VM's sshd at addr, trying again with a growing
+// pause while the connection is refused, for up to SSHDRestart within ctx.
+func DialSSHD(ctx context.Context, addr string) (net.Conn, error) {
+	var d net.Dialer
+	giveUp := time.Now().Add(SSHDRestart)
+	for pause := 50 * time.Millisecond; ; pause = min(2*pause, time.Second) {
+		conn, err := d.DialContext(ctx, "tcp", addr)
+		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) || time.Now().Add(pause).After(giveUp) {
+			return conn, err
+		}
+		select {
+		case <-time.After(pause):
+		case <-ctx.Done():
+			return nil, err
+		}
+	}
 }

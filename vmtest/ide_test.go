@@ -211,14 +211,9 @@ func TestIDEFlowsOnGuest(t *testing.T) {
 	})
 
 	t.Run("git", func(t *testing.T) {
-		// A bastion of its own that keeps no connection to the guest: a
-		// session on a connection made before the sshd reload below runs
-		// under the old configuration (as under OpenSSH's ControlPersist),
-		// without GIT_PROTOCOL. A replica name of its own, so that the two
-		// bastions do not take each other's keys in the guest for stale.
-		b := newBastionProc(t, "", defaultRule)
-		b.server("upstream_linger = \"0s\"\nreplica = \"ide-git\"")
-		b.launch()
+		// defaultRule allows remote forwarding, so each link has a
+		// connection of its own, made after the sshd reload below: a kept
+		// connection would run sessions under the old configuration.
 		const repo = "/root/repo.git"
 		// Debian's sshd accepts LANG and LC_* only: a VM serving git adds
 		// GIT_PROTOCOL for protocol v2.

@@ -10,7 +10,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"syscall"
 	"time"
 
 	"github.com/pkg/sftp"
@@ -24,7 +23,7 @@ import (
 // accepting only a host key read out of band, and returns the key the
 // sshd proved it holds.
 func (m *Manager) dialInBand(ctx context.Context, t *Trust) (*ssh.Client, ssh.PublicKey, error) {
-	conn, err := dialRestarting(ctx, t.Addr)
+	conn, err := keys.DialSSHD(ctx, t.Addr)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: %w", ErrInBand, err)
 	}
@@ -52,29 +51,6 @@ func (m *Manager) dialInBand(ctx context.Context, t *Trust) (*ssh.Client, ssh.Pu
 	}
 	conn.SetDeadline(time.Time{})
 	return ssh.NewClient(c, chans, reqs), proven, nil
-}
-
-// sshdRestart is how long a VM's sshd may refuse connections before the
-// check gives up: sshd closes its listener for a moment as it restarts (a
-// reload re-executes it, an upgrade of the package restarts it).
-const sshdRestart = 5 * time.Second
-
-// dialRestarting connects to addr, trying again while the connection is
-// refused, for up to sshdRestart within ctx.
-func dialRestarting(ctx context.Context, addr string) (net.Conn, error) {
-	var d net.Dialer
-	giveUp := time.Now().Add(sshdRestart)
-	for pause := 50 * time.Millisecond; ; pause = min(2*pause, time.Second) {
-		conn, err := d.DialContext(ctx, "tcp", addr)
-		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) || time.Now().Add(pause).After(giveUp) {
-			return conn, err
-		}
-		select {
-		case <-time.After(pause):
-		case <-ctx.Done():
-			return nil, err
-		}
-	}
 }
 
 // roundTrip writes a nonce through one channel and reads it back through
